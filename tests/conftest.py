@@ -1,0 +1,40 @@
+"""Shared fixtures. Real data is read in place from ../shared; tests that need it skip when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FIELDREID_SHARED", ROOT.parent / "shared"))
+DATA = SHARED / "data"
+CAMTRAP = DATA / "camtrap"
+YOLOV5N = SHARED / "weights" / "yolov5n-coco.pt"
+
+# Nothing may reach a model hub or write into $HOME from a test.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".cache" / "ultralytics"))
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the yolov5 reference checkpoint is a pickle
+
+
+def camtrap_images() -> list[Path]:
+    exts = {".jpg", ".jpeg", ".png"}
+    return sorted(p for p in CAMTRAP.rglob("*") if p.suffix.lower() in exts and p.stat().st_size > 0)
+
+
+@pytest.fixture(scope="session")
+def camtrap() -> Path:
+    if not CAMTRAP.is_dir():
+        pytest.skip(f"real camera-trap images not found at {CAMTRAP}")
+    return CAMTRAP
+
+
+@pytest.fixture(scope="session")
+def yolov5n_checkpoint() -> Path:
+    if not YOLOV5N.is_file():
+        pytest.skip(f"YOLOv5n checkpoint not found at {YOLOV5N}")
+    return YOLOV5N

@@ -1,0 +1,262 @@
+"""The ``fieldreid`` command line. Library errors become one readable line and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import io
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fieldreid import __version__
+from fieldreid.errors import FieldreidError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Identify individual animals in camera-trap images, offline.")
+err = Console(stderr=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable)
+
+BackendOpt = Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch")]
+
+
+def _friendly(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FieldreidError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress(total: int, label: str) -> Progress:
+    # Progress goes to stderr and only when it is a terminal or the run is long, so pipes stay clean.
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, disable=total < 20 and not err.is_terminal, transient=False)
+
+
+def _collect(paths: list[Path]) -> list[Path]:
+    from fieldreid.imageio import iter_files
+
+    files = list(iter_files(paths))
+    if not files:
+        raise FieldreidError(f"No images found under {', '.join(map(str, paths))}.")
+    return files
+
+
+@app.command()
+@_friendly
+def doctor() -> None:
+    """Show backends, devices, versions and whether the default models are present."""
+    from fieldreid.defaults import DETECTOR_NAME, EMBEDDER_NAME, models_dir
+    from fieldreid.engines import available_backends, cuda_device_count
+
+    table = Table(title=f"fieldreid {__version__} on {platform.machine()} / Python {platform.python_version()}")
+    table.add_column("item")
+    table.add_column("status")
+    for name, status in available_backends().items():
+        table.add_row(f"backend {name}", "[green]ok[/]" if status == "ok" else f"[yellow]{status}[/]")
+    table.add_row("NVIDIA GPUs", str(cuda_device_count()))
+    for mod in ("numpy", "cv2", "onnxruntime", "onnx", "torch", "timm", "ultralytics", "tensorrt"):
+        try:
+            m = __import__(mod)
+            table.add_row(mod, getattr(m, "__version__", "?"))
+        except ImportError:
+            table.add_row(mod, "[dim]not installed[/]")
+    try:
+        import onnxruntime as ort
+
+        table.add_row("onnxruntime providers", ", ".join(ort.get_available_providers()))
+    except ImportError:
+        pass
+    mdir = models_dir()
+    for kind, name in (("detector", DETECTOR_NAME), ("embedder", EMBEDDER_NAME)):
+        p = mdir / name
+        table.add_row(f"default {kind}", f"[green]{p}[/]" if p.exists() else f"[red]missing[/] ({p}; run make models)")
+    out.print(table)
+
+
+def _open_detector(detector: Path | None, backend: str, conf: float, iou: float):
+    from fieldreid.defaults import default_model
+    from fieldreid.detect import Detector
+
+    return Detector(detector or default_model("detector"), backend=backend, conf=conf, iou=iou)
+
+
+def _open_embedder(embedder: Path | None, backend: str):
+    from fieldreid.defaults import default_model
+    from fieldreid.embed.runtime import Embedder
+
+    return Embedder(embedder or default_model("embedder"), backend=backend)
+
+
+def _run_pipeline(files: list[Path], pipe, label: str) -> Iterator:
+    with _progress(len(files), label) as progress:
+        task = progress.add_task(label, total=len(files))
+        for res in pipe.run(files):
+            progress.advance(task)
+            yield res
+
+
+@app.command()
+@_friendly
+def detect(
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders (walked recursively).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="MegaDetector-format JSON to write.")] = Path(
+        "detections.json"),
+    detector: Annotated[Path | None, typer.Option(help="Detector ONNX / TensorRT plan (default: engines/default).")] = None,
+    conf: Annotated[float, typer.Option(help="Keep boxes at or above this confidence.")] = 0.1,
+    iou: Annotated[float, typer.Option(help="NMS IoU threshold.")] = 0.45,
+    batch: Annotated[int, typer.Option(help="Images per detector batch.")] = 4,
+    backend: BackendOpt = "auto",
+    reduced_decode: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced size (DCT scaling).")] = True,
+) -> None:
+    """Detect animals, people and vehicles; write MegaDetector batch-output JSON (Timelapse reads it)."""
+    from fieldreid.megadetector import failure_entry, image_entry, relative_name, write_batch_output
+    from fieldreid.pipeline import Pipeline
+
+    files = _collect(paths)
+    det = _open_detector(detector, backend, conf, iou)
+    pipe = Pipeline(det, None, batch_size=batch, reduced_decode=reduced_decode)
+    images, failures, n_dets = [], 0, 0
+    t0 = time.perf_counter()
+    for res in _run_pipeline(files, pipe, "detect"):
+        name = relative_name(res.path, paths)
+        if res.failure:
+            failures += 1
+            images.append(failure_entry(name, res.failure))
+        else:
+            entry = image_entry(name, res.detections, res.size)
+            n_dets += len(entry["detections"])
+            images.append(entry)
+    dt = time.perf_counter() - t0
+    write_batch_output(out_path, images, detector=det.model_id, conf_threshold=conf,
+                       extra_info={"fieldreid_version": __version__})
+    err.print(f"{len(files)} files, {n_dets} detections, {failures} failed, {dt:.1f} s "
+              f"({len(files) / max(dt, 1e-9):.2f} images/s) → {out_path}")
+
+
+@app.command()
+@_friendly
+def embed(
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders (walked recursively).")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="NPZ file to write.")] = Path("vectors.npz"),
+    crops: Annotated[bool, typer.Option("--crops", help="Images are already animal crops: skip the detector.")] = False,
+    embedder: Annotated[Path | None, typer.Option(help="Embedder ONNX / plan (default: engines/default).")] = None,
+    detector: Annotated[Path | None, typer.Option(help="Detector ONNX / plan (default: engines/default).")] = None,
+    conf: Annotated[float, typer.Option(help="Embed animal boxes at or above this confidence.")] = 0.2,
+    batch: Annotated[int, typer.Option(help="Images per batch.")] = 4,
+    backend: BackendOpt = "auto",
+) -> None:
+    """Embed animals: one L2-normalised vector per animal box (or per image with --crops)."""
+    from fieldreid.fsutil import atomic_write_bytes
+    from fieldreid.megadetector import relative_name
+
+    files = _collect(paths)
+    emb = _open_embedder(embedder, backend)
+    vectors: list[np.ndarray] = []
+    names: list[str] = []
+    boxes: list[np.ndarray] = []
+    confs: list[float] = []
+    failures: list[tuple[str, str]] = []
+    if crops:
+        from fieldreid.pipeline import ImageResult, _batched, _decode
+
+        side = int(min(emb.preprocess_spec.size))
+        with _progress(len(files), "embed") as progress:
+            task = progress.add_task("embed", total=len(files))
+            for chunk in _batched(files, max(batch, 16)):
+                frames = []
+                for item in _decode(chunk, side, False):
+                    if isinstance(item, ImageResult):
+                        failures.append((relative_name(item.path, paths), item.failure))
+                    else:
+                        frames.append(item)
+                if frames:
+                    vectors.append(emb.embed([f.pixels for f in frames]))
+                    for f in frames:
+                        names.append(relative_name(f.path, paths))
+                        boxes.append(np.array([0, 0, 1, 1], np.float32))
+                        confs.append(1.0)
+                progress.advance(task, len(chunk))
+    else:
+        from fieldreid.pipeline import Pipeline
+
+        pipe = Pipeline(_open_detector(detector, backend, conf, 0.45), emb, batch_size=batch,
+                        min_crop_conf=conf)
+        for res in _run_pipeline(files, pipe, "embed"):
+            name = relative_name(res.path, paths)
+            if res.failure:
+                failures.append((name, res.failure))
+                continue
+            h, w = res.size
+            for row, i in enumerate(res.animal_index):
+                x1, y1, x2, y2 = res.detections.xyxy[i]
+                vectors.append(res.embeddings[row:row + 1])
+                names.append(name)
+                boxes.append(np.array([x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h], np.float32))
+                confs.append(float(res.detections.confidence[i]))
+    mat = np.concatenate(vectors) if vectors else np.zeros((0, emb.dim), np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, vectors=mat.astype(np.float32), files=np.array(names, dtype=str),
+             boxes=np.array(boxes, np.float32).reshape(-1, 4), conf=np.array(confs, np.float32),
+             model_id=np.array(emb.model_id), failures=np.array(failures, dtype=str).reshape(-1, 2))
+    atomic_write_bytes(out_path, buf.getvalue())
+    err.print(f"{len(files)} files, {mat.shape[0]} vectors of dim {emb.dim}, {len(failures)} failed → {out_path}")
+    for name, reason in failures:
+        err.print(f"  [yellow]failed[/] {name}: {reason}")
+
+
+@app.command("export")
+@_friendly
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="A detector checkpoint (YOLOv5 / ultralytics .pt), a fieldreid "
+                                              "embedder checkpoint (.pt) or an ONNX model (for --fp16 plans).")],
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output ONNX path.")] = None,
+    kind: Annotated[str, typer.Option(help="auto | yolov5 | ultralytics | embedder")] = "auto",
+    imgsz: Annotated[int, typer.Option(help="Detector input size.")] = 640,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also build a TensorRT FP16 plan (needs TensorRT + GPU).")] = False,
+) -> None:
+    """Convert a checkpoint to ONNX (FP32, dynamic batch, metadata + manifest); optionally a TensorRT plan."""
+    from fieldreid.export_cmd import export_model
+
+    for path in export_model(model, out_path, kind=kind, imgsz=imgsz, fp16=fp16):
+        err.print(f"wrote {path}")
+
+
+@app.command()
+@_friendly
+def models(
+    yolov5: Annotated[Path | None, typer.Option(help="YOLOv5/MegaDetector checkpoint to convert as the default "
+                                                     "detector.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the files exist.")] = False,
+) -> None:
+    """Write the default embedder (EfficientNet-Lite0, ImageNet) and detector into engines/default."""
+    from fieldreid.export_cmd import build_defaults
+
+    for path in build_defaults(yolov5, force=force):
+        err.print(f"default model: {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,149 @@
+"""Letterbox resizing (keep aspect ratio, pad to the model's input size) and the way back.
+
+The arithmetic follows YOLOv5/ultralytics ``LetterBox`` so that a model trained with their
+dataloaders sees the same pixels here: scale by ``min(new/old)``, round the resized size, split the
+padding in two halves (the odd pixel goes bottom/right via the ``± 0.1`` rounding trick).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from fieldreid.errors import InputError
+
+
+@dataclass(frozen=True)
+class LetterboxInfo:
+    """How one image was letterboxed: enough to map boxes back to its pixels."""
+
+    ratio: tuple[float, float]  # (width gain, height gain) original -> resized
+    pad: tuple[float, float]  # (pad width, pad height) added on the left / top, in input pixels
+    orig_shape: tuple[int, int]  # (height, width) of the original image
+
+
+def _as_hw(shape: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(shape, int | np.integer):
+        return int(shape), int(shape)
+    if len(shape) != 2:
+        raise InputError(f"new_shape must be an int or (height, width), got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def check_image(image: np.ndarray, index: int | None = None) -> np.ndarray:
+    """Return ``image`` as HxWx3 uint8 BGR; grayscale and BGRA are converted, anything else is an InputError."""
+    where = "" if index is None else f" (image {index})"
+    if not isinstance(image, np.ndarray):
+        raise InputError(f"Expected a numpy image array{where}, got {type(image).__name__}.")
+    if image.dtype != np.uint8:
+        raise InputError(f"Expected a uint8 image{where}, got dtype {image.dtype}; read it with cv2.imread.")
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2BGR)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"Expected an HxWx3 BGR image{where}, got shape {image.shape}.")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"Image{where} is empty (shape {image.shape}).")
+    return image
+
+
+def letterbox(
+    image: np.ndarray,
+    new_shape: int | tuple[int, int] = (640, 640),
+    stride: int = 32,
+    auto: bool = False,
+    scaleup: bool = True,
+    color: int | tuple[int, int, int] = 114,
+) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
+    """Resize ``image`` (HxWx3 BGR uint8) keeping its aspect ratio and pad it to ``new_shape`` (h, w).
+
+    ``auto=True`` pads only to the next multiple of ``stride`` (a smaller, non-square input for models
+    with dynamic spatial axes); ``scaleup=False`` never enlarges small images.
+    Returns ``(padded, (ratio_w, ratio_h), (pad_w, pad_h))`` where pad is the left/top offset.
+
+    >>> img = np.zeros((480, 640, 3), np.uint8)
+    >>> out, ratio, pad = letterbox(img, 640)
+    >>> out.shape, ratio, pad
+    ((640, 640, 3), (1.0, 1.0), (0.0, 80.0))
+    """
+    image = check_image(image)
+    new_h, new_w = _as_hw(new_shape)
+    h, w = image.shape[:2]
+    r = min(new_h / h, new_w / w)
+    if not scaleup:
+        r = min(r, 1.0)
+    unpad_w, unpad_h = int(round(w * r)), int(round(h * r))
+    dw, dh = new_w - unpad_w, new_h - unpad_h
+    if auto:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
+    if (w, h) != (unpad_w, unpad_h):
+        image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
+    left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
+    if isinstance(color, int | np.integer):
+        color = (int(color),) * 3
+    if top or bottom or left or right:
+        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
+    # The pad that was actually added on the left/top (dw/dh rounded the same way as above).
+    return image, (unpad_w / w, unpad_h / h), (float(left), float(top))
+
+
+def scale_boxes(
+    boxes: np.ndarray,
+    ratio: tuple[float, float] | float,
+    pad: tuple[float, float],
+    orig_shape: tuple[int, int],
+    clip: bool = True,
+) -> np.ndarray:
+    """Map ``(N, 4)`` xyxy boxes from letterboxed input pixels back to the original image and clip.
+
+    >>> scale_boxes(np.array([[0, 80, 640, 560.]]), (1.0, 1.0), (0.0, 80.0), (480, 640))
+    array([[  0.,   0., 640., 480.]], dtype=float32)
+    """
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if boxes.size == 0:
+        return boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise InputError(f"boxes must have shape (N, 4), got {boxes.shape}")
+    rw, rh = (ratio, ratio) if np.isscalar(ratio) else ratio
+    out = boxes.copy()
+    out[:, [0, 2]] = (out[:, [0, 2]] - pad[0]) / rw
+    out[:, [1, 3]] = (out[:, [1, 3]] - pad[1]) / rh
+    if clip:
+        h, w = orig_shape[:2]
+        out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
+        out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
+    return out
+
+
+def preprocess(
+    images: Sequence[np.ndarray],
+    new_shape: int | tuple[int, int] = (640, 640),
+    stride: int = 32,
+    color: int = 114,
+) -> tuple[np.ndarray, list[LetterboxInfo]]:
+    """Letterbox a list of BGR images into one ``(B, 3, H, W)`` float32 RGB tensor scaled to [0, 1].
+
+    All images go to the same fixed ``new_shape`` (no ``auto`` padding) so they stack into one batch.
+    """
+    if len(images) == 0:
+        h, w = _as_hw(new_shape)
+        return np.zeros((0, 3, h, w), np.float32), []
+    h, w = _as_hw(new_shape)
+    batch = np.empty((len(images), 3, h, w), np.float32)
+    infos: list[LetterboxInfo] = []
+    for i, img in enumerate(images):
+        img = check_image(img, i)
+        boxed, ratio, pad = letterbox(img, (h, w), stride=stride, auto=False, color=color)
+        # BGR HWC uint8 -> RGB CHW float32 in one pass over the pixels.
+        batch[i] = boxed[:, :, ::-1].transpose(2, 0, 1)
+        infos.append(LetterboxInfo(ratio, pad, (img.shape[0], img.shape[1])))
+    batch /= np.float32(255.0)  # divide (not multiply by 1/255) to match the reference pipelines bit for bit
+    return batch, infos

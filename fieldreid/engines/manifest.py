@@ -1,0 +1,235 @@
+"""JSON manifests beside built artefacts, atomic file writes, and small ONNX inspections.
+
+Every artefact fieldreid builds (a TensorRT plan, a quantised ONNX) gets ``<artefact>.json`` beside it:
+``model.engine`` → ``model.engine.json``. The manifest says what the artefact was built from (sha256 of
+the source ONNX), how (precision, batch profile), and for what (TensorRT version, GPU), so that a plan
+copied to the wrong device is refused with a sentence instead of crashing inside TensorRT.
+
+Writes are atomic (temporary file in the same folder, fsync, ``os.replace``): a power cut on a field
+device leaves either the old file or the new one, never half a JSON.
+
+>>> write_manifest("engines/embedder.engine", {"precision": "fp16"})   # doctest: +SKIP
+PosixPath('engines/embedder.engine.json')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fieldreid.errors import ModelError, missing_extra
+
+MANIFEST_SUFFIX = ".json"
+#: ONNX operators that mark explicit (Q/DQ) quantisation
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def manifest_path(artefact_path: str | Path) -> Path:
+    """``model.engine`` → ``model.engine.json`` (the suffix is appended, not replaced)."""
+    artefact_path = Path(artefact_path)
+    return artefact_path.with_name(artefact_path.name + MANIFEST_SUFFIX)
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (plans and ONNX files can be hundreds of MB)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                digest.update(chunk)
+    except OSError as exc:
+        raise ModelError(f"Cannot read {path} to checksum it: {exc.strerror or exc}.") from exc
+    return digest.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + ``os.replace``)."""
+    return _atomic_write(Path(path), lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Text (UTF-8) version of :func:`atomic_write_bytes`."""
+    return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+
+
+def _fieldreid_version() -> str:
+    try:
+        from fieldreid import __version__
+    except ImportError:  # pragma: no cover - partial checkout
+        return "unknown"
+    return str(__version__)
+
+
+def write_manifest(artefact_path: str | Path, data: dict) -> Path:
+    """Write ``<artefact>.json`` atomically and return its path.
+
+    Adds ``created`` (UTC, ISO 8601), ``fieldreid_version``, ``artefact`` (file name) and
+    ``artefact_sha256`` to ``data`` (a copy; the caller's dict is left alone). The artefact must exist.
+    """
+    artefact_path = Path(artefact_path)
+    record = dict(data)
+    record.update(
+        {
+            "artefact": artefact_path.name,
+            "artefact_sha256": sha256_file(artefact_path),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "fieldreid_version": _fieldreid_version(),
+        }
+    )
+    target = manifest_path(artefact_path)
+
+    def dump(fh) -> None:
+        text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        fh.write((text + "\n").encode("utf-8"))
+
+    try:
+        return _atomic_write(target, dump)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"Cannot write manifest {target}: a value is not JSON-serialisable ({exc}).") from exc
+
+
+def read_manifest(artefact_path: str | Path, verify_sha256: bool = False) -> dict:
+    """Read ``<artefact>.json``; :class:`ModelError` naming the file if it is missing or not a JSON object.
+
+    With ``verify_sha256`` the artefact's checksum is compared with the recorded one (catches a plan
+    truncated by a failed copy before TensorRT gets to see it).
+    """
+    artefact_path = Path(artefact_path)
+    path = manifest_path(artefact_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ModelError(
+            f"Manifest {path} is missing: {artefact_path.name} cannot be checked. Rebuild the artefact with "
+            "`fieldreid export`, which writes both files."
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelError(f"Cannot read manifest {path}: {exc}. Rebuild it with `fieldreid export`.") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(
+            f"Manifest {path} is corrupt (invalid JSON at line {exc.lineno}, column {exc.colno}). "
+            "Rebuild the artefact with `fieldreid export`."
+        ) from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"Manifest {path} is not a JSON object. Rebuild the artefact with `fieldreid export`.")
+    if verify_sha256:
+        want = data.get("artefact_sha256")
+        got = sha256_file(artefact_path)
+        if want != got:
+            raise ModelError(
+                f"{artefact_path} does not match its manifest {path.name} (sha256 {got[:12]}… ≠ "
+                f"{str(want)[:12]}…): the file was changed or truncated. Rebuild it with `fieldreid export`."
+            )
+    return data
+
+
+def _load_onnx_proto(onnx_path: Path):
+    import onnx
+
+    try:
+        # External weights are not needed to read metadata or node types.
+        return onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError... for a bad file
+        raise ModelError(f"{onnx_path} is not a readable ONNX model ({exc}). Export it again.") from exc
+
+
+def _require_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Model file {path} does not exist.")
+    return path
+
+
+def onnx_metadata(onnx_path: str | Path) -> dict[str, str]:
+    """The model's ``metadata_props`` (preprocessing, model id, ...) as ``{key: value}``.
+
+    Uses the ``onnx`` package when installed, else ONNX Runtime (a core dependency), which exposes the
+    same map as ``custom_metadata_map``.
+    """
+    onnx_path = _require_file(onnx_path)
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return _onnx_metadata_via_ort(onnx_path)
+    model = _load_onnx_proto(onnx_path)
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def _onnx_metadata_via_ort(onnx_path: Path) -> dict[str, str]:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - core dependency
+        raise missing_extra("onnxruntime", "core") from exc
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{onnx_path} is not a readable ONNX model ({exc}). Export it again.") from exc
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def _graph_op_types(graph) -> set[str]:
+    ops: set[str] = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:  # If / Loop / Scan bodies
+            if attr.g is not None and len(attr.g.node):
+                ops |= _graph_op_types(attr.g)
+            for sub in attr.graphs:
+                ops |= _graph_op_types(sub)
+    return ops
+
+
+def has_qdq(onnx_path: str | Path) -> bool:
+    """True when the ONNX contains QuantizeLinear/DequantizeLinear nodes (explicit INT8 quantisation).
+
+    Needs the ``onnx`` package: ONNX Runtime does not expose the graph's nodes.
+    """
+    onnx_path = _require_file(onnx_path)
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise missing_extra("onnx", "trt", "needed to check an ONNX model for Q/DQ quantisation nodes") from exc
+    model = _load_onnx_proto(onnx_path)
+    ops = _graph_op_types(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            ops.add(node.op_type)
+    return bool(ops & QDQ_OPS)

@@ -1,0 +1,78 @@
+"""What ``fieldreid export`` and ``fieldreid models`` do (torch side; imported only by those commands)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fieldreid.errors import FieldreidError, ModelError
+
+
+def _is_embedder_checkpoint(path: Path) -> bool:
+    try:
+        from fieldreid.embed.model import is_embedder_checkpoint
+    except ImportError:  # torch missing: cannot be ours to export anyway
+        return False
+    return is_embedder_checkpoint(path)
+
+
+def export_model(model: Path, out: Path | None = None, kind: str = "auto", imgsz: int = 640,
+                 fp16: bool = False) -> list[Path]:
+    """Export a checkpoint to ONNX (and a TensorRT FP16 plan with ``fp16``). Returns the files written."""
+    model = Path(model)
+    if not model.exists():
+        raise ModelError(f"{model} does not exist.")
+    written: list[Path] = []
+    if model.suffix == ".onnx":
+        onnx_path = model
+    else:
+        onnx_path = Path(out) if out else model.with_suffix(".onnx")
+        if kind == "embedder" or (kind == "auto" and _is_embedder_checkpoint(model)):
+            from fieldreid.embed.export import export_embedder_onnx
+            from fieldreid.embed.model import load_checkpoint
+
+            net, meta = load_checkpoint(model)
+            from fieldreid.types import PreprocessSpec
+
+            export_embedder_onnx(net, onnx_path, PreprocessSpec.from_json(meta["fieldreid.preprocess"]),
+                                 meta["fieldreid.model_id"])
+        elif kind in ("auto", "yolov5", "ultralytics"):
+            from fieldreid.detect.convert import convert_detector
+
+            convert_detector(model, onnx_path, imgsz=imgsz, kind=kind)
+        else:
+            raise FieldreidError(f"Unknown --kind {kind!r}: use auto, yolov5, ultralytics or embedder.")
+        written.append(onnx_path)
+    if fp16:
+        from fieldreid.engines.tensorrt import build_plan
+
+        plan = onnx_path.with_suffix(".engine")
+        build_plan(onnx_path, plan, precision="fp16")
+        written.append(plan)
+    elif model.suffix == ".onnx":
+        raise FieldreidError(f"{model} is already ONNX; pass --fp16 to build a TensorRT plan from it.")
+    return written
+
+
+def build_defaults(yolov5: Path | None = None, force: bool = False, out_dir: Path | None = None) -> list[Path]:
+    """Write the default embedder (and detector, given a YOLOv5/MegaDetector checkpoint) into ``out_dir``."""
+    from fieldreid.defaults import DETECTOR_NAME, EMBEDDER_NAME, models_dir
+
+    out_dir = Path(out_dir) if out_dir else models_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    emb = out_dir / EMBEDDER_NAME
+    if force or not emb.exists():
+        from fieldreid.embed.export import export_embedder_onnx
+        from fieldreid.embed.model import build_default_embedder
+
+        net, spec, model_id = build_default_embedder()
+        export_embedder_onnx(net, emb, spec, model_id)
+    written.append(emb)
+    det = out_dir / DETECTOR_NAME
+    if yolov5 is not None and Path(yolov5).exists() and (force or not det.exists()):
+        from fieldreid.detect.convert import convert_detector
+
+        convert_detector(Path(yolov5), det, imgsz=640, kind="auto")
+    if det.exists():
+        written.append(det)
+    return written

@@ -1,0 +1,215 @@
+"""Reading camera-trap images: EXIF orientation, reduced-size JPEG decoding, clear failure reasons.
+
+Full-resolution camera-trap JPEGs (5-30 MP) cost more to decode than a nano detector costs to run.
+libjpeg can decode at 1/2, 1/4 or 1/8 size by scaling the DCT (OpenCV's ``IMREAD_REDUCED_*``), which
+skips most of the work, so the detector gets a decode that is just large enough for its input size.
+Crops for the embedder are re-cut from a larger decode only when a box would otherwise be too small.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fieldreid.errors import ImageReadError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mts", ".wmv", ".3gp", ".mpg", ".mpeg"}
+JPEG_SUFFIXES = {".jpg", ".jpeg"}
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded image. ``pixels`` is BGR uint8, upright (EXIF orientation applied).
+
+    ``size`` is the upright full-resolution (height, width); ``reduction`` the DCT scale factor used
+    (1, 2, 4 or 8), so ``pixels`` is about ``size / reduction``.
+    """
+
+    path: Path
+    pixels: np.ndarray
+    size: tuple[int, int]
+    reduction: int
+    orientation: int = 1
+    data: bytes | None = None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(sy, sx) that map ``pixels`` coordinates to full-resolution coordinates."""
+        h, w = self.pixels.shape[:2]
+        return self.size[0] / h, self.size[1] / w
+
+
+def iter_files(paths: Iterable[str | Path], recursive: bool = True) -> Iterator[Path]:
+    """Image and video files under ``paths`` (files given directly are always yielded), sorted per folder.
+
+    Videos are yielded too so callers can record them as failures instead of silently skipping them.
+    Hidden files and folders (``.DS_Store``, ``._IMG_0001.JPG`` from macOS) are skipped.
+    """
+    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            walker = os.walk(p) if recursive else [(str(p), [], [e.name for e in os.scandir(p) if e.is_file()])]
+            for root, dirs, files in walker:
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith(".") and Path(name).suffix.lower() in wanted:
+                        yield Path(root) / name
+        elif p.exists():
+            yield p
+        else:
+            raise ImageReadError(f"{p} does not exist.")
+
+
+def _header(data: bytes, path: Path) -> tuple[tuple[int, int], int]:
+    """(width, height) as stored, and EXIF orientation, read from the header only (no decode)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+            try:
+                orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+            except Exception:  # a broken EXIF block must not lose the image
+                orientation = 1
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{path.name}: not an image file, or its header is corrupt") from exc
+    except Exception as exc:
+        raise ImageReadError(f"{path.name}: unreadable image header ({exc})") from exc
+    return size, orientation if 1 <= orientation <= 8 else 1
+
+
+def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip stored pixels to upright according to the EXIF orientation tag (1-8)."""
+    if orientation == 2:
+        return cv2.flip(pixels, 1)
+    if orientation == 3:
+        return cv2.rotate(pixels, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(pixels, 0)
+    if orientation == 5:
+        return cv2.flip(cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE), 1)
+    if orientation == 6:
+        return cv2.rotate(pixels, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.flip(cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE), 1)
+    if orientation == 8:
+        return cv2.rotate(pixels, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return pixels
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """True when the JPEG's main image has its end-of-image marker.
+
+    A JPEG still being copied (or cut short on the SD card) lacks it, and libjpeg would "decode" it
+    anyway with grey rows at the bottom. The EXIF thumbnail has an EOI of its own and many cameras append
+    a trailer after the real EOI, so the marker is looked for after the first start-of-scan, found by
+    walking the header segments (an EOI byte pair cannot occur inside entropy-coded data).
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan
+            return data.find(b"\xff\xd9", i) != -1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
+
+
+def choose_reduction(size_hw: tuple[int, int], min_side: int | None, is_jpeg: bool = True) -> int:
+    """The largest DCT reduction (1, 2, 4, 8) that keeps the longer side >= ``min_side``."""
+    if not min_side or not is_jpeg:
+        return 1
+    longest = max(size_hw)
+    r = 1
+    for cand in (2, 4, 8):
+        if longest / cand >= min_side:
+            r = cand
+    return r
+
+
+def read_image(path: str | Path, min_side: int | None = None, reduction: int | None = None,
+               data: bytes | None = None, keep_data: bool = False) -> Frame:
+    """Decode an image upright. With ``min_side``, JPEGs are decoded at the smallest DCT scale that keeps
+    the longer side at least ``min_side`` pixels (e.g. 640 for a 640-input detector).
+
+    Raises :class:`ImageReadError` with a reason for empty, truncated, corrupt, non-image and video files.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_SUFFIXES:
+        raise ImageReadError(f"{path.name}: video files are not processed (extract frames first)")
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageReadError(f"{path.name}: file disappeared before it could be read") from exc
+        except OSError as exc:
+            raise ImageReadError(f"{path.name}: cannot read file ({exc.strerror or exc})") from exc
+    if len(data) == 0:
+        raise ImageReadError(f"{path.name}: empty file (0 bytes)")
+    (w, h), orientation = _header(data, path)
+    is_jpeg = data[:2] == b"\xff\xd8"
+    if is_jpeg and not _jpeg_complete(data):
+        raise ImageReadError(f"{path.name}: truncated JPEG (no end-of-image marker; still being copied?)")
+    upright = (w, h) if orientation < 5 else (h, w)
+    size_hw = (upright[1], upright[0])
+    r = reduction if reduction is not None else choose_reduction(size_hw, min_side, is_jpeg)
+    if r not in _REDUCED_FLAGS:
+        raise ValueError(f"reduction must be 1, 2, 4 or 8, got {r}")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    pixels = cv2.imdecode(buf, _REDUCED_FLAGS[r] | cv2.IMREAD_IGNORE_ORIENTATION)
+    if pixels is None:
+        raise ImageReadError(f"{path.name}: corrupt image data (the decoder rejected it)")
+    if pixels.ndim == 2:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
+    pixels = apply_orientation(pixels, orientation)
+    return Frame(path=path, pixels=np.ascontiguousarray(pixels), size=size_hw, reduction=r,
+                 orientation=orientation, data=data if keep_data else None)
+
+
+def reduction_for_boxes(frame: Frame, boxes_xyxy: np.ndarray, min_side: int) -> int:
+    """The DCT reduction at which every box (full-resolution coordinates) keeps at least ``min_side``
+    pixels on its shorter side, or the frame's own reduction if that is already fine."""
+    r = frame.reduction
+    if len(boxes_xyxy) == 0:
+        return r
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    shortest = float(max(1.0, np.min(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))))
+    while r > 1 and shortest / r < min_side:
+        r //= 2
+    return r
+
+
+def frame_for_boxes(frame: Frame, boxes_xyxy: np.ndarray, min_side: int) -> Frame:
+    """``frame`` itself, or one decode at a finer scale when a box would give the embedder too few pixels.
+
+    One extra decode per image at most, and only for images whose animals are small at the detector's scale.
+    """
+    r = reduction_for_boxes(frame, boxes_xyxy, min_side)
+    if r == frame.reduction:
+        return frame
+    return read_image(frame.path, reduction=r, data=frame.data, keep_data=frame.data is not None)
+
+
+def to_frame_coords(frame: Frame, boxes_xyxy: np.ndarray) -> np.ndarray:
+    """Full-resolution boxes mapped into ``frame.pixels`` coordinates."""
+    sy, sx = frame.scale
+    return np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4) / np.array([sx, sy, sx, sy], np.float32)

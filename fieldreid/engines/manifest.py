@@ -5,8 +5,8 @@ Every artefact fieldreid builds (a TensorRT plan, a quantised ONNX) gets ``<arte
 the source ONNX), how (precision, batch profile), and for what (TensorRT version, GPU), so that a plan
 copied to the wrong device is refused with a sentence instead of crashing inside TensorRT.
 
-Writes are atomic (temporary file in the same folder, fsync, ``os.replace``): a power cut on a field
-device leaves either the old file or the new one, never half a JSON.
+Writes are atomic (:mod:`fieldreid.fsutil`: temporary file in the same folder, fsync, ``os.replace``):
+a power cut on a field device leaves either the old file or the new one, never half a JSON.
 
 >>> write_manifest("engines/embedder.engine", {"precision": "fp16"})   # doctest: +SKIP
 PosixPath('engines/embedder.engine.json')
@@ -14,15 +14,13 @@ PosixPath('engines/embedder.engine.json')
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldreid.errors import ModelError, missing_extra
+from fieldreid.fsutil import atomic_write_text
 
 MANIFEST_SUFFIX = ".json"
 #: ONNX operators that mark explicit (Q/DQ) quantisation
@@ -45,44 +43,6 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     except OSError as exc:
         raise ModelError(f"Cannot read {path} to checksum it: {exc.strerror or exc}.") from exc
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform/filesystem, hence best effort.
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + ``os.replace``)."""
-    return _atomic_write(Path(path), lambda fh: fh.write(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Text (UTF-8) version of :func:`atomic_write_bytes`."""
-    return _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _fieldreid_version() -> str:
@@ -110,15 +70,12 @@ def write_manifest(artefact_path: str | Path, data: dict) -> Path:
         }
     )
     target = manifest_path(artefact_path)
-
-    def dump(fh) -> None:
-        text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-        fh.write((text + "\n").encode("utf-8"))
-
+    # Serialise fully before touching the disk: a bad value must not leave a half-written file.
     try:
-        return _atomic_write(target, dump)
+        text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"Cannot write manifest {target}: a value is not JSON-serialisable ({exc}).") from exc
+    return atomic_write_text(target, text + "\n")
 
 
 def read_manifest(artefact_path: str | Path, verify_sha256: bool = False) -> dict:

@@ -1,0 +1,52 @@
+# fieldreid's front door. `make demo` sets everything up and runs the main job; `make test` runs the suite.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SHARED ?= ../shared
+# torch/torchvision pinned to the builds that lie on this machine's disk (a CUDA build that runs on the CPU).
+# On a Jetson use NVIDIA's wheels instead: make install TORCH_SPEC="" after installing them.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= train,dev
+
+# Never reach a model hub, never write into $HOME.
+export HF_HUB_OFFLINE := 1
+export YOLO_OFFLINE := 1
+export YOLO_AUTOINSTALL := False
+export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+
+.PHONY: install models demo test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) install -q $(TORCH_SPEC); fi
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+models: install
+	if [ -f $(SHARED)/weights/yolov5n-coco.pt ]; then \
+	  $(VENV)/bin/fieldreid models --yolov5 $(SHARED)/weights/yolov5n-coco.pt; \
+	else $(VENV)/bin/fieldreid models; fi
+
+demo: models
+	$(VENV)/bin/fieldreid doctor
+	mkdir -p demo
+	$(VENV)/bin/fieldreid detect $(SHARED)/data/camtrap/animl-southwest --out demo/detections.json
+	$(VENV)/bin/fieldreid embed $(SHARED)/data/camtrap/animl-southwest --out demo/vectors.npz
+	@echo "demo outputs: demo/detections.json (MegaDetector format) and demo/vectors.npz"
+
+test: install
+	$(PY) -m pytest -q
+
+bench: models
+	$(PY) bench/bench_runtime.py --shared $(SHARED) --out bench/results.json
+
+lint: install
+	$(VENV)/bin/ruff check fieldreid tests bench
+
+clean:
+	rm -rf $(VENV) .cache demo .pytest_cache

@@ -38,3 +38,19 @@ def yolov5n_checkpoint() -> Path:
     if not YOLOV5N.is_file():
         pytest.skip(f"YOLOv5n checkpoint not found at {YOLOV5N}")
     return YOLOV5N
+
+
+@pytest.fixture(scope="session")
+def zebra() -> Path:
+    path = DATA / "reid" / "zebra"
+    if not (path / "metadata.csv").is_file():
+        pytest.skip(f"zebra re-id set not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nyala() -> Path:
+    path = DATA / "reid" / "nyala"
+    if not (path / "metadata.csv").is_file():
+        pytest.skip(f"nyala re-id set not found at {path}")
+    return path

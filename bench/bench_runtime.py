@@ -1,0 +1,210 @@
+"""`make bench` v1: fieldreid's ONNX Runtime path against the route a user would write by hand.
+
+Every ratio is measured in one run, interleaving the two routes image by image, so that a noisy shared
+machine slows both alike. Results go to bench/results.json and bench/RESULTS.md.
+
+    python bench/bench_runtime.py --shared ../shared --out bench/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".cache" / "ultralytics"))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fieldreid.defaults import default_model  # noqa: E402
+from fieldreid.detect import Detector  # noqa: E402
+from fieldreid.embed.runtime import Embedder, square_crop  # noqa: E402
+from fieldreid.imageio import iter_files, read_image  # noqa: E402
+
+THREADS = 2
+
+
+def _ms(samples: list[float]) -> dict:
+    return {"median_ms": round(1000 * statistics.median(samples), 2),
+            "mean_ms": round(1000 * statistics.fmean(samples), 2), "n": len(samples)}
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def camtrap_jpegs(shared: Path) -> list[Path]:
+    files = [p for p in iter_files([shared / "data" / "camtrap"])
+             if p.suffix.lower() in (".jpg", ".jpeg") and p.stat().st_size > 0]
+    return files
+
+
+def bench_decode(files: list[Path]) -> dict:
+    full, reduced, megapixels = [], [], []
+    for p in files:
+        data = p.read_bytes()
+        buf = np.frombuffer(data, np.uint8)
+        t_full, img = _timed(cv2.imdecode, buf, cv2.IMREAD_COLOR)
+        t_red, _ = _timed(lambda d=data, q=p: read_image(q, min_side=640, data=d))
+        full.append(t_full)
+        reduced.append(t_red)
+        megapixels.append(img.shape[0] * img.shape[1] / 1e6)
+    return {"images": len(files), "mean_megapixels": round(statistics.fmean(megapixels), 2),
+            "full_decode": _ms(full), "reduced_decode": _ms(reduced),
+            "speedup_median": round(statistics.median(full) / statistics.median(reduced), 2)}
+
+
+def bench_detector(files: list[Path], detector_onnx: Path, yolov5_pt: Path | None) -> dict:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    ours = Detector(detector_onnx, backend="onnxruntime", conf=0.1, iou=0.45, threads=THREADS)
+    result: dict = {"model": ours.model_id, "input": list(ours.input_size)}
+    naive = None
+    if yolov5_pt is not None and yolov5_pt.exists():
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        import yolov5
+
+        naive = yolov5.load(str(yolov5_pt), device="cpu")
+        naive.conf, naive.iou = 0.1, 0.45
+    images = [cv2.imread(str(p)) for p in files]
+    # warm-up both routes
+    ours.detect([images[0]])
+    if naive is not None:
+        naive(images[0][:, :, ::-1], size=640)
+    t_ours, t_naive, t_ours_e2e, t_naive_e2e = [], [], [], []
+    for p, img in zip(files, images, strict=True):
+        t_ours.append(_timed(ours.detect, [img])[0])
+        t_ours_e2e.append(_timed(lambda q=p: ours.detect([read_image(q, min_side=640).pixels]))[0])
+        if naive is not None:
+            rgb = np.ascontiguousarray(img[:, :, ::-1])
+            t_naive.append(_timed(lambda x=rgb: naive(x, size=640))[0])
+            t_naive_e2e.append(_timed(lambda q=p: naive(str(q), size=640))[0])
+    result["fieldreid_ort_same_pixels"] = _ms(t_ours)
+    result["fieldreid_ort_file_to_boxes"] = _ms(t_ours_e2e)
+    if naive is not None:
+        result["naive_yolov5_predict_same_pixels"] = _ms(t_naive)
+        result["naive_yolov5_predict_file_to_boxes"] = _ms(t_naive_e2e)
+        result["speedup_same_pixels"] = round(statistics.median(t_naive) / statistics.median(t_ours), 2)
+        result["speedup_file_to_boxes"] = round(statistics.median(t_naive_e2e) / statistics.median(t_ours_e2e), 2)
+    return result
+
+
+def real_crops(shared: Path, n: int) -> list[np.ndarray]:
+    meta = shared / "data" / "reid" / "nyala" / "metadata.csv"
+    import csv
+
+    with meta.open() as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    crops = []
+    for r in rows:
+        img = read_image(meta.parent / r["path"]).pixels
+        h, w = img.shape[:2]
+        crops.append(square_crop(img, (0.0, 0.0, float(w), float(h)), margin=0.0))
+    return crops
+
+
+def bench_embedder(shared: Path, embedder_onnx: Path, n: int = 48) -> dict:
+    import torch
+
+    from fieldreid.embed.model import build_default_embedder
+
+    torch.set_num_threads(THREADS)
+    ours = Embedder(embedder_onnx, backend="onnxruntime", threads=THREADS)
+    net, spec, _ = build_default_embedder()
+    net.eval()
+    crops = real_crops(shared, n)
+    h, w = spec.size
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+
+    def naive(batch: list[np.ndarray]) -> np.ndarray:
+        # What a user writes: resize with OpenCV, normalise, eager timm forward.
+        x = np.stack([cv2.resize(c, (w, h), interpolation=cv2.INTER_LINEAR)[:, :, ::-1] for c in batch])
+        t = (torch.from_numpy(x.copy()).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+        with torch.inference_mode():
+            return net(t).numpy()
+
+    ours.embed(crops[:2])
+    naive(crops[:2])
+    res = {"model": ours.model_id, "input": [h, w], "dim": ours.dim}
+    for bs in (1, 16):
+        t_o, t_n = [], []
+        for i in range(0, len(crops) - bs + 1, bs):
+            b = crops[i:i + bs]
+            t_o.append(_timed(ours.embed, b)[0] / bs)
+            t_n.append(_timed(naive, b)[0] / bs)
+        res[f"batch{bs}"] = {"fieldreid_ort_per_crop": _ms(t_o), "naive_timm_eager_per_crop": _ms(t_n),
+                             "speedup": round(statistics.median(t_n) / statistics.median(t_o), 2)}
+    a, b = ours.embed(crops[:16]), naive(crops[:16])
+    res["cosine_ort_vs_torch_min"] = round(float(np.min(np.sum(a * b, axis=1))), 6)
+    return res
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    d, det, emb = results.get("decode", {}), results.get("detector", {}), results.get("embedder", {})
+    lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
+    if d:
+        lines += ["| image decode (camtrap JPEGs, mean %.1f MP) | median ms |" % d["mean_megapixels"], "|---|---|",
+                  f"| full size (cv2.imdecode) | {d['full_decode']['median_ms']} |",
+                  f"| reduced for a 640 detector (DCT scaling) | {d['reduced_decode']['median_ms']} |",
+                  f"| speed-up | {d['speedup_median']}x |", ""]
+    if det:
+        lines += ["| detector, per image, 2 threads | median ms |", "|---|---|",
+                  f"| fieldreid ONNX Runtime, same pixels | {det['fieldreid_ort_same_pixels']['median_ms']} |"]
+        if "naive_yolov5_predict_same_pixels" in det:
+            lines += [f"| yolov5 `predict` (AutoShape, eager torch), same pixels | "
+                      f"{det['naive_yolov5_predict_same_pixels']['median_ms']} |",
+                      f"| speed-up | {det['speedup_same_pixels']}x |",
+                      f"| fieldreid, file → boxes (reduced decode) | {det['fieldreid_ort_file_to_boxes']['median_ms']} |",
+                      f"| yolov5 `predict(path)`, file → boxes | {det['naive_yolov5_predict_file_to_boxes']['median_ms']} |",
+                      f"| speed-up | {det['speedup_file_to_boxes']}x |"]
+        lines.append("")
+    if emb:
+        lines += ["| embedder per crop, 2 threads | fieldreid ORT ms | timm eager ms | speed-up |", "|---|---|---|---|"]
+        for bs in (1, 16):
+            r = emb[f"batch{bs}"]
+            lines.append(f"| batch {bs} | {r['fieldreid_ort_per_crop']['median_ms']} | "
+                         f"{r['naive_timm_eager_per_crop']['median_ms']} | {r['speedup']}x |")
+        lines += ["", f"ORT vs torch embedding cosine (min over 16 crops): {emb['cosine_ort_vs_torch_min']}", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.json")
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N camtrap images")
+    args = ap.parse_args()
+    files = camtrap_jpegs(args.shared)
+    if args.limit:
+        files = files[: args.limit]
+    results = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+               "threads": THREADS}
+    print(f"decode: {len(files)} images", file=sys.stderr)
+    results["decode"] = bench_decode(files)
+    print("detector", file=sys.stderr)
+    results["detector"] = bench_detector(files, default_model("detector"), args.shared / "weights" / "yolov5n-coco.pt")
+    print("embedder", file=sys.stderr)
+    results["embedder"] = bench_embedder(args.shared, default_model("embedder"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    write_markdown(results, args.out.with_name("RESULTS.md"))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

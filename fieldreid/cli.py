@@ -232,11 +232,17 @@ def export_cmd(
     kind: Annotated[str, typer.Option(help="auto | yolov5 | ultralytics | embedder")] = "auto",
     imgsz: Annotated[int, typer.Option(help="Detector input size.")] = 640,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also build a TensorRT FP16 plan (needs TensorRT + GPU).")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Build a TensorRT INT8 plan from a QDQ ONNX (explicit "
+                                                      "quantisation).")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="Build a TensorRT FP32 plan.")] = False,
 ) -> None:
     """Convert a checkpoint to ONNX (FP32, dynamic batch, metadata + manifest); optionally a TensorRT plan."""
     from fieldreid.export_cmd import export_model
 
-    for path in export_model(model, out_path, kind=kind, imgsz=imgsz, fp16=fp16):
+    chosen = [name for name, flag in (("fp16", fp16), ("int8", int8), ("fp32", fp32)) if flag]
+    if len(chosen) > 1:
+        raise FieldreidError(f"Choose one plan precision, not {' and '.join('--' + c for c in chosen)}.")
+    for path in export_model(model, out_path, kind=kind, imgsz=imgsz, plan=chosen[0] if chosen else None):
         err.print(f"wrote {path}")
 
 

@@ -16,8 +16,12 @@ def _is_embedder_checkpoint(path: Path) -> bool:
 
 
 def export_model(model: Path, out: Path | None = None, kind: str = "auto", imgsz: int = 640,
-                 fp16: bool = False) -> list[Path]:
-    """Export a checkpoint to ONNX (and a TensorRT FP16 plan with ``fp16``). Returns the files written."""
+                 plan: str | None = None) -> list[Path]:
+    """Export a checkpoint to ONNX, and with ``plan`` (fp16 | fp32 | int8) a TensorRT plan built from it.
+
+    An INT8 plan needs an ONNX with Q/DQ nodes (explicit quantisation); TensorRT builds it strongly typed.
+    Returns the files written.
+    """
     model = Path(model)
     if not model.exists():
         raise ModelError(f"{model} does not exist.")
@@ -42,14 +46,14 @@ def export_model(model: Path, out: Path | None = None, kind: str = "auto", imgsz
         else:
             raise FieldreidError(f"Unknown --kind {kind!r}: use auto, yolov5, ultralytics or embedder.")
         written.append(onnx_path)
-    if fp16:
+    if plan is not None:
         from fieldreid.engines.tensorrt import build_plan
 
-        plan = onnx_path.with_suffix(".engine")
-        build_plan(onnx_path, plan, precision="fp16")
-        written.append(plan)
+        plan_path = onnx_path.with_suffix(".engine")
+        build_plan(onnx_path, plan_path, precision=plan)
+        written.append(plan_path)
     elif model.suffix == ".onnx":
-        raise FieldreidError(f"{model} is already ONNX; pass --fp16 to build a TensorRT plan from it.")
+        raise FieldreidError(f"{model} is already ONNX; pass --fp16, --fp32 or --int8 to build a TensorRT plan.")
     return written
 
 

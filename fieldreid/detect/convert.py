@@ -178,10 +178,6 @@ def _names_list(names) -> list[str]:
     return [str(n) for n in names]
 
 
-class _First(Any.__class__ if False else object):  # placeholder to keep type checkers quiet
-    pass
-
-
 def _wrap_first_output(model, torch):
     """A module returning only the decoded tensor (YOLOv5 returns ``(y, raw)``, ultralytics ``y``)."""
 
@@ -223,7 +219,12 @@ def _prepare(source, kind: str, raw_head: bool):
     import torch
 
     if kind == "yolov5":
-        model = source if isinstance(source, torch.nn.Module) else _load_yolov5(Path(source))
+        if isinstance(source, torch.nn.Module):
+            import copy
+
+            model = copy.deepcopy(source).float().eval()  # we flip export flags on it: leave the caller's alone
+        else:
+            model = _load_yolov5(Path(source))
         head = model.model[-1]
         if type(head).__name__ != "Detect":
             raise ModelError(f"Only YOLOv5 detection models can be converted, not {type(head).__name__}.")
@@ -331,8 +332,7 @@ def convert_detector(
     if size[0] % stride or size[1] % stride:
         raise InputError(f"imgsz {size} must be a multiple of the model stride {stride}.")
 
-    n_out = 3 if layout == "yolov5-raw" else 1
-    n_out = len(strides) if layout == "yolov5-raw" else n_out
+    n_out = len(strides) if layout == "yolov5-raw" else 1
     output_names = [f"output{i}" for i in range(n_out)]
     dynamic_axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in output_names}} if dynamic_batch else None
     dummy = torch.zeros(1, 3, *size)

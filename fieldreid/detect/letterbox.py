@@ -20,7 +20,7 @@ from fieldreid.errors import InputError
 class LetterboxInfo:
     """How one image was letterboxed: enough to map boxes back to its pixels."""
 
-    ratio: tuple[float, float]  # (width gain, height gain) original -> resized
+    ratio: tuple[float, float]  # (width gain, height gain) original -> resized; both r, see letterbox()
     pad: tuple[float, float]  # (pad width, pad height) added on the left / top, in input pixels
     orig_shape: tuple[int, int]  # (height, width) of the original image
 
@@ -91,8 +91,10 @@ def letterbox(
         color = (int(color),) * 3
     if top or bottom or left or right:
         image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=color)
-    # The pad that was actually added on the left/top (dw/dh rounded the same way as above).
-    return image, (unpad_w / w, unpad_h / h), (float(left), float(top))
+    # Ratio: the one gain r, as YOLOv5/ultralytics/MegaDetector use it to map boxes back (the resized
+    # size was rounded, so the exact per-axis gain differs by < 0.5 input px; matching the ecosystem
+    # keeps our boxes identical to theirs). Pad: what was actually added on the left/top.
+    return image, (r, r), (float(left), float(top))
 
 
 def scale_boxes(

@@ -64,6 +64,12 @@ class OnnxRuntimeEngine(Engine):
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise ModelError(f"ONNX Runtime could not load {self.path}: {exc}") from exc
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        unsupported = [f"{i.name} ({i.type})" for i in self.session.get_inputs() if i.type not in _ORT_DTYPES]
+        if unsupported:
+            raise ModelError(
+                f"{self.path} has inputs of a type fieldreid cannot feed: {', '.join(unsupported)}. "
+                "Export the model with float32 inputs."
+            )
         self.inputs = [
             EngineIO(i.name, tuple(d if isinstance(d, int) else -1 for d in i.shape), np.dtype(_ORT_DTYPES[i.type]))
             for i in self.session.get_inputs()

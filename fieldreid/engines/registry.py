@@ -24,7 +24,15 @@ PLAN_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 def _installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a dotted name whose parent is missing
+        return False
+
+
+def _cuda_bindings() -> bool:
+    # torch's CUDA wheels bring a bare ``cuda`` namespace (cuda-pathfinder) without the runtime bindings.
+    return _installed("cuda.bindings") or _installed("cuda.cudart")
 
 
 @lru_cache(maxsize=1)
@@ -49,7 +57,7 @@ def available_backends() -> dict[str, str]:
     for name, (_module, _cls, package, extra) in BACKENDS.items():
         if not _installed(package):
             status[name] = f"not installed (pip install 'fieldreid[{extra}]')"
-        elif name == "tensorrt" and (not _installed("cuda") or cuda_device_count() == 0):
+        elif name == "tensorrt" and (not _cuda_bindings() or cuda_device_count() == 0):
             status[name] = "no NVIDIA GPU visible" if cuda_device_count() == 0 else "cuda-python not installed"
         else:
             status[name] = "ok"

@@ -16,8 +16,9 @@ version and GPU model it was built with, so a mismatch is refused with the comma
 
 INT8 is explicit quantisation only: the ONNX must carry QuantizeLinear/DequantizeLinear nodes and the
 network is built STRONGLY_TYPED. TensorRT's implicit INT8 calibrator (``IInt8Calibrator``) is deprecated
-since TensorRT 10.1 and removed in TensorRT 11; in a strongly typed network the precision builder flags
-(FP16/INT8) are not allowed, since tensor types come from the network itself.
+in TensorRT 10 (TRT_DEPRECATED in the 10.x API) and removed in TensorRT 11; in a strongly typed network
+the precision builder flags (FP16/INT8) are not allowed, since tensor types come from the network itself.
+TensorRT 11 also removes ``BuilderFlag.FP16``; :func:`build_plan` then says so instead of failing obscurely.
 
 Nothing here imports tensorrt or cuda at module level: this module imports (and its pure helpers are
 tested) on machines without either.
@@ -373,17 +374,37 @@ class _BufferPool:
         self.buffers.clear()
 
 
+def _device_index(device: int | str) -> int:
+    """0 for ``"auto"``/``"cuda"``, N for ``"cuda:N"`` or N; ``"cpu"`` is an error (TensorRT needs a GPU)."""
+    if isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        return device
+    text = str(device).strip().lower()
+    if text in ("auto", "cuda", "gpu"):
+        return 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    if text.isdigit():
+        return int(text)
+    raise InputError(
+        f"TensorRT runs on an NVIDIA GPU: device must be auto, cuda, cuda:N or a GPU index, got {device!r}. "
+        "For the CPU use --backend onnxruntime."
+    )
+
+
 class TensorRTEngine(Engine):
     """Runs a TensorRT plan built by :func:`build_plan` on this device.
 
-    ``device``: CUDA device index. ``pinned``: stage host↔device copies through page-locked buffers
+    ``device``: CUDA device (index, ``"cuda:N"`` or ``"auto"``). ``pinned``: stage host↔device copies through page-locked buffers
     (faster transfers on a desktop GPU; little gain on a Jetson, whose memory is shared).
     """
 
     backend = "tensorrt"
 
-    def __init__(self, path: str | Path, device: int = 0, pinned: bool = False) -> None:
-        self._device_index = int(device)
+    def __init__(self, path: str | Path, device: int | str = 0, pinned: bool = False,
+                 threads: int | None = None) -> None:
+        # ``threads`` is accepted so that ``load_engine(path, "auto", threads=2)`` works whichever backend
+        # ``auto`` picks; TensorRT has no CPU thread pool to size.
+        self._device_index = _device_index(device)
         self._pinned = bool(pinned)
         self._runtime = self._engine = self._context = None
         self._stream = None

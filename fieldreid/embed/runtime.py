@@ -1,0 +1,204 @@
+"""Field-side embedder: numpy + OpenCV + an inference engine (ONNX Runtime, TensorRT). Never imports torch.
+
+>>> emb = Embedder("engines/default/embedder.onnx")               # doctest: +SKIP
+>>> crops = [square_crop(frame, box) for box in detections.xyxy]  # doctest: +SKIP
+>>> vectors = emb.embed(crops)          # (N, D) float32, unit L2 norm   # doctest: +SKIP
+
+Preprocessing is read from the model's metadata (``fieldreid.preprocess``), never retyped. Training code
+should feed crops through :func:`preprocess_images` too, so that lab and field see identical tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fieldreid.engines import load_engine
+from fieldreid.errors import InputError, ModelError
+from fieldreid.types import Crop, PreprocessSpec
+
+REQUIRED_METADATA = ("fieldreid.model_id", "fieldreid.preprocess")
+
+
+def _check_image(image: np.ndarray, index: int) -> np.ndarray:
+    if isinstance(image, Crop):
+        image = image.pixels
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InputError(f"Image {index} must be an HxWx3 BGR uint8 array, got {desc}.")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"Image {index} is empty (shape {image.shape}).")
+    return image
+
+
+def resize_image(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """Resize to (width, height) in float32 (no uint8 rounding between resize and normalisation).
+
+    Upscaling uses bilinear interpolation (``INTER_LINEAR`` equals torch's bilinear with
+    ``align_corners=False``). Downscaling uses ``INTER_AREA``: plain bilinear samples only 2 x 2 pixels per
+    output pixel and aliases on large crops, while torchvision's default (``antialias=True``) filters;
+    area averaging is the closest OpenCV kernel to that (measured in tests/test_embed_runtime.py).
+    """
+    w, h = size_wh
+    src = image.astype(np.float32)
+    if src.shape[1] == w and src.shape[0] == h:
+        return src
+    down = src.shape[1] > w or src.shape[0] > h
+    return cv2.resize(src, (w, h), interpolation=cv2.INTER_AREA if down else cv2.INTER_LINEAR)
+
+
+def preprocess_images(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """BGR uint8 images (or :class:`Crop`) -> model input ``(N, 3, H, W) float32`` as ``spec`` says."""
+    h, w = spec.size
+    out = np.empty((len(images), 3, h, w), np.float32)
+    mean = np.asarray(spec.mean, np.float32) * 255.0
+    inv_std = 1.0 / (np.asarray(spec.std, np.float32) * 255.0)
+    for i, image in enumerate(images):
+        image = _check_image(image, i)
+        if spec.color == "RGB":
+            image = image[:, :, ::-1]
+        if spec.resize == "letterbox":
+            scale = min(w / image.shape[1], h / image.shape[0])
+            nw, nh = max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))
+            canvas = np.full((h, w, 3), float(spec.pad_value), np.float32)
+            top, left = (h - nh) // 2, (w - nw) // 2
+            canvas[top:top + nh, left:left + nw] = resize_image(np.ascontiguousarray(image), (nw, nh))
+            resized = canvas
+        else:
+            resized = resize_image(np.ascontiguousarray(image), (w, h))
+        out[i] = ((resized - mean) * inv_std).transpose(2, 0, 1)
+    return out
+
+
+def square_crop(image: np.ndarray, box_xyxy: Sequence[float], margin: float = 0.1,
+                border: str = "replicate", pad_value: int | tuple[int, int, int] = 0) -> np.ndarray:
+    """Cut a square crop around a box, the animal centred; parts outside the image are padded.
+
+    The box grows by ``margin`` x its width (height) on the left and right (top and bottom), then its shorter
+    side is extended to the longer one about the same centre. Where the square leaves the image, the
+    missing pixels are ``border="replicate"`` (edge pixels repeated) or ``"constant"`` (``pad_value``) so
+    the crop stays square and the animal is not stretched by the resize that follows.
+    """
+    image = _check_image(image, 0)
+    if border not in ("replicate", "constant"):
+        raise InputError(f"border must be 'replicate' or 'constant', got {border!r}.")
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    bw, bh = x2 - x1, y2 - y1
+    if not (np.isfinite([x1, y1, x2, y2]).all() and bw > 0 and bh > 0):
+        raise InputError(f"Box {tuple(box_xyxy)} is empty or not finite; expected x1 < x2 and y1 < y2.")
+    ih, iw = image.shape[:2]
+    if x2 <= 0 or y2 <= 0 or x1 >= iw or y1 >= ih:
+        raise InputError(f"Box {tuple(box_xyxy)} lies outside the {iw}x{ih} image.")
+    side = max(bw * (1 + 2 * margin), bh * (1 + 2 * margin))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    side_px = max(1, int(round(side)))
+    left = int(np.floor(cx - side_px / 2))
+    top = int(np.floor(cy - side_px / 2))
+    right, bottom = left + side_px, top + side_px
+    sx1, sy1, sx2, sy2 = max(0, left), max(0, top), min(iw, right), min(ih, bottom)
+    crop = image[sy1:sy2, sx1:sx2]
+    pads = (sy1 - top, bottom - sy2, sx1 - left, right - sx2)
+    if any(pads):
+        if border == "replicate":
+            crop = cv2.copyMakeBorder(crop, *pads, cv2.BORDER_REPLICATE)
+        else:
+            value = (pad_value,) * 3 if isinstance(pad_value, int) else tuple(pad_value)
+            crop = cv2.copyMakeBorder(crop, *pads, cv2.BORDER_CONSTANT, value=value)
+    return np.ascontiguousarray(crop)
+
+
+class Embedder:
+    """Crops -> L2-normalised embeddings with an exported model (ONNX, TensorRT plan, or torch checkpoint).
+
+    Reads ``fieldreid.preprocess`` and ``fieldreid.model_id`` from the model's metadata; a model without them
+    is refused (:class:`ModelError` naming the key) rather than guessed at.
+    """
+
+    def __init__(self, path: str | Path, backend: str = "auto", batch_size: int = 32, **engine_options) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+        self.path = Path(path)
+        self.batch_size = int(batch_size)
+        self.engine = load_engine(self.path, backend, **engine_options)
+        try:
+            meta = self.engine.metadata
+            for key in REQUIRED_METADATA:
+                if key not in meta:
+                    raise ModelError(
+                        f"{self.path} has no '{key}' metadata, so it is not a fieldreid embedder export. "
+                        "Re-export it with fieldreid (fieldreid.embed.export.export_embedder_onnx)."
+                    )
+            kind = meta.get("fieldreid.kind", "embedder")
+            if kind != "embedder":
+                raise ModelError(f"{self.path} is a fieldreid '{kind}' model, not an embedder.")
+            self.model_id: str = meta["fieldreid.model_id"]
+            self.preprocess_spec: PreprocessSpec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
+            names = self.engine.output_names
+            self._output = "embedding" if "embedding" in names else names[0]
+            self.dim: int = self._find_dim(meta)
+        except BaseException:
+            self.engine.close()
+            raise
+
+    def _find_dim(self, meta: dict[str, str]) -> int:
+        if "fieldreid.embedding_dim" in meta:
+            try:
+                return int(meta["fieldreid.embedding_dim"])
+            except ValueError as exc:
+                raise ModelError(f"{self.path}: fieldreid.embedding_dim is not an integer.") from exc
+        shape = next(o.shape for o in self.engine.outputs if o.name == self._output)
+        if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0:
+            return int(shape[1])
+        h, w = self.preprocess_spec.size
+        return int(self.engine.run(np.zeros((1, 3, h, w), np.float32))[self._output].shape[1])
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """BGR uint8 images -> ``(N, 3, H, W) float32`` input, following this model's PreprocessSpec."""
+        return preprocess_images(images, self.preprocess_spec)
+
+    def embed_tensor(self, batch: np.ndarray) -> np.ndarray:
+        """Already-preprocessed ``(N, 3, H, W)`` input -> ``(N, D)`` unit vectors, in chunks of batch_size."""
+        batch = np.asarray(batch, np.float32)
+        h, w = self.preprocess_spec.size
+        if batch.ndim != 4 or batch.shape[1:] != (3, h, w):
+            raise InputError(f"Embedder input must have shape (N, 3, {h}, {w}), got {batch.shape}.")
+        out = np.empty((batch.shape[0], self.dim), np.float32)
+        for start in range(0, batch.shape[0], self.batch_size):
+            chunk = batch[start:start + self.batch_size]
+            vec = np.asarray(self.engine.run(chunk)[self._output], np.float32).reshape(len(chunk), -1)
+            if vec.shape[1] != self.dim:
+                raise ModelError(f"{self.path} returned {vec.shape[1]}-d vectors; its metadata says {self.dim}.")
+            out[start:start + len(chunk)] = vec
+        # Re-normalise: a TensorRT FP16/INT8 engine (or a model exported without the final L2) can drift.
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """BGR uint8 crops (or :class:`Crop`) -> ``(N, D) float32`` L2-normalised embeddings."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = np.empty((len(images), self.dim), np.float32)
+        # Preprocess per chunk, so a folder of crops never holds every input tensor in memory at once.
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            out[start:start + len(chunk)] = self.embed_tensor(self.preprocess(chunk))
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Embedder({str(self.path)!r}, model_id={self.model_id!r}, dim={self.dim}, backend={self.backend!r})"

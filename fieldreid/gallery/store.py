@@ -1,0 +1,826 @@
+"""The identity gallery: one SQLite file holding identities, their embeddings, sightings and thresholds.
+
+Why SQLite, and how it is set up:
+
+* **WAL journal**: readers (a ``watch`` loop searching) never block the writer (``enroll`` or a curator
+  merging identities) and vice versa; a crash mid-write leaves the last committed state.
+* **synchronous=FULL** (not NORMAL): in WAL mode NORMAL keeps the file consistent but may lose the last
+  few committed transactions on a *power cut* - the normal way a solar/battery field device stops. A lost
+  commit here is a curator's merge or a provisional animal that the CSV output already names, so we pay
+  one fsync per transaction instead. Writes are batched (one transaction per enrol batch, per
+  provisional identity, per management command), so the cost is small. Pass ``synchronous="NORMAL"``
+  for throw-away galleries (benchmarks, evaluation).
+* **busy_timeout** (30 s): a second process that wants to write waits for the lock instead of failing;
+  every write is one ``BEGIN IMMEDIATE`` transaction, so two writers serialise and no row is lost.
+* **schema version** in ``PRAGMA user_version`` and ``PRAGMA application_id`` marking the file as a
+  fieldreid gallery; :data:`MIGRATIONS` are applied in one transaction each. A file from a newer
+  fieldreid is refused, never "upgraded" downwards.
+* **opening is read-only until the file is known good**: the 100-byte SQLite header is checked by hand
+  (magic, page size, page count against the file size) before SQLite touches the file, then
+  ``PRAGMA quick_check`` runs; a truncated or corrupt file raises :class:`GalleryError` with the file's
+  bytes unchanged. Keep galleries on a local disk: WAL needs working file locks (not NFS/SMB).
+
+Versions: ``meta.version`` increases on every change that can alter a decision (enrol, provisional
+identity, rename/merge/split/confirm/delete, thresholds); sightings do not bump it. ``meta.structure``
+increases only on changes that move or remove embeddings, so a search cache can append new rows
+cheaply and reload fully only when it must.
+
+>>> g = Gallery("nyala.db")                         # doctest: +SKIP
+>>> g.add_identity("nyala-0042", species="nyala")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sqlite3
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from fieldreid.errors import FieldreidError, InputError
+
+
+class GalleryError(FieldreidError):
+    """A gallery file is missing, corrupt, from a newer fieldreid, or asked to do something impossible."""
+
+
+class ModelMismatchError(GalleryError):
+    """Query embeddings come from a different model than the gallery's."""
+
+
+class IdentityNotFoundError(GalleryError):
+    """An identity id that is not in the gallery."""
+
+
+#: "FRID" - marks a SQLite file as a fieldreid gallery (PRAGMA application_id).
+APPLICATION_ID = 0x46524944
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: quick_check reads every page; above this size opening would take seconds, so only the header is checked
+#: (run :meth:`Gallery.check` or ``fieldreid gallery check`` explicitly).
+QUICK_CHECK_MAX_BYTES = 256 * 1024 * 1024
+STATUSES = ("confirmed", "provisional")
+ORIGINS = ("lab", "field")
+DECISIONS = ("known", "new", "uncertain")
+
+_V1 = [
+    """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """CREATE TABLE identities (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        species TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('confirmed', 'provisional')),
+        origin TEXT NOT NULL CHECK (origin IN ('lab', 'field')),
+        created TEXT NOT NULL,
+        updated TEXT NOT NULL)""",
+    """CREATE TABLE embeddings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        identity_id TEXT NOT NULL REFERENCES identities(id) ON UPDATE CASCADE ON DELETE CASCADE,
+        model_id TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        dtype TEXT NOT NULL CHECK (dtype IN ('float32', 'float16')),
+        vector BLOB NOT NULL,
+        source TEXT NOT NULL,
+        box TEXT NOT NULL DEFAULT '',
+        created TEXT NOT NULL,
+        UNIQUE (model_id, source, box))""",
+    "CREATE INDEX embeddings_identity ON embeddings(identity_id)",
+    """CREATE TABLE sightings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        image TEXT NOT NULL,
+        box TEXT NOT NULL DEFAULT '',
+        captured TEXT,
+        camera TEXT,
+        decision TEXT NOT NULL CHECK (decision IN ('known', 'new', 'uncertain')),
+        identity_id TEXT,
+        score REAL,
+        runner_up_id TEXT,
+        runner_up_score REAL,
+        upper REAL NOT NULL,
+        lower REAL NOT NULL,
+        threshold_method TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        gallery_version INTEGER NOT NULL,
+        created TEXT NOT NULL)""",
+    "CREATE INDEX sightings_identity ON sightings(identity_id)",
+    """CREATE TABLE thresholds (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        species TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        upper REAL NOT NULL,
+        lower REAL NOT NULL,
+        method TEXT NOT NULL,
+        created TEXT NOT NULL)""",
+    """CREATE TABLE changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        action TEXT NOT NULL,
+        who TEXT NOT NULL,
+        at TEXT NOT NULL,
+        details TEXT NOT NULL,
+        gallery_version INTEGER NOT NULL)""",
+    """CREATE TABLE provisional_counters (species TEXT PRIMARY KEY, next INTEGER NOT NULL)""",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+]
+
+#: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``. Append, never edit.
+MIGRATIONS: list[list[str]] = [_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def default_who() -> str:
+    """Who is making a change: ``$FIELDREID_USER``, else the login name, else ``unknown``."""
+    who = os.environ.get("FIELDREID_USER")
+    if who:
+        return who
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "unknown"
+
+
+def box_key(box: Sequence[float] | None) -> str:
+    """Canonical text of a box (full-resolution pixels, x1,y1,x2,y2 rounded to 0.1 px); '' = whole image."""
+    if box is None or len(box) == 0:
+        return ""
+    if len(box) != 4:
+        raise InputError(f"A box needs 4 numbers (x1, y1, x2, y2), got {len(box)}")
+    return ",".join(f"{float(v):.1f}" for v in box)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+    if not text:
+        return None
+    x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    return x1, y1, x2, y2
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    name: str | None
+    species: str
+    status: str
+    origin: str
+    created: str
+    updated: str
+    n_embeddings: int = 0
+    n_sightings: int = 0
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    id: int
+    identity_id: str
+    model_id: str
+    source: str
+    box: str
+    created: str
+
+
+@dataclass(frozen=True)
+class StoredThresholds:
+    species: str
+    model_id: str
+    upper: float
+    lower: float
+    method: str
+    created: str
+
+
+@dataclass(frozen=True)
+class Change:
+    id: int
+    action: str
+    who: str
+    at: str
+    details: dict
+    gallery_version: int
+
+
+@dataclass(frozen=True)
+class VectorBlock:
+    """Embeddings loaded for search: row ids, identity ids, and an (N, D) matrix (float32 or float16)."""
+
+    row_ids: np.ndarray
+    identity_ids: list[str]
+    matrix: np.ndarray
+
+
+def _check_header(path: Path) -> None:
+    """Refuse files that are not whole SQLite databases, without letting SQLite write anything."""
+    size = path.stat().st_size
+    if size == 0:
+        return  # SQLite's own convention: an empty file is a new, empty database
+    with path.open("rb") as fh:
+        head = fh.read(100)
+    if not head.startswith(SQLITE_MAGIC):
+        raise GalleryError(f"{path} is not a fieldreid gallery (not a SQLite database). Nothing was changed; "
+                           "check the --gallery path.")
+    if len(head) < 100:
+        raise GalleryError(f"{path} is truncated ({size} bytes, shorter than a SQLite header). Nothing was "
+                           "changed; restore it from a backup or sync it again from the lab.")
+    page_size = struct.unpack(">H", head[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        raise GalleryError(f"{path} has a corrupt header (page size {page_size}). Nothing was changed; restore "
+                           "it from a backup.")
+    n_pages, change_counter, valid_for = (struct.unpack(">I", head[o:o + 4])[0] for o in (28, 24, 92))
+    expected = n_pages * page_size if n_pages and change_counter == valid_for else 0
+    if size % page_size or size < expected:
+        raise GalleryError(f"{path} is truncated or damaged ({size} bytes, expected {expected or 'whole pages'}). "
+                           "Nothing was changed; restore it from a backup or sync it again from the lab.")
+
+
+class Gallery:
+    """An identity gallery in one SQLite file. Use as a context manager or call :meth:`close`.
+
+    ``storage`` (``float32`` or ``float16``) applies to a new gallery; an existing one keeps its own.
+    float16 halves disk and memory; cosine scores change by < 1e-3 (unit vectors, float32 accumulation).
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = True, storage: str = "float32",
+                 synchronous: str = "FULL", timeout: float = 30.0, who: str | None = None,
+                 check: str = "auto") -> None:
+        self.path = Path(path)
+        self.who = who or default_who()
+        if storage not in ("float32", "float16"):
+            raise InputError(f"storage must be float32 or float16, got {storage!r}")
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise InputError(f"synchronous must be FULL, NORMAL or EXTRA, got {synchronous!r}")
+        existed = self.path.exists()
+        if existed:
+            if not self.path.is_file():
+                raise GalleryError(f"{self.path} is not a file; pass the gallery's .db file with --gallery.")
+            _check_header(self.path)
+        elif not create:
+            raise GalleryError(f"No gallery at {self.path}. Create one with `fieldreid enroll SOURCE --gallery "
+                               f"{self.path}`.")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        mode = "rw" if existed else "rwc"
+        try:
+            self._con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True,
+                                        timeout=timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise GalleryError(f"Cannot open gallery {self.path}: {exc}.") from exc
+        try:
+            self._open(existed, storage, synchronous.upper(), check)
+        except BaseException:
+            self._con.close()
+            raise
+
+    # ------------------------------------------------------------------ opening
+    def _open(self, existed: bool, storage: str, synchronous: str, check: str) -> None:
+        con = self._con
+        try:
+            app_id = con.execute("PRAGMA application_id").fetchone()[0]
+            user_version = con.execute("PRAGMA user_version").fetchone()[0]
+            n_tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise GalleryError(f"{self.path} is corrupt or not a gallery ({exc}). Nothing was changed; restore it "
+                               "from a backup.") from exc
+        if (n_tables or user_version) and app_id != APPLICATION_ID:
+            raise GalleryError(f"{self.path} is a SQLite database but not a fieldreid gallery. Nothing was changed; "
+                               "check the --gallery path.")
+        if user_version > SCHEMA_VERSION:
+            raise GalleryError(f"{self.path} was written by a newer fieldreid (gallery schema {user_version}; this "
+                               f"version knows up to {SCHEMA_VERSION}). Upgrade fieldreid: pip install -U fieldreid.")
+        if existed and n_tables and (check == "quick" or (
+                check == "auto" and self.path.stat().st_size <= QUICK_CHECK_MAX_BYTES)):
+            self._quick_check()
+        try:
+            mode = con.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            con.execute(f"PRAGMA synchronous={synchronous}")
+            con.execute("PRAGMA foreign_keys=ON")
+            self._migrate(storage)
+        except sqlite3.DatabaseError as exc:
+            raise GalleryError(f"Cannot prepare gallery {self.path}: {exc}.") from exc
+
+    def _quick_check(self) -> None:
+        try:
+            rows = self._con.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            rows = [(str(exc),)]
+        if [r[0] for r in rows] != ["ok"]:
+            detail = "; ".join(str(r[0]) for r in rows[:3])
+            raise GalleryError(f"{self.path} is corrupt ({detail}). Nothing was changed; restore it from a backup "
+                               "or sync it again from the lab.")
+
+    def check(self) -> list[str]:
+        """Full ``PRAGMA integrity_check``: ``[]`` when the file is sound, else SQLite's problem list."""
+        rows = [r[0] for r in self._con.execute("PRAGMA integrity_check").fetchall()]
+        return [] if rows == ["ok"] else rows
+
+    def _migrate(self, storage: str) -> None:
+        con = self._con
+        if con.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            current = con.execute("PRAGMA user_version").fetchone()[0]  # re-read under the write lock
+            for version in range(current, SCHEMA_VERSION):
+                for stmt in MIGRATIONS[version]:
+                    con.execute(stmt)
+                if version == 0:
+                    now = _now()
+                    con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                        ("version", "0"), ("structure", "0"), ("storage", storage), ("created", now)])
+                    con.execute("INSERT INTO changes (action, who, at, details, gallery_version) "
+                                "VALUES ('create', ?, ?, ?, 0)", (self.who, now, json.dumps({"storage": storage})))
+                con.execute(f"PRAGMA user_version = {version + 1}")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transactions and meta
+    @contextmanager
+    def _write(self, action: str | None = None, details: dict | None = None, structural: bool = False
+               ) -> Iterator[sqlite3.Connection]:
+        """One write transaction. With ``action``: bump the version (and ``structure``) and log the change."""
+        con = self._con
+        try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise GalleryError(f"Gallery {self.path} is locked by another process for too long ({exc}). Try again "
+                               "when the other command has finished.") from exc
+        try:
+            yield con
+            if action is not None:
+                version = int(self._meta("version")) + 1
+                self._set_meta("version", str(version))
+                if structural:
+                    self._set_meta("structure", str(int(self._meta("structure")) + 1))
+                con.execute("INSERT INTO changes (action, who, at, details, gallery_version) VALUES (?, ?, ?, ?, ?)",
+                            (action, self.who, _now(), json.dumps(details or {}, sort_keys=True), version))
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def _meta(self, key: str) -> str | None:
+        row = self._con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._con.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = "
+                          "excluded.value", (key, value))
+
+    @property
+    def version(self) -> int:
+        """Counter bumped by every change that can alter a decision (read fresh, other processes count)."""
+        return int(self._meta("version") or 0)
+
+    def versions(self) -> tuple[int, int]:
+        """(version, structure) read in one statement, for cache invalidation."""
+        rows = dict(self._con.execute("SELECT key, value FROM meta WHERE key IN ('version', 'structure')"))
+        return int(rows.get("version", 0)), int(rows.get("structure", 0))
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._con.execute("PRAGMA user_version").fetchone()[0])
+
+    @property
+    def model_id(self) -> str | None:
+        """The embedder every stored vector came from (None while the gallery holds no embeddings)."""
+        return self._meta("model_id")
+
+    @property
+    def dim(self) -> int | None:
+        d = self._meta("dim")
+        return int(d) if d else None
+
+    @property
+    def storage(self) -> str:
+        return self._meta("storage") or "float32"
+
+    def check_model(self, model_id: str, dim: int | None = None) -> None:
+        """Raise :class:`ModelMismatchError` if ``model_id`` is not the gallery's model."""
+        mine = self.model_id
+        if mine is not None and mine != model_id:
+            raise ModelMismatchError(
+                f"Gallery {self.path} holds embeddings from model '{mine}', but these come from model "
+                f"'{model_id}'; scores across models are meaningless. Use the embedder the gallery was built "
+                f"with, or re-embed the gallery with the new one: fieldreid enroll SOURCE --gallery {self.path} "
+                f"--reembed --embedder NEW_MODEL.onnx")
+        gdim = self.dim
+        if dim is not None and gdim is not None and gdim != dim:
+            raise ModelMismatchError(f"Gallery {self.path} stores {gdim}-d embeddings but got {dim}-d ones from "
+                                     f"model '{model_id}'. Re-embed with --reembed.")
+
+    # ------------------------------------------------------------------ identities
+    def _identity_row(self, identity_id: str) -> tuple:
+        row = self._con.execute("SELECT id, name, species, status, origin, created, updated FROM identities "
+                                "WHERE id = ?", (identity_id,)).fetchone()
+        if row is None:
+            raise IdentityNotFoundError(f"No identity '{identity_id}' in {self.path}. List them with `fieldreid "
+                                        f"gallery list --gallery {self.path}`.")
+        return row
+
+    def get_identity(self, identity_id: str) -> Identity:
+        row = self._identity_row(identity_id)
+        n_emb = self._con.execute("SELECT count(*) FROM embeddings WHERE identity_id = ?", (identity_id,)).fetchone()[0]
+        n_sig = self._con.execute("SELECT count(*) FROM sightings WHERE identity_id = ?", (identity_id,)).fetchone()[0]
+        return Identity(*row, n_embeddings=n_emb, n_sightings=n_sig)
+
+    def has_identity(self, identity_id: str) -> bool:
+        return self._con.execute("SELECT 1 FROM identities WHERE id = ?", (identity_id,)).fetchone() is not None
+
+    def identities(self, species: str | None = None, status: str | None = None) -> list[Identity]:
+        sql = ("SELECT i.id, i.name, i.species, i.status, i.origin, i.created, i.updated, "
+               "(SELECT count(*) FROM embeddings e WHERE e.identity_id = i.id), "
+               "(SELECT count(*) FROM sightings s WHERE s.identity_id = i.id) FROM identities i")
+        where, args = [], []
+        if species:
+            where.append("i.species = ?")
+            args.append(species)
+        if status:
+            where.append("i.status = ?")
+            args.append(status)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._con.execute(sql + " ORDER BY i.species, i.id", args).fetchall()
+        return [Identity(*r[:7], n_embeddings=r[7], n_sightings=r[8]) for r in rows]
+
+    def species(self) -> list[str]:
+        return [r[0] for r in self._con.execute("SELECT DISTINCT species FROM identities ORDER BY species")]
+
+    def identity_species(self) -> dict[str, str]:
+        return dict(self._con.execute("SELECT id, species FROM identities"))
+
+    def _insert_identity(self, identity_id: str, species: str, name: str | None, status: str, origin: str) -> None:
+        if not identity_id or not species:
+            raise InputError("An identity needs a non-empty id and species.")
+        if status not in STATUSES:
+            raise InputError(f"status must be one of {STATUSES}, got {status!r}")
+        if origin not in ORIGINS:
+            raise InputError(f"origin must be one of {ORIGINS}, got {origin!r}")
+        now = _now()
+        self._con.execute("INSERT INTO identities (id, name, species, status, origin, created, updated) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?)", (identity_id, name, species, status, origin, now, now))
+
+    def add_identity(self, identity_id: str, species: str, name: str | None = None, status: str = "confirmed",
+                     origin: str = "lab") -> bool:
+        """Create an identity; returns False (and changes nothing) if the id already exists."""
+        if self.has_identity(identity_id):
+            return False
+        details = {"identity": identity_id, "species": species, "status": status, "origin": origin}
+        with self._write("create", details):
+            created = not self.has_identity(identity_id)  # another process may have made it meanwhile
+            if created:
+                self._insert_identity(identity_id, species, name, status, origin)
+            else:
+                details["already_present"] = True
+        return created
+
+    def _next_provisional(self, species: str) -> str:
+        """Next ``<species>-P0001`` id; the counter lives in the file so numbering never repeats."""
+        con = self._con
+        row = con.execute("SELECT next FROM provisional_counters WHERE species = ?", (species,)).fetchone()
+        n = row[0] if row else 1
+        while True:
+            candidate = f"{species}-P{n:04d}"
+            n += 1
+            if not self.has_identity(candidate):
+                break
+        con.execute("INSERT INTO provisional_counters (species, next) VALUES (?, ?) ON CONFLICT(species) DO UPDATE "
+                    "SET next = excluded.next", (species, n))
+        return candidate
+
+    def add_provisional(self, species: str, vector: np.ndarray, model_id: str, source: str,
+                        box: Sequence[float] | str | None = None) -> str:
+        """Create a provisional identity (``<species>-P0001``, origin field) holding one embedding."""
+        vec = self._vectors(vector, model_id)
+        key = box if isinstance(box, str) else box_key(box)
+        row = self._con.execute("SELECT identity_id FROM embeddings WHERE model_id = ? AND source = ? AND box = ?",
+                                (model_id, source, key)).fetchone()
+        if row is not None:  # this very crop is already in the gallery (a re-run): never a second identity
+            return row[0]
+        details: dict = {"species": species, "source": source, "box": key}
+        with self._write("create-provisional", details) as con:
+            new_id = self._next_provisional(species)
+            details["identity"] = new_id
+            self._insert_identity(new_id, species, None, "provisional", "field")
+            self._claim_model(model_id, vec.shape[1])
+            con.execute("INSERT OR IGNORE INTO embeddings (identity_id, model_id, dim, dtype, vector, source, box, "
+                        "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (new_id, model_id, vec.shape[1], self.storage, vec[0].tobytes(), source, key, _now()))
+        return new_id
+
+    # ------------------------------------------------------------------ embeddings
+    def _vectors(self, vectors: np.ndarray, model_id: str) -> np.ndarray:
+        vec = np.asarray(vectors, dtype=np.float32)
+        if vec.ndim == 1:
+            vec = vec[None, :]
+        if vec.ndim != 2 or vec.shape[1] == 0:
+            raise InputError(f"Embeddings must have shape (N, D), got {vec.shape}")
+        if not np.all(np.isfinite(vec)):
+            raise InputError("Embeddings contain NaN or infinity; the embedder output is broken.")
+        self.check_model(model_id, vec.shape[1])
+        return vec.astype("<f2" if self.storage == "float16" else "<f4")
+
+    def _claim_model(self, model_id: str, dim: int) -> None:
+        """Inside a write: set the gallery's model on first use, re-check it under the lock otherwise."""
+        mine = self._meta("model_id")
+        if mine is None:
+            self._set_meta("model_id", model_id)
+            self._set_meta("dim", str(dim))
+        else:
+            self.check_model(model_id, dim)
+
+    def add_embeddings(self, identity_ids: Sequence[str], vectors: np.ndarray, model_id: str,
+                       sources: Sequence[str], boxes: Sequence[Sequence[float] | str | None] | None = None,
+                       species: Sequence[str] | str | None = None, status: str = "confirmed",
+                       origin: str = "lab") -> tuple[int, int]:
+        """Enrol vectors in one transaction; missing identities are created (``species`` needed then).
+
+        Re-enrolling the same (model, source, box) is a no-op. Returns (added, already_present).
+        """
+        vec = self._vectors(vectors, model_id)
+        n = vec.shape[0]
+        boxes = [None] * n if boxes is None else list(boxes)
+        if not (len(identity_ids) == len(sources) == len(boxes) == n):
+            raise InputError(f"add_embeddings needs one identity, source and box per vector ({n} vectors, "
+                             f"{len(identity_ids)} identities, {len(sources)} sources, {len(boxes)} boxes)")
+        if isinstance(species, str) or species is None:
+            species = [species] * n
+        keys = [b if isinstance(b, str) else box_key(b) for b in boxes]
+        if n == 0:
+            return 0, 0
+        added = 0
+        new_ids: set[str] = set()
+        now = _now()
+        details = {"model_id": model_id, "n": n}
+        with self._write("enrol", details) as con:
+            self._claim_model(model_id, vec.shape[1])
+            for i in range(n):
+                iid = str(identity_ids[i])
+                if iid not in new_ids and not self.has_identity(iid):
+                    if not species[i]:
+                        raise InputError(f"Identity '{iid}' is new: give its species.")
+                    self._insert_identity(iid, str(species[i]), iid, status, origin)
+                    new_ids.add(iid)
+                cur = con.execute("INSERT OR IGNORE INTO embeddings (identity_id, model_id, dim, dtype, vector, "
+                                  "source, box, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                  (iid, model_id, vec.shape[1], self.storage, vec[i].tobytes(), str(sources[i]),
+                                   keys[i], now))
+                added += cur.rowcount
+            details.update(added=added, identities_created=sorted(new_ids))
+        return added, n - added
+
+    def has_source(self, source: str, model_id: str, box: Sequence[float] | str | None = None,
+                   any_box: bool = False) -> bool:
+        if any_box:
+            sql, args = "SELECT 1 FROM embeddings WHERE model_id = ? AND source = ? LIMIT 1", (model_id, source)
+        else:
+            key = box if isinstance(box, str) else box_key(box)
+            sql, args = "SELECT 1 FROM embeddings WHERE model_id = ? AND source = ? AND box = ?", (model_id, source, key)
+        return self._con.execute(sql, args).fetchone() is not None
+
+    def enrolled_sources(self, model_id: str) -> set[str]:
+        return {r[0] for r in self._con.execute("SELECT DISTINCT source FROM embeddings WHERE model_id = ?",
+                                                 (model_id,))}
+
+    def embeddings(self, identity_id: str | None = None) -> list[EmbeddingInfo]:
+        sql = "SELECT id, identity_id, model_id, source, box, created FROM embeddings"
+        args: tuple = ()
+        if identity_id is not None:
+            self._identity_row(identity_id)
+            sql += " WHERE identity_id = ?"
+            args = (identity_id,)
+        return [EmbeddingInfo(*r) for r in self._con.execute(sql + " ORDER BY id", args)]
+
+    def count_embeddings(self) -> int:
+        return int(self._con.execute("SELECT count(*) FROM embeddings").fetchone()[0])
+
+    def load_vectors(self, after_id: int = 0) -> VectorBlock:
+        """Embeddings with row id > ``after_id``, as one matrix in the gallery's storage dtype."""
+        dim = self.dim
+        dtype = np.dtype("<f2") if self.storage == "float16" else np.dtype("<f4")
+        rows = self._con.execute("SELECT id, identity_id, vector, dtype FROM embeddings WHERE id > ? ORDER BY id",
+                                 (after_id,)).fetchall()
+        if not rows or dim is None:
+            return VectorBlock(np.zeros(0, np.int64), [], np.zeros((0, dim or 0), dtype))
+        blobs = []
+        for _, _, blob, dt in rows:
+            if dt != dtype.name:  # rows written before a storage change: convert, do not misread
+                blob = np.frombuffer(blob, "<f2" if dt == "float16" else "<f4").astype(dtype).tobytes()
+            blobs.append(blob)
+        mat = np.frombuffer(b"".join(blobs), dtype=dtype)
+        if mat.size != len(rows) * dim:
+            raise GalleryError(f"{self.path} holds embeddings of mixed sizes; re-embed it with --reembed.")
+        return VectorBlock(np.array([r[0] for r in rows], np.int64), [r[1] for r in rows],
+                           mat.reshape(len(rows), dim).astype(dtype.newbyteorder("=")))
+
+    def replace_vectors(self, row_ids: Sequence[int], vectors: np.ndarray, model_id: str) -> None:
+        """Re-embedding: swap every listed row's vector for one from ``model_id`` and make that the gallery's
+        model, in one transaction. Rows not listed (their source images are gone) are deleted, since their
+        old-model vectors cannot be compared with the new ones."""
+        vec = np.asarray(vectors, dtype=np.float32)
+        if vec.ndim != 2 or vec.shape[0] != len(row_ids):
+            raise InputError(f"replace_vectors needs one vector per row ({len(row_ids)} rows, {vec.shape})")
+        dtype = "<f2" if self.storage == "float16" else "<f4"
+        old = self.model_id
+        keep = {int(r) for r in row_ids}
+        all_ids = [r[0] for r in self._con.execute("SELECT id FROM embeddings")]
+        dropped = [i for i in all_ids if i not in keep]
+        with self._write("reembed", {"from": old, "to": model_id, "rows": len(keep), "dropped": len(dropped)},
+                         structural=True) as con:
+            self._set_meta("model_id", model_id)
+            self._set_meta("dim", str(vec.shape[1]))
+            con.executemany("UPDATE embeddings SET model_id = ?, dim = ?, dtype = ?, vector = ? WHERE id = ?",
+                            [(model_id, vec.shape[1], self.storage, vec[i].astype(dtype).tobytes(), int(r))
+                             for i, r in enumerate(row_ids)])
+            con.executemany("DELETE FROM embeddings WHERE id = ?", [(i,) for i in dropped])
+
+    # ------------------------------------------------------------------ thresholds
+    def set_thresholds(self, species: str, model_id: str, upper: float, lower: float, method: str) -> None:
+        """Store open-set thresholds for (species, model); ``species='*'`` applies to every species."""
+        if not (np.isfinite(upper) and np.isfinite(lower)) or lower > upper:
+            raise InputError(f"Thresholds need lower <= upper (got lower={lower}, upper={upper}).")
+        with self._write("thresholds", {"species": species, "model_id": model_id, "upper": upper, "lower": lower,
+                                        "method": method}) as con:
+            con.execute("INSERT INTO thresholds (species, model_id, upper, lower, method, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", (species, model_id, float(upper), float(lower), method, _now()))
+
+    def thresholds(self, species: str, model_id: str) -> StoredThresholds | None:
+        """Latest thresholds for (species, model), falling back to the '*' entry; None if uncalibrated."""
+        for sp in (species, "*"):
+            row = self._con.execute("SELECT species, model_id, upper, lower, method, created FROM thresholds WHERE "
+                                    "species = ? AND model_id = ? ORDER BY id DESC LIMIT 1", (sp, model_id)).fetchone()
+            if row:
+                return StoredThresholds(*row)
+        return None
+
+    def all_thresholds(self) -> list[StoredThresholds]:
+        return [StoredThresholds(*r) for r in self._con.execute(
+            "SELECT species, model_id, upper, lower, method, created FROM thresholds t WHERE id = (SELECT max(id) "
+            "FROM thresholds u WHERE u.species = t.species AND u.model_id = t.model_id) ORDER BY species")]
+
+    # ------------------------------------------------------------------ sightings
+    def add_sightings(self, rows: Sequence[dict]) -> list[int]:
+        """Record decisions with full provenance (keys as in the ``sightings`` table). Not a 'change'."""
+        cols = ("image", "box", "captured", "camera", "decision", "identity_id", "score", "runner_up_id",
+                "runner_up_score", "upper", "lower", "threshold_method", "model_id", "gallery_version")
+        ids = []
+        now = _now()
+        with self._write() as con:
+            for r in rows:
+                if r.get("decision") not in DECISIONS:
+                    raise InputError(f"decision must be one of {DECISIONS}, got {r.get('decision')!r}")
+                vals = [r.get(c) for c in cols]
+                vals[1] = vals[1] if isinstance(vals[1], str) else box_key(vals[1])
+                cur = con.execute(f"INSERT INTO sightings ({', '.join(cols)}, created) VALUES "
+                                  f"({', '.join('?' * len(cols))}, ?)", (*vals, now))
+                ids.append(int(cur.lastrowid))
+        return ids
+
+    def sightings(self, identity_id: str | None = None, limit: int | None = None) -> list[dict]:
+        sql = "SELECT * FROM sightings"
+        args: list = []
+        if identity_id is not None:
+            sql += " WHERE identity_id = ?"
+            args.append(identity_id)
+        sql += " ORDER BY id"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(int(limit))
+        cur = self._con.execute(sql, args)
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def count_sightings(self) -> int:
+        return int(self._con.execute("SELECT count(*) FROM sightings").fetchone()[0])
+
+    # ------------------------------------------------------------------ management (each logged)
+    def rename(self, identity_id: str, new_id: str | None = None, name: str | None = None) -> str:
+        """Change an identity's id (embeddings and sightings follow) and/or its display name."""
+        old = self._identity_row(identity_id)
+        target = new_id or identity_id
+        if new_id and new_id != identity_id and self.has_identity(new_id):
+            raise GalleryError(f"Identity '{new_id}' already exists; use `fieldreid gallery merge` to combine them.")
+        with self._write("rename", {"identity": identity_id, "new_id": target, "old_name": old[1], "name": name},
+                         structural=target != identity_id) as con:
+            if target != identity_id:
+                # ON UPDATE CASCADE moves the embeddings; sightings are provenance, updated explicitly
+                con.execute("UPDATE identities SET id = ?, updated = ? WHERE id = ?", (target, _now(), identity_id))
+                con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ?", (target, identity_id))
+                con.execute("UPDATE sightings SET runner_up_id = ? WHERE runner_up_id = ?", (target, identity_id))
+            if name is not None:
+                con.execute("UPDATE identities SET name = ?, updated = ? WHERE id = ?", (name, _now(), target))
+        return target
+
+    def merge(self, sources: Sequence[str], target: str) -> int:
+        """Move every embedding and sighting of ``sources`` to ``target`` and delete the sources.
+
+        Returns the number of embeddings moved. Species must agree.
+        """
+        tgt = self._identity_row(target)
+        srcs = [s for s in dict.fromkeys(sources) if s != target]
+        if not srcs:
+            raise InputError("merge needs at least one source identity other than the target.")
+        for s in srcs:
+            row = self._identity_row(s)
+            if row[2] != tgt[2]:
+                raise GalleryError(f"Cannot merge '{s}' ({row[2]}) into '{target}' ({tgt[2]}): different species.")
+        details: dict = {"sources": srcs, "target": target}
+        with self._write("merge", details, structural=True) as con:
+            moved = 0
+            for s in srcs:
+                moved += con.execute("UPDATE embeddings SET identity_id = ? WHERE identity_id = ?",
+                                     (target, s)).rowcount
+                con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ?", (target, s))
+                con.execute("UPDATE sightings SET runner_up_id = ? WHERE runner_up_id = ?", (target, s))
+                con.execute("DELETE FROM identities WHERE id = ?", (s,))
+            con.execute("UPDATE identities SET updated = ? WHERE id = ?", (_now(), target))
+            details["embeddings_moved"] = moved
+        return moved
+
+    def split(self, identity_id: str, embedding_ids: Sequence[int], new_id: str | None = None,
+              name: str | None = None) -> str:
+        """Move the given embeddings (and the sightings of the same image+box) to a new identity.
+
+        Without ``new_id`` the new identity is provisional (``<species>-P0001``); with one it is confirmed.
+        """
+        row = self._identity_row(identity_id)
+        species = row[2]
+        emb = {e.id: e for e in self.embeddings(identity_id)}
+        ids = [int(i) for i in dict.fromkeys(embedding_ids)]
+        missing = [i for i in ids if i not in emb]
+        if not ids or missing:
+            raise InputError(f"split needs embedding ids of '{identity_id}'; not its embeddings: {missing or 'none given'}. "
+                             f"See them with `fieldreid gallery show {identity_id}`.")
+        if new_id and self.has_identity(new_id):
+            raise GalleryError(f"Identity '{new_id}' already exists; choose another id or use merge.")
+        details: dict = {"identity": identity_id, "embeddings": ids}
+        with self._write("split", details, structural=True) as con:
+            if new_id:
+                target = new_id
+                self._insert_identity(target, species, name or new_id, "confirmed", row[4])
+            else:
+                target = self._next_provisional(species)
+                self._insert_identity(target, species, name, "provisional", row[4])
+            for i in ids:
+                con.execute("UPDATE embeddings SET identity_id = ? WHERE id = ?", (target, i))
+                con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ? AND image = ? AND box = ?",
+                            (target, identity_id, emb[i].source, emb[i].box))
+            details["new_identity"] = target
+        return target
+
+    def confirm(self, identity_id: str, new_id: str | None = None, name: str | None = None) -> str:
+        """Provisional → confirmed, optionally giving it a permanent id (e.g. ``nyala-0042``) and a name."""
+        row = self._identity_row(identity_id)
+        target = identity_id
+        if new_id and new_id != identity_id:
+            target = self.rename(identity_id, new_id, name)
+            name = None
+        with self._write("confirm", {"identity": target, "previous_id": identity_id, "was": row[3]}) as con:
+            con.execute("UPDATE identities SET status = 'confirmed', updated = ? WHERE id = ?", (_now(), target))
+            if name is not None:
+                con.execute("UPDATE identities SET name = ? WHERE id = ?", (name, target))
+        return target
+
+    def delete(self, identity_id: str) -> int:
+        """Delete an identity and its embeddings. Sightings stay (they are history) and still name it."""
+        row = self._identity_row(identity_id)
+        details: dict = {"identity": identity_id, "species": row[2], "status": row[3]}
+        with self._write("delete", details, structural=True) as con:
+            n = con.execute("DELETE FROM embeddings WHERE identity_id = ?", (identity_id,)).rowcount
+            con.execute("DELETE FROM identities WHERE id = ?", (identity_id,))
+            details["embeddings_deleted"] = n
+        return n
+
+    def log(self, limit: int | None = None, identity_id: str | None = None) -> list[Change]:
+        """The change log, newest first."""
+        rows = self._con.execute("SELECT id, action, who, at, details, gallery_version FROM changes ORDER BY id DESC"
+                                 ).fetchall()
+        out = []
+        for r in rows:
+            details = json.loads(r[4])
+            if identity_id is not None and identity_id not in json.dumps(details):
+                continue
+            out.append(Change(r[0], r[1], r[2], r[3], details, r[5]))
+            if limit and len(out) >= limit:
+                break
+        return out

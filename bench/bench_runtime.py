@@ -157,7 +157,7 @@ def write_markdown(results: dict, path: Path) -> None:
     d, det, emb = results.get("decode", {}), results.get("detector", {}), results.get("embedder", {})
     lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
     if d:
-        lines += ["| image decode (camtrap JPEGs, mean %.1f MP) | median ms |" % d["mean_megapixels"], "|---|---|",
+        lines += [f"| image decode (camtrap JPEGs, mean {d['mean_megapixels']:.1f} MP) | median ms |", "|---|---|",
                   f"| full size (cv2.imdecode) | {d['full_decode']['median_ms']} |",
                   f"| reduced for a 640 detector (DCT scaling) | {d['reduced_decode']['median_ms']} |",
                   f"| speed-up | {d['speedup_median']}x |", ""]

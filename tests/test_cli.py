@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+
 import numpy as np
 
 

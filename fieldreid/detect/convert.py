@@ -100,6 +100,12 @@ def sniff_checkpoint_kind(path: str | Path) -> str:
         raise ModelError(f"{path} is not a torch checkpoint (zip) file: {exc}. Pass kind= if it is.") from exc
     if b"ultralytics.nn" in blob:
         return "ultralytics"
+    if b"DDetect" in blob:  # WongKinYiu/yolov9 also pickles `models.yolo`, but its head is not YOLOv5's
+        raise ModelError(
+            f"{path} is a YOLOv9 checkpoint from the WongKinYiu/yolov9 repo (e.g. MegaDetector v1000-cedar); "
+            "fieldreid cannot convert it. Export it with that repo's export.py (output [B, 4+C, N]) and load "
+            "the ONNX with Detector(..., layout='ultralytics')."
+        )
     if b"models.yolo" in blob or b"models.common" in blob:
         return "yolov5"
     raise ModelError(f"{path} is neither a YOLOv5 nor an ultralytics checkpoint; pass kind= to say which.")

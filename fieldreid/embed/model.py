@@ -173,7 +173,12 @@ def build_default_embedder(variant: str = "lite0") -> tuple[EmbeddingModel, Prep
 
     ``model_id`` is ``fieldreid-effnet<variant>-imagenet-v1-<sha256[:8] of the source .pth>``.
     """
-    from fieldreid.embed.lite_weights import file_sha256, imagenet_lite_state_dict, lite_weights_path, timm_lite_name
+    from fieldreid.embed.lite_weights import (
+        file_sha256,
+        imagenet_lite_state_dict,
+        lite_weights_path,
+        timm_lite_name,
+    )
 
     state_dict, spec = imagenet_lite_state_dict(variant, tf_padding=True)
     model = EmbeddingModel(timm_lite_name(variant, tf_padding=True), pretrained=state_dict).eval()

@@ -367,6 +367,8 @@ class Gallery:
                                "when the other command has finished.") from exc
         try:
             yield con
+            if action is not None and details is not None and details.pop("_unchanged", False):
+                action = None  # e.g. a re-run enrolment that found everything present: nothing to log
             if action is not None:
                 version = int(self._meta("version")) + 1
                 self._set_meta("version", str(version))
@@ -587,6 +589,8 @@ class Gallery:
                                    keys[i], now))
                 added += cur.rowcount
             details.update(added=added, identities_created=sorted(new_ids))
+            if added == 0 and not new_ids:
+                details["_unchanged"] = True
         return added, n - added
 
     def has_source(self, source: str, model_id: str, box: Sequence[float] | str | None = None,

@@ -1,0 +1,542 @@
+"""Gallery commands: ``enroll``, ``identify``, ``eval``, ``calibrate`` and ``gallery list|show|...``.
+
+``fieldreid.cli`` calls :func:`register` to add them to the main app. Library errors print as one line
+and exit with status 2, as in the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fieldreid.errors import FieldreidError, InputError
+
+err = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable)
+
+GalleryOpt = Annotated[Path, typer.Option("--gallery", "-g", help="Gallery file (SQLite).")]
+EmbedderOpt = Annotated[Path | None, typer.Option(help="Embedder ONNX / plan (default: engines/default).")]
+DetectorOpt = Annotated[Path | None, typer.Option(help="Detector ONNX / plan (default: engines/default).")]
+CropsOpt = Annotated[bool, typer.Option("--crops", help="Images are already animal crops: skip the detector.")]
+BackendOpt = Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch")]
+ConfOpt = Annotated[float, typer.Option(help="Detector confidence for animal boxes.")]
+SplitOpt = Annotated[str | None, typer.Option(help="Use only metadata rows with this split value.")]
+WhoOpt = Annotated[str | None, typer.Option(help="Name recorded in the change log (default: $FIELDREID_USER "
+                                                 "or the login name).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the known/unknown identity split.")]
+UnknownOpt = Annotated[float, typer.Option(help="Fraction of identities held out as unknown animals.")]
+EnrolOpt = Annotated[float, typer.Option(help="Fraction of each known identity's images enrolled.")]
+
+
+def _friendly(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FieldreidError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress(total: int, label: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, disable=total < 20 and not err.is_terminal, transient=False)
+
+
+def _open_embedder(path: Path | None, backend: str):
+    from fieldreid.defaults import default_model
+    from fieldreid.embed.runtime import Embedder
+
+    return Embedder(path or default_model("embedder"), backend=backend)
+
+
+def _open_detector(path: Path | None, backend: str, conf: float):
+    from fieldreid.defaults import default_model
+    from fieldreid.detect import Detector
+
+    return Detector(path or default_model("detector"), backend=backend, conf=conf)
+
+
+def _print_failures(failures: list[tuple[str, str]], limit: int = 50) -> None:
+    if not failures:
+        return
+    table = Table(title=f"{len(failures)} file(s) not used", title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    for path, reason in failures[:limit]:
+        table.add_row(path, reason)
+    if len(failures) > limit:
+        table.add_row("…", f"{len(failures) - limit} more")
+    err.print(table)
+
+
+def _embed_labelled(metadata: Path, split: str | None, crops: bool, embedder: Path | None,
+                    detector: Path | None, backend: str, conf: float, batch: int):
+    from fieldreid.gallery.enroll import embed_items, read_metadata
+
+    items = read_metadata(metadata, split)
+    if not items:
+        raise InputError(f"No labelled rows in {metadata}{f' (split {split})' if split else ''}.")
+    emb = _open_embedder(embedder, backend)
+    det = None if crops else _open_detector(detector, backend, conf)
+    with _progress(len(items), "embed") as progress:
+        task = progress.add_task("embed", total=len(items))
+        res = embed_items(items, emb, det, crops, batch, lambda n: progress.update(task, completed=n))
+    _print_failures(res.failures)
+    if len(res.items) == 0:
+        raise InputError(f"None of the {len(items)} images in {metadata} could be embedded.")
+    return emb, res
+
+
+# ------------------------------------------------------------------------------------------ commands
+def enroll_cmd(
+    source: Annotated[Path, typer.Argument(help="metadata.csv (image_id, identity, path, species, split) or a "
+                                                "folder with one sub-folder per identity.")],
+    gallery: GalleryOpt,
+    split: SplitOpt = None,
+    crops: CropsOpt = False,
+    species: Annotated[str | None, typer.Option(help="Species for rows/folders that do not name one.")] = None,
+    embedder: EmbedderOpt = None,
+    detector: DetectorOpt = None,
+    conf: ConfOpt = 0.2,
+    batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
+    backend: BackendOpt = "auto",
+    reembed: Annotated[bool, typer.Option("--reembed", help="First re-embed every gallery image with this "
+                                                            "embedder (after a model change).")] = False,
+    drop_missing: Annotated[bool, typer.Option(help="With --reembed: drop embeddings whose image is gone.")] = False,
+    storage: Annotated[str, typer.Option(help="Vector storage of a new gallery: float32 | float16.")] = "float32",
+    who: WhoOpt = None,
+) -> None:
+    """Enrol labelled animals into a gallery (idempotent: re-running adds only what is missing)."""
+    from fieldreid.gallery.enroll import enroll, load_source
+    from fieldreid.gallery.enroll import reembed as reembed_gallery
+    from fieldreid.gallery.store import Gallery
+
+    items = load_source(source, split, species)
+    emb = _open_embedder(embedder, backend)
+    det = None if crops else _open_detector(detector, backend, conf)
+    with Gallery(gallery, storage=storage, who=who) as g:
+        n_re = 0
+        if reembed and g.model_id is not None and g.model_id != emb.model_id:
+            n = g.count_embeddings()
+            with _progress(n, "re-embed") as progress:
+                task = progress.add_task("re-embed", total=n)
+                n_re, lost = reembed_gallery(g, emb, drop_missing, batch,
+                                             lambda k: progress.update(task, completed=k))
+            err.print(f"re-embedded {n_re} gallery images with {emb.model_id}; {len(lost)} dropped")
+            _print_failures(lost)
+        elif reembed:
+            err.print(f"gallery already uses {emb.model_id}: nothing to re-embed")
+        with _progress(len(items), "enroll") as progress:
+            task = progress.add_task("enroll", total=len(items))
+            report = enroll(items, g, emb, det, crops=crops, batch_size=batch,
+                            on_progress=lambda k: progress.update(task, completed=k))
+        total_ids = len(g.identities())
+    _print_failures(report.failures)
+    err.print(f"{report.added} embeddings added, {report.already_present} already present, "
+              f"{len(report.failures)} failed; {report.identities_created} new identities "
+              f"({total_ids} in {gallery}, model {report.model_id})")
+
+
+def identify_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders (walked recursively).")],
+    gallery: GalleryOpt,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="decisions.csv or decisions.json")] = Path(
+        "decisions.csv"),
+    crops: CropsOpt = False,
+    species: Annotated[str | None, typer.Option(help="Species of the animals (restricts the search; names "
+                                                     "provisional identities).")] = None,
+    k: Annotated[int, typer.Option(help="Candidates listed per crop.")] = 5,
+    record: Annotated[bool, typer.Option(help="Record sightings in the gallery.")] = True,
+    new_identities: Annotated[bool, typer.Option("--new-identities/--no-new-identities",
+                                                 help="Create provisional identities for new animals.")] = True,
+    embedder: EmbedderOpt = None,
+    detector: DetectorOpt = None,
+    conf: ConfOpt = 0.2,
+    batch: Annotated[int, typer.Option(help="Images per batch.")] = 8,
+    backend: BackendOpt = "auto",
+) -> None:
+    """Identify animals: known / new / uncertain per crop, with score, runner-up and top-k candidates."""
+    from fieldreid.fsutil import atomic_write_json, atomic_write_text
+    from fieldreid.gallery.enroll import Item, embed_items, source_key
+    from fieldreid.gallery.openset import Identifier
+    from fieldreid.gallery.store import Gallery
+    from fieldreid.imageio import iter_files
+
+    if out_path.suffix.lower() not in (".csv", ".json"):
+        raise InputError(f"--out must end in .csv or .json, got {out_path.name}")
+    files = list(iter_files(paths))
+    if not files:
+        raise InputError(f"No images found under {', '.join(map(str, paths))}.")
+    with Gallery(gallery, create=False) as g:
+        emb = _open_embedder(embedder, backend)
+        g.check_model(emb.model_id, emb.dim)
+        ident = Identifier(g, species=species, create_provisional=new_identities, record=record, k=k)
+        decisions, failures = [], []
+        with _progress(len(files), "identify") as progress:
+            task = progress.add_task("identify", total=len(files))
+            if crops:
+                for a in range(0, len(files), 64):
+                    chunk = [Item(f, None, species or "") for f in files[a:a + 64]]
+                    res = embed_items(chunk, emb, None, True, batch)
+                    failures.extend(res.failures)
+                    if res.items:
+                        decisions += ident.identify(res.vectors, emb.model_id,
+                                                    sources=[source_key(it.path) for it in res.items])
+                    progress.update(task, completed=a + len(chunk))
+            else:
+                from fieldreid.pipeline import Pipeline
+
+                pipe = Pipeline(_open_detector(detector, backend, conf), emb, batch_size=batch, min_crop_conf=conf)
+                for r in pipe.run(files):
+                    progress.advance(task)
+                    if r.failure:
+                        failures.append((str(r.path), r.failure))
+                        continue
+                    if len(r.animal_index):
+                        boxes = [r.detections.xyxy[i].tolist() for i in r.animal_index]
+                        decisions += ident.identify(r.embeddings, emb.model_id,
+                                                    sources=[source_key(r.path)] * len(boxes), boxes=boxes)
+        if out_path.suffix.lower() == ".json":
+            atomic_write_json(out_path, {"gallery": str(g.path), "model_id": emb.model_id,
+                                         "decisions": [_json_safe(d.to_dict()) for d in decisions],
+                                         "failures": [{"file": f, "reason": r} for f, r in failures]})
+        else:
+            atomic_write_text(out_path, _decisions_csv(decisions, failures))
+    counts = {c: sum(d.decision == c for d in decisions) for c in ("known", "new", "uncertain")}
+    err.print(f"{len(files)} files, {len(decisions)} animals: {counts['known']} known, {counts['new']} new, "
+              f"{counts['uncertain']} uncertain; {len(failures)} failed → {out_path}")
+    if decisions and not all(d.calibrated for d in decisions):
+        err.print("[yellow]note:[/] thresholds are uncalibrated defaults "
+                  f"(upper {decisions[0].upper}, lower {decisions[0].lower}); run `fieldreid calibrate` on "
+                  "labelled images of your population.")
+    _print_failures(failures)
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+CSV_COLUMNS = ["file", "box", "decision", "identity", "score", "runner_up", "runner_up_score", "upper", "lower",
+               "calibrated", "threshold_method", "species", "model_id", "gallery_version", "top5", "sighting_id",
+               "error"]
+
+
+def _decisions_csv(decisions, failures) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    fmt = lambda v: "" if v is None else f"{v:.6f}"  # noqa: E731
+    for d in decisions:
+        w.writerow({"file": d.source, "box": " ".join(f"{v:.1f}" for v in d.box) if d.box else "",
+                    "decision": d.decision, "identity": d.identity or "", "score": fmt(d.score),
+                    "runner_up": d.runner_up or "", "runner_up_score": fmt(d.runner_up_score),
+                    "upper": d.upper, "lower": d.lower, "calibrated": d.calibrated,
+                    "threshold_method": d.threshold_method, "species": d.species, "model_id": d.model_id,
+                    "gallery_version": d.gallery_version,
+                    "top5": ";".join(f"{i}:{s:.4f}" for i, s in d.top[:5]), "sighting_id": d.sighting_id or "",
+                    "error": ""})
+    for f, reason in failures:
+        w.writerow({"file": f, "error": reason})
+    return buf.getvalue()
+
+
+def eval_cmd(
+    metadata: Annotated[Path, typer.Argument(help="metadata.csv with identity labels.")],
+    split: SplitOpt = None,
+    crops: CropsOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the JSON here.")] = None,
+    lower: Annotated[float | None, typer.Option(help="Open-set lower threshold (default: the gallery default).")
+                     ] = None,
+    upper: Annotated[float | None, typer.Option(help="Open-set upper threshold (default: the gallery default).")
+                     ] = None,
+    seed: SeedOpt = 0,
+    unknown_fraction: UnknownOpt = 0.3,
+    enrol_fraction: EnrolOpt = 0.5,
+    embedder: EmbedderOpt = None,
+    detector: DetectorOpt = None,
+    conf: ConfOpt = 0.2,
+    batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
+    backend: BackendOpt = "auto",
+) -> None:
+    """Evaluate an embedder: one-vs-all top-1/5/10 + mAP (MiewID) and open-set BAKS/BAUS (AnimalCLEF)."""
+    from fieldreid.evaluation import evaluate
+    from fieldreid.fsutil import atomic_write_json
+    from fieldreid.gallery.openset import DEFAULT_LOWER, DEFAULT_UPPER
+
+    emb, res = _embed_labelled(metadata, split, crops, embedder, detector, backend, conf, batch)
+    lo = lower if lower is not None else (upper if upper is not None else DEFAULT_LOWER)
+    up = upper if upper is not None else (lower if lower is not None else DEFAULT_UPPER)
+    labels = [it.identity for it in res.items]
+    result = {"metadata": str(metadata), "split": split, "model_id": emb.model_id, "n_images_failed":
+              len(res.failures), **evaluate(res.vectors, labels, lower=lo, upper=up, seed=seed,
+                                           unknown_fraction=unknown_fraction, enrol_fraction=enrol_fraction)}
+    if out_path is not None:
+        atomic_write_json(out_path, result)
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    ova, osr = result["one_vs_all"], result["open_set"]
+    t = Table(title=f"{metadata}{f' [{split}]' if split else ''} — {emb.model_id}", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("images / identities", f"{ova['n_images']} / {ova['n_identities']}")
+    t.add_row("one-vs-all queries (single-image ids left out)", f"{ova['n_queries']} ({ova['n_excluded_single_image']})")
+    for key in ("top1", "top5", "top10", "mAP"):
+        t.add_row(f"one-vs-all {key}", f"{ova[key]:.3f}")
+    t.add_row("open set: gallery / known q / unknown q",
+              f"{osr['n_gallery_images']} / {osr['n_known_queries']} / {osr['n_unknown_queries']}")
+    for name, m in (("at thresholds", osr.get("at_thresholds")), ("best single threshold", osr["best"])):
+        if m:
+            t.add_row(f"{name} (lower {m['lower']:.3f}, upper {m['upper']:.3f})",
+                      f"BAKS {m['BAKS']:.3f}  BAUS {m['BAUS']:.3f}  GM {m['geometric_mean']:.3f}")
+    out.print(t)
+
+
+def calibrate_cmd(
+    metadata: Annotated[Path, typer.Argument(help="metadata.csv with identity labels of your population.")],
+    gallery: GalleryOpt,
+    split: SplitOpt = None,
+    crops: CropsOpt = False,
+    target_far: Annotated[float | None, typer.Option(help="Highest acceptable rate of unknown animals called "
+                                                          "known; scores between the thresholds become "
+                                                          "'uncertain'. Default: maximise sqrt(BAKS·BAUS).")] = None,
+    seed: SeedOpt = 0,
+    repeats: Annotated[int, typer.Option(help="Open-set simulations pooled.")] = 5,
+    unknown_fraction: UnknownOpt = 0.3,
+    enrol_fraction: EnrolOpt = 0.5,
+    embedder: EmbedderOpt = None,
+    detector: DetectorOpt = None,
+    conf: ConfOpt = 0.2,
+    batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
+    backend: BackendOpt = "auto",
+    who: WhoOpt = None,
+) -> None:
+    """Choose open-set thresholds per species from labelled images and store them in the gallery."""
+    from fieldreid.evaluation import calibrate
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False, who=who) as g:
+        emb, res = _embed_labelled(metadata, split, crops, embedder, detector, backend, conf, batch)
+        g.check_model(emb.model_id, emb.dim)
+        species = np.array([it.species for it in res.items], dtype=object)
+        labels = np.array([it.identity for it in res.items], dtype=object)
+        t = Table(title=f"thresholds stored in {gallery} for {emb.model_id}", title_justify="left")
+        for col in ("species", "lower", "upper", "BAKS", "BAUS", "GM", "unknown→known", "uncertain"):
+            t.add_column(col)
+        stored = 0
+        for sp in sorted(set(species)):
+            mask = species == sp
+            if len(set(labels[mask])) < 3:
+                err.print(f"[yellow]skipped[/] {sp}: fewer than 3 identities to calibrate on")
+                continue
+            cal = calibrate(res.vectors[mask], labels[mask], target_far=target_far, unknown_fraction=unknown_fraction,
+                            enrol_fraction=enrol_fraction, seed=seed, repeats=repeats, gallery=g, species=sp,
+                            model_id=emb.model_id)
+            stored += 1
+            t.add_row(sp, f"{cal.lower:.4f}", f"{cal.upper:.4f}", f"{cal.BAKS:.3f}", f"{cal.BAUS:.3f}",
+                      f"{cal.geometric_mean:.3f}", f"{cal.unknown_called_known_rate:.3f}", f"{cal.uncertain_rate:.3f}")
+    if not stored:
+        raise InputError("No species had enough identities (3 or more) to calibrate; nothing was stored.")
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------------------ gallery sub-app
+gallery_app = typer.Typer(no_args_is_help=True, help="Inspect and curate an identity gallery.")
+
+
+@gallery_app.command("info")
+@_friendly
+def info_cmd(gallery: GalleryOpt) -> None:
+    """Model, counts, version and thresholds of a gallery."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False) as g:
+        t = Table(title=str(gallery), title_justify="left", show_header=False)
+        ids = g.identities()
+        for k, v in (("schema", g.schema_version), ("version", g.version), ("model", g.model_id or "-"),
+                     ("dim / storage", f"{g.dim or '-'} / {g.storage}"),
+                     ("identities", f"{len(ids)} ({sum(i.status == 'provisional' for i in ids)} provisional)"),
+                     ("embeddings", g.count_embeddings()), ("sightings", g.count_sightings())):
+            t.add_row(k, str(v))
+        ths = g.all_thresholds()
+        for th in ths:
+            t.add_row(f"thresholds {th.species}", f"lower {th.lower:.4f} upper {th.upper:.4f} ({th.method}, "
+                                                  f"{th.model_id})")
+        if not ths:
+            from fieldreid.gallery.openset import DEFAULT_LOWER, DEFAULT_UPPER
+
+            t.add_row("thresholds", f"uncalibrated defaults: lower {DEFAULT_LOWER} upper {DEFAULT_UPPER}")
+        out.print(t)
+
+
+@gallery_app.command("list")
+@_friendly
+def list_cmd(gallery: GalleryOpt,
+             species: Annotated[str | None, typer.Option(help="Only this species.")] = None,
+             status: Annotated[str | None, typer.Option(help="confirmed | provisional")] = None) -> None:
+    """List identities with their embedding and sighting counts."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False) as g:
+        rows = g.identities(species, status)
+    t = Table(title=f"{len(rows)} identities in {gallery}", title_justify="left")
+    for col in ("id", "name", "species", "status", "origin", "embeddings", "sightings", "updated"):
+        t.add_column(col)
+    for i in rows:
+        t.add_row(i.id, i.name or "", i.species, i.status, i.origin, str(i.n_embeddings), str(i.n_sightings),
+                  i.updated)
+    out.print(t)
+
+
+@gallery_app.command("show")
+@_friendly
+def show_cmd(identity: Annotated[str, typer.Argument(help="Identity id.")], gallery: GalleryOpt,
+             sightings: Annotated[int, typer.Option(help="Most recent sightings to list.")] = 10) -> None:
+    """One identity: its embeddings (ids for `split`), recent sightings and change history."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False) as g:
+        i = g.get_identity(identity)
+        embs = g.embeddings(identity)
+        sig = [s for s in g.sightings(identity)][-sightings:] if sightings else []
+        log = g.log(20, identity)
+    out.print(f"[bold]{i.id}[/] {i.name or ''} — {i.species}, {i.status}, {i.origin}; created {i.created}, "
+              f"updated {i.updated}", highlight=False)
+    t = Table(title=f"{len(embs)} embeddings", title_justify="left")
+    for col in ("embedding id", "source", "box", "model", "created"):
+        t.add_column(col, overflow="fold")
+    for e in embs:
+        t.add_row(str(e.id), e.source, e.box or "(whole image)", e.model_id, e.created)
+    out.print(t)
+    if sig:
+        t = Table(title=f"last {len(sig)} of {i.n_sightings} sightings", title_justify="left")
+        for col in ("image", "decision", "score", "runner-up", "captured", "created"):
+            t.add_column(col, overflow="fold")
+        for s in sig:
+            t.add_row(s["image"], s["decision"], f"{s['score']:.3f}" if s["score"] is not None else "",
+                      f"{s['runner_up_id'] or ''} {s['runner_up_score'] or ''}", s["captured"] or "", s["created"])
+        out.print(t)
+    for c in log:
+        out.print(f"  {c.at} {c.who}: {c.action} {json.dumps(c.details)}", highlight=False)
+
+
+@gallery_app.command("rename")
+@_friendly
+def rename_cmd(identity: Annotated[str, typer.Argument(help="Identity id.")], gallery: GalleryOpt,
+               to: Annotated[str | None, typer.Option("--to", help="New id.")] = None,
+               name: Annotated[str | None, typer.Option(help="New display name.")] = None,
+               who: WhoOpt = None) -> None:
+    """Change an identity's id (embeddings and sightings follow) and/or its name."""
+    from fieldreid.gallery.store import Gallery
+
+    if to is None and name is None:
+        raise InputError("Give --to NEW_ID and/or --name NAME.")
+    with Gallery(gallery, create=False, who=who) as g:
+        new = g.rename(identity, to, name)
+    err.print(f"renamed {identity} → {new}")
+
+
+@gallery_app.command("merge")
+@_friendly
+def merge_cmd(sources: Annotated[list[str], typer.Argument(help="Identities to merge away.")],
+              into: Annotated[str, typer.Option("--into", help="Identity that keeps everything.")],
+              gallery: GalleryOpt, who: WhoOpt = None) -> None:
+    """Merge identities: their embeddings and sightings move to --into; they are removed."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False, who=who) as g:
+        n = g.merge(sources, into)
+    err.print(f"merged {', '.join(sources)} into {into} ({n} embeddings moved)")
+
+
+@gallery_app.command("split")
+@_friendly
+def split_cmd(identity: Annotated[str, typer.Argument(help="Identity to split.")],
+              embeddings: Annotated[list[int], typer.Argument(help="Embedding ids to move (see `gallery show`).")],
+              gallery: GalleryOpt,
+              new_id: Annotated[str | None, typer.Option(help="Id of the new identity (default: provisional).")] = None,
+              name: Annotated[str | None, typer.Option(help="Name of the new identity.")] = None,
+              who: WhoOpt = None) -> None:
+    """Move some embeddings (and their sightings) to a new identity."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False, who=who) as g:
+        new = g.split(identity, embeddings, new_id, name)
+    err.print(f"moved {len(embeddings)} embeddings of {identity} to {new}")
+
+
+@gallery_app.command("confirm")
+@_friendly
+def confirm_cmd(identity: Annotated[str, typer.Argument(help="Provisional identity.")], gallery: GalleryOpt,
+                as_id: Annotated[str | None, typer.Option("--as", help="Permanent id, e.g. nyala-0042.")] = None,
+                name: Annotated[str | None, typer.Option(help="Display name.")] = None,
+                who: WhoOpt = None) -> None:
+    """Mark a provisional identity as confirmed (optionally giving it a permanent id)."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False, who=who) as g:
+        new = g.confirm(identity, as_id, name)
+    err.print(f"confirmed {new}")
+
+
+@gallery_app.command("delete")
+@_friendly
+def delete_cmd(identity: Annotated[str, typer.Argument(help="Identity to delete.")], gallery: GalleryOpt,
+               yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+               who: WhoOpt = None) -> None:
+    """Delete an identity and its embeddings (its sightings stay as history)."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False, who=who) as g:
+        i = g.get_identity(identity)
+        if not yes and not typer.confirm(f"Delete {i.id} ({i.n_embeddings} embeddings)?"):
+            raise typer.Exit(1)
+        n = g.delete(identity)
+    err.print(f"deleted {identity} ({n} embeddings)")
+
+
+@gallery_app.command("log")
+@_friendly
+def log_cmd(gallery: GalleryOpt,
+            limit: Annotated[int, typer.Option(help="Entries to show (newest first).")] = 50,
+            identity: Annotated[str | None, typer.Option(help="Only entries mentioning this identity.")] = None
+            ) -> None:
+    """The change log: every enrol, rename, merge, split, confirm, delete and threshold change."""
+    from fieldreid.gallery.store import Gallery
+
+    with Gallery(gallery, create=False) as g:
+        rows = g.log(limit, identity)
+    t = Table(title=f"changes in {gallery}", title_justify="left")
+    for col in ("version", "at", "who", "action", "details"):
+        t.add_column(col, overflow="fold")
+    for c in rows:
+        t.add_row(str(c.gallery_version), c.at, c.who, c.action, json.dumps(c.details))
+    out.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``enroll``, ``identify``, ``eval``, ``calibrate`` and the ``gallery`` sub-app to ``app``."""
+    app.command("enroll")(_friendly(enroll_cmd))
+    app.command("identify")(_friendly(identify_cmd))
+    app.command("eval")(_friendly(eval_cmd))
+    app.command("calibrate")(_friendly(calibrate_cmd))
+    app.add_typer(gallery_app, name="gallery")

@@ -1,0 +1,266 @@
+"""Enrolment: labelled images → embeddings in a gallery, idempotent, with bad files reported not fatal.
+
+A *source* is either
+
+* a ``metadata.csv`` in the AnimalCLEF / wildlife-datasets shape: ``image_id, identity, path, species,
+  split[, orientation]`` with ``path`` relative to the CSV's folder (``split`` selects rows), or
+* a folder with one sub-folder per identity (``root/<identity>/*.jpg``).
+
+With ``crops=True`` each image is already an animal crop and is embedded whole; otherwise the detector runs
+and the highest-confidence animal box of each image is embedded (an image with no animal is reported).
+A source image already in the gallery for this embedder is skipped without being decoded, so re-running an
+interrupted enrolment only does the remaining work.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fieldreid.errors import FieldreidError, ImageReadError, InputError
+from fieldreid.gallery.openset import FALLBACK_SPECIES
+from fieldreid.gallery.store import GalleryError, parse_box
+
+REQUIRED_COLUMNS = ("identity", "path")
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled image: where it is, who it shows, which species."""
+
+    path: Path
+    identity: str | None
+    species: str
+    image_id: str = ""
+
+
+def read_metadata(csv_path: str | Path, split: str | None = None, species: str | None = None,
+                  require_identity: bool = True) -> list[Item]:
+    """Rows of a wildlife-datasets ``metadata.csv`` (``split`` selects rows; paths relative to the CSV)."""
+    csv_path = Path(csv_path)
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except OSError as exc:
+        raise InputError(f"Cannot read {csv_path}: {exc.strerror or exc}.") from exc
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InputError(f"{csv_path} is not a readable CSV file ({exc}).") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise InputError(f"{csv_path} lacks the column(s) {', '.join(missing)}; expected the wildlife-datasets "
+                         f"shape image_id, identity, path, species, split (found: {', '.join(columns) or 'none'}).")
+    if split is not None:
+        if "split" not in columns:
+            raise InputError(f"{csv_path} has no 'split' column, so --split {split} cannot select rows.")
+        available = sorted({r["split"] for r in rows})
+        rows = [r for r in rows if r["split"] == split]
+        if not rows:
+            raise InputError(f"No rows with split '{split}' in {csv_path}; its splits are: {', '.join(available)}.")
+    root = csv_path.parent
+    items = []
+    for r in rows:
+        ident = (r.get("identity") or "").strip() or None
+        if ident is None and require_identity:
+            continue  # unlabelled query rows (AnimalCLEF's test split) cannot be enrolled or evaluated
+        items.append(Item(root / r["path"], ident, (r.get("species") or "").strip() or species or FALLBACK_SPECIES,
+                          (r.get("image_id") or "").strip()))
+    return items
+
+
+def read_folder(root: str | Path, species: str | None = None) -> list[Item]:
+    """``root/<identity>/<images>``: one sub-folder per identity (hidden folders and files skipped)."""
+    from fieldreid.imageio import iter_files
+
+    root = Path(root)
+    items = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for f in iter_files([sub]):
+            items.append(Item(f, sub.name, species or FALLBACK_SPECIES, f"{sub.name}/{f.name}"))
+    if not items:
+        raise InputError(f"No images under {root}/<identity>/; a folder source needs one sub-folder per animal.")
+    return items
+
+
+def load_source(source: str | Path, split: str | None = None, species: str | None = None) -> list[Item]:
+    source = Path(source)
+    if source.is_dir():
+        if split is not None:
+            raise InputError("--split applies to a metadata.csv source, not to a folder.")
+        return read_folder(source, species)
+    if source.is_file():
+        return read_metadata(source, split, species)
+    raise InputError(f"{source} does not exist; give a metadata.csv or a folder with one sub-folder per identity.")
+
+
+@dataclass
+class EmbeddedItems:
+    """Embeddings of the items that could be read, with the box used (None = whole image)."""
+
+    items: list[Item]
+    vectors: np.ndarray
+    boxes: list[tuple[float, float, float, float] | None]
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def embed_items(items: Sequence[Item], embedder, detector=None, crops: bool = False, batch_size: int = 16,
+                on_progress: ProgressFn | None = None) -> EmbeddedItems:
+    """Embed each item (whole crop, or its best animal box); unreadable or animal-less images are reported."""
+    kept: list[Item] = []
+    boxes: list = []
+    vectors: list[np.ndarray] = []
+    failures: list[tuple[str, str]] = []
+    if crops:
+        from fieldreid.imageio import read_image
+
+        side = int(min(embedder.preprocess_spec.size))
+        for a in range(0, len(items), batch_size):
+            chunk, pixels = [], []
+            for it in items[a:a + batch_size]:
+                try:
+                    pixels.append(read_image(it.path, min_side=side).pixels)
+                    chunk.append(it)
+                except ImageReadError as exc:
+                    failures.append((str(it.path), str(exc)))
+                except MemoryError:
+                    failures.append((str(it.path), f"{it.path.name}: image too large to decode in memory"))
+            if pixels:
+                vectors.append(embedder.embed(pixels))
+                kept.extend(chunk)
+                boxes.extend([None] * len(chunk))
+            if on_progress:
+                on_progress(min(a + batch_size, len(items)))
+    else:
+        if detector is None:
+            raise InputError("Whole images need a detector to find the animal; pass one, or crops=True for crops.")
+        from fieldreid.pipeline import Pipeline
+
+        by_path: dict[Path, list[Item]] = {}
+        for it in items:
+            by_path.setdefault(it.path, []).append(it)
+        pipe = Pipeline(detector, embedder, batch_size=max(1, min(batch_size, 8)))
+        done = 0
+        for res in pipe.run(list(by_path)):
+            its = by_path[res.path]
+            done += len(its)
+            if on_progress:
+                on_progress(done)
+            if res.failure:
+                failures.extend((str(it.path), res.failure) for it in its)
+                continue
+            if len(res.animal_index) == 0:
+                failures.extend((str(it.path), f"{res.path.name}: no animal detected") for it in its)
+                continue
+            best = int(np.argmax(res.detections.confidence[res.animal_index]))
+            box = tuple(float(v) for v in res.detections.xyxy[res.animal_index[best]])
+            for it in its:
+                vectors.append(res.embeddings[best:best + 1])
+                kept.append(it)
+                boxes.append(box)
+    mat = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
+    return EmbeddedItems(kept, mat.astype(np.float32), boxes, failures)
+
+
+@dataclass
+class EnrollReport:
+    model_id: str
+    added: int = 0
+    already_present: int = 0
+    identities_created: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    reembedded: int = 0
+
+
+def source_key(path: Path) -> str:
+    """How a source image is recorded: its absolute path (re-embedding reads it back from there)."""
+    return str(Path(path).resolve())
+
+
+def enroll(source: str | Path | Sequence[Item], gallery, embedder, detector=None, split: str | None = None,
+           crops: bool = False, species: str | None = None, batch_size: int = 16, origin: str = "lab",
+           on_progress: ProgressFn | None = None) -> EnrollReport:
+    """Enrol labelled images (a metadata.csv, an identity-per-folder tree, or :class:`Item` s) into ``gallery``.
+
+    Identities are created as needed (id = the dataset's identity label, status confirmed). Returns an
+    :class:`EnrollReport`; files that are missing or corrupt are listed in ``failures``, the rest enrolled.
+    """
+    if not crops and detector is None:
+        raise InputError("Whole images need a detector to find the animal; pass one, or crops=True for crops.")
+    gallery.check_model(embedder.model_id, embedder.dim)  # fail before spending minutes embedding
+    items = list(source) if isinstance(source, list | tuple) else load_source(source, split, species)
+    done = gallery.enrolled_sources(embedder.model_id)
+    todo = [it for it in items if source_key(it.path) not in done]
+    report = EnrollReport(model_id=embedder.model_id, already_present=len(items) - len(todo))
+    before = {i.id for i in gallery.identities()}
+    chunk = max(64, batch_size)
+    for a in range(0, len(todo), chunk):  # commit as we go: an interrupted run keeps what it did
+        part = todo[a:a + chunk]
+        emb = embed_items(part, embedder, detector, crops, batch_size,
+                          (lambda n, a=a: on_progress(a + n)) if on_progress else None)
+        report.failures.extend(emb.failures)
+        if emb.items:
+            added, present = gallery.add_embeddings(
+                [it.identity for it in emb.items], emb.vectors, embedder.model_id,
+                [source_key(it.path) for it in emb.items], emb.boxes, [it.species for it in emb.items],
+                status="confirmed", origin=origin)
+            report.added += added
+            report.already_present += present
+    report.identities_created = len({i.id for i in gallery.identities()} - before)
+    return report
+
+
+def reembed(gallery, embedder, drop_missing: bool = False, batch_size: int = 16,
+            on_progress: ProgressFn | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """Replace every stored vector with one from ``embedder``, reading each source image (and box) again.
+
+    All vectors switch model in one transaction, so the gallery is never half old, half new. Sources that
+    cannot be read are listed; unless ``drop_missing``, nothing changes then (their identities would lose
+    embeddings). Returns (re-embedded rows, failures).
+    """
+    from fieldreid.embed.runtime import square_crop
+    from fieldreid.imageio import read_image
+
+    rows = gallery.embeddings()
+    if not rows:
+        return 0, []
+    side = int(min(embedder.preprocess_spec.size))
+    ok_ids: list[int] = []
+    vectors: list[np.ndarray] = []
+    failures: list[tuple[str, str]] = []
+    cache: dict[str, np.ndarray] = {}
+    for a in range(0, len(rows), batch_size):
+        pixels, ids = [], []
+        for r in rows[a:a + batch_size]:
+            box = parse_box(r.box)
+            try:
+                if box is None:
+                    px = read_image(r.source, min_side=side).pixels
+                else:
+                    if r.source not in cache:
+                        cache.clear()
+                        cache[r.source] = read_image(r.source).pixels
+                    px = square_crop(cache[r.source], box)
+            except (ImageReadError, FieldreidError) as exc:
+                failures.append((r.source, str(exc)))
+                continue
+            pixels.append(px)
+            ids.append(r.id)
+        if pixels:
+            vectors.append(embedder.embed(pixels))
+            ok_ids.extend(ids)
+        if on_progress:
+            on_progress(min(a + batch_size, len(rows)))
+    if failures and not drop_missing:
+        raise GalleryError(f"{len(failures)} of {len(rows)} gallery images cannot be read again (first: "
+                           f"{failures[0][0]}: {failures[0][1]}); nothing was changed. Restore them, or re-embed "
+                           "with --drop-missing to remove those embeddings.")
+    if not ok_ids:
+        raise GalleryError("No gallery image could be read again; nothing was changed.")
+    gallery.replace_vectors(ok_ids, np.concatenate(vectors), embedder.model_id)
+    return len(ok_ids), failures

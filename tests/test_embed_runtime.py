@@ -1,0 +1,209 @@
+"""Field-side embedder: ONNX export + ONNX Runtime vs torch on real crops, metadata, no torch import."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import CAMTRAP, DATA, ROOT
+
+from fieldreid.embed.runtime import Embedder, preprocess_images, resize_image, square_crop
+from fieldreid.errors import InputError, ModelError
+from fieldreid.types import PreprocessSpec
+
+MIN_COSINE = 0.9999
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="session")
+def real_crops() -> list[np.ndarray]:
+    """Whole nyala photos (small, upscaled) and MegaDetector boxes from full-size camera-trap frames."""
+    import cv2
+
+    crops = []
+    for path in sorted(glob.glob(str(DATA / "reid" / "nyala" / "images" / "test" / "*" / "*.jpg")))[:10]:
+        img = cv2.imread(path)
+        h, w = img.shape[:2]
+        crops.append(square_crop(img, (0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)))
+    boxes = CAMTRAP / "animl-southwest" / "megadetector_v5a_boxes.csv"
+    if boxes.is_file():
+        for row in csv.DictReader(boxes.open()):
+            if len(crops) >= 20 or not row["conf"] or float(row["conf"]) < 0.2:
+                continue
+            img = cv2.imread(str(CAMTRAP / "animl-southwest" / row["FileName"]))
+            if img is None:
+                continue
+            H, W = img.shape[:2]
+            x, y, bw, bh = (float(row[k]) for k in ("bbox1", "bbox2", "bbox3", "bbox4"))
+            crops.append(square_crop(img, (x * W, y * H, (x + bw) * W, (y + bh) * H)))
+    if len(crops) < 10:
+        pytest.skip("real images not found under ../shared/data")
+    return crops
+
+
+def _torch_reference(model, crops: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+    """Preprocess the torchvision way (bilinear, antialias) and run the eager torch model."""
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    xs = []
+    for c in crops:
+        t = torch.from_numpy(np.ascontiguousarray(c[:, :, ::-1])).permute(2, 0, 1).float()
+        t = TF.resize(t, list(spec.size), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        xs.append((t / 255 - torch.tensor(spec.mean).view(3, 1, 1)) / torch.tensor(spec.std).view(3, 1, 1))
+    with torch.inference_mode():
+        return model(torch.stack(xs)).numpy()
+
+
+def test_export_metadata_and_manifest(default_export):
+    import onnx
+
+    path, model, spec, model_id = default_export
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert meta["fieldreid.kind"] == "embedder"
+    assert meta["fieldreid.model_id"] == model_id
+    assert PreprocessSpec.from_json(meta["fieldreid.preprocess"]) == spec
+    assert meta["fieldreid.embedding_dim"] == "1280"
+    assert meta["fieldreid.backbone"] == "tf_efficientnet_lite0"
+    manifest = json.loads(path.with_name(path.name + ".json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["parity"]["cosine_min"] >= MIN_COSINE
+    assert len(manifest["source"]["state_dict_sha256"]) == 64 and manifest["versions"]["onnxruntime"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["embedder.onnx", "embedder.onnx.json"]
+    with Embedder(path, backend="onnxruntime") as emb:
+        assert emb.model_id == model_id and emb.preprocess_spec == spec and emb.dim == 1280
+
+
+def test_onnx_matches_torch_on_real_crops(default_export, real_crops):
+    import torch
+
+    path, model, spec, _ = default_export
+    with Embedder(path, backend="onnxruntime", batch_size=8) as emb:
+        x = emb.preprocess(real_crops)
+        assert x.shape == (len(real_crops), 3, 224, 224) and x.dtype == np.float32
+        got = emb.embed_tensor(x)  # identical input tensors
+        with torch.inference_mode():
+            want = model(torch.from_numpy(x)).numpy()
+        assert _cos(got, want).min() >= MIN_COSINE
+        full = emb.embed(real_crops)  # runtime preprocessing vs torchvision preprocessing + torch
+    ref = _torch_reference(model, real_crops, spec)
+    assert full.shape == (len(real_crops), 1280) and full.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
+    assert _cos(full, ref).min() >= MIN_COSINE, _cos(full, ref)
+
+
+def test_batching_and_empty_input(default_export, real_crops):
+    path = default_export[0]
+    with Embedder(path, batch_size=3) as small, Embedder(path, batch_size=32) as big:
+        a, b = small.embed(real_crops[:7]), big.embed(real_crops[:7])
+        assert small.embed([]).shape == (0, 1280)
+        with pytest.raises(InputError):
+            small.embed([np.zeros((10, 10), np.uint8)])
+    assert _cos(a, b).min() >= MIN_COSINE
+
+
+def test_convnext_atto_exports_and_matches(tmp_path, real_crops):
+    torch = pytest.importorskip("torch")
+    from fieldreid.embed.export import export_embedder_onnx
+    from fieldreid.embed.model import BACKBONES, EmbeddingModel
+
+    torch.manual_seed(0)
+    model = EmbeddingModel("convnext_atto", embedding_dim=128).eval()
+    spec = BACKBONES["convnext_atto"].preprocess
+    path = export_embedder_onnx(model, tmp_path / "atto.onnx", spec, "test-convnext-atto")
+    with Embedder(path) as emb:
+        assert emb.dim == 128
+        got = emb.embed(real_crops[:8])
+    assert _cos(got, _torch_reference(model, real_crops[:8], spec)).min() >= MIN_COSINE
+
+
+def test_parity_gate_refuses_and_leaves_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from fieldreid.embed import export
+    from fieldreid.embed.model import EmbeddingModel
+
+    model = EmbeddingModel("convnext_atto", embedding_dim=16).eval()
+    monkeypatch.setattr(export, "PARITY_MIN_COSINE", 1.5)  # unreachable: the gate must fire
+    with pytest.raises(ModelError, match="does not match torch: min cosine"):
+        export.export_embedder_onnx(model, tmp_path / "x.onnx", PreprocessSpec(size=(64, 64)), "m", opset=17)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_metadata_is_a_model_error(default_export, tmp_path):
+    import onnx
+
+    proto = onnx.load(str(default_export[0]))
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != "fieldreid.preprocess"]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    bad = tmp_path / "nometa.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ModelError, match="fieldreid.preprocess"):
+        Embedder(bad)
+    with pytest.raises(ModelError, match="does not exist"):
+        Embedder(tmp_path / "absent.onnx")
+
+
+def test_runtime_does_not_import_torch(default_export):
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from fieldreid.embed.runtime import Embedder
+        emb = Embedder({str(default_export[0])!r}, backend="auto")
+        out = emb.embed([np.full((50, 80, 3), 128, np.uint8)])
+        assert out.shape == (1, 1280), out.shape
+        heavy = sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modules)
+        print("HEAVY", heavy)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stdout
+
+
+def test_resize_matches_torch_antialias():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    for h, w in [(384, 384), (1200, 900), (100, 60), (224, 224), (301, 37)]:
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        ours = resize_image(img, (224, 224))
+        ref = torch.nn.functional.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(224, 224),
+                                              mode="bilinear", antialias=True, align_corners=False)
+        np.testing.assert_allclose(ours, ref[0].permute(1, 2, 0).numpy(), atol=0.01)
+
+
+def test_preprocess_colour_and_normalisation():
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[..., 0] = 255  # blue in BGR
+    rgb = preprocess_images([img], PreprocessSpec(size=(4, 4), mean=(0.5,) * 3, std=(0.5,) * 3))
+    np.testing.assert_allclose(rgb[0, :, 0, 0], [-1.0, -1.0, 1.0])
+    bgr = preprocess_images([img], PreprocessSpec(size=(4, 4), mean=(0.5,) * 3, std=(0.5,) * 3, color="BGR"))
+    np.testing.assert_allclose(bgr[0, :, 0, 0], [1.0, -1.0, -1.0])
+    lb = preprocess_images([np.full((2, 4, 3), 255, np.uint8)],
+                           PreprocessSpec(size=(4, 4), mean=(0,) * 3, std=(1,) * 3, resize="letterbox", pad_value=0))
+    np.testing.assert_allclose(lb[0, 0, :, 0], [0, 1, 1, 0])
+
+
+def test_square_crop():
+    img = np.arange(100 * 200 * 3, dtype=np.uint32).reshape(100, 200, 3).astype(np.uint8)
+    c = square_crop(img, (50, 40, 90, 60), margin=0.0)  # 40 x 20 box -> 40 x 40 square about the centre
+    assert c.shape == (40, 40, 3)
+    np.testing.assert_array_equal(c, img[30:70, 50:90])
+    m = square_crop(img, (50, 40, 90, 60), margin=0.1)
+    assert m.shape == (48, 48, 3)
+    edge = square_crop(img, (0, 0, 60, 20), margin=0.0, border="constant", pad_value=7)  # runs off the top/left
+    assert edge.shape == (60, 60, 3) and (edge[:20] == 7).all()
+    np.testing.assert_array_equal(edge[20:40], img[0:20, 0:60])
+    rep = square_crop(img, (0, 0, 60, 20), margin=0.0)
+    np.testing.assert_array_equal(rep[0], img[0, 0:60])  # replicated first row
+    for bad in [(10, 10, 10, 20), (300, 0, 400, 50), (0, 0, float("nan"), 5)]:
+        with pytest.raises(InputError):
+            square_crop(img, bad)

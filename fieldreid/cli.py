@@ -260,6 +260,15 @@ def models(
         err.print(f"default model: {path}")
 
 
+def _register_subcommands() -> None:
+    from fieldreid.cli_gallery import register
+
+    register(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

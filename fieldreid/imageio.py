@@ -76,7 +76,8 @@ def _header(data: bytes, path: Path) -> tuple[tuple[int, int], int]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        # Only the formats we decode: other plugins (HEIF, registered by some libraries) must not be tried.
+        with Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "TIFF", "BMP", "WEBP"]) as im:
             size = im.size
             try:
                 orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)

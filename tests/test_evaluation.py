@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from gallery_helpers import clusters, unit
+from test_gallery_helpers import clusters, unit
 
 from fieldreid.errors import InputError
 from fieldreid.evaluation import (

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import typer
-from conftest import DATA
-from gallery_helpers import tiny_embedder_onnx, write_image
 from test_gallery_enroll import make_dataset
+from test_gallery_helpers import tiny_embedder_onnx, write_image
 from typer.testing import CliRunner
 
 from fieldreid.cli_gallery import register
@@ -126,19 +125,14 @@ def test_cli_errors_are_one_line(tmp_path, app):
         assert gal.model_id == "tiny-b"
 
 
-ZEBRA = DATA / "reid" / "zebra"
-
-
 @pytest.mark.slow
-def test_eval_zebra_with_the_default_embedder(app, tmp_path):
+def test_eval_zebra_with_the_default_embedder(app, tmp_path, zebra):
     from fieldreid.defaults import models_dir
 
     if not (models_dir() / "embedder.onnx").exists():
         pytest.skip(f"default embedder not built ({models_dir() / 'embedder.onnx'}); run `make models`")
-    if not (ZEBRA / "metadata.csv").exists():
-        pytest.skip(f"zebra re-ID data not found at {ZEBRA}")
     out = tmp_path / "zebra.json"
-    r = run(app, "eval", ZEBRA / "metadata.csv", "--crops", "--json", "--out", out)
+    r = run(app, "eval", zebra / "metadata.csv", "--crops", "--json", "--out", out)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     ova = res["one_vs_all"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gallery_helpers import COLOURS, tiny_embedder_onnx, write_image
+from test_gallery_helpers import COLOURS, tiny_embedder_onnx, write_image
 
 from fieldreid.embed.runtime import Embedder
 from fieldreid.errors import InputError

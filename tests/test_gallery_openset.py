@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gallery_helpers import unit
+from test_gallery_helpers import unit
 
 from fieldreid.errors import InputError
 from fieldreid.gallery import DEFAULT_LOWER, DEFAULT_UPPER, Gallery, Identifier, Thresholds

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gallery_helpers import clusters, unit
+from test_gallery_helpers import clusters, unit
 
 from fieldreid.gallery import Gallery, ModelMismatchError, Searcher
 from fieldreid.gallery.search import aggregate_scores, group_bounds, top_k
@@ -92,12 +92,15 @@ def test_float16_gallery_scores_match_float32(tmp_path):
     vec, labels = clusters(50, 4, dim=128, noise=0.3)
     q = vec[::7]
     res = {}
-    for storage in ("float32", "float16"):
+    for storage, memory in (("float32", "float32"), ("float16", "float32"), ("float16", "float16")):
         with Gallery(tmp_path / f"{storage}.db", storage=storage) as g:
-            g.add_embeddings(list(labels), vec, "m", [str(i) for i in range(len(labels))], species="s")
-            s = Searcher(g)
-            res[storage] = s.search(q, k=5)
-            assert s.matrix.dtype == np.dtype(storage)
-    for a, b in zip(res["float32"], res["float16"], strict=True):
-        assert a.identities[0] == b.identities[0]
-        np.testing.assert_allclose(a.scores, b.scores, atol=2e-3)
+            if not g.count_embeddings():
+                g.add_embeddings(list(labels), vec, "m", [str(i) for i in range(len(labels))], species="s")
+            s = Searcher(g, memory_dtype=memory)
+            res[storage, memory] = s.search(q, k=5)
+            assert s.matrix.dtype == np.dtype(memory)
+    ref = res["float32", "float32"]
+    for other in (res["float16", "float32"], res["float16", "float16"]):
+        for a, b in zip(ref, other, strict=True):
+            assert a.identities[0] == b.identities[0]
+            np.testing.assert_allclose(a.scores, b.scores, atol=2e-3)

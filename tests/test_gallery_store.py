@@ -7,7 +7,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from gallery_helpers import clusters, unit
+from test_gallery_helpers import clusters, unit
 
 from fieldreid.errors import FieldreidError
 from fieldreid.gallery import SCHEMA_VERSION, Gallery, GalleryError, IdentityNotFoundError, ModelMismatchError

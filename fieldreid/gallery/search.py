@@ -13,9 +13,14 @@ Aggregation (``aggregate=``):
 * ``mean-top3``: mean of an identity's 3 best scores (fewer if it has fewer photos). Damps that bias, but
   penalises animals with one good photo and two poor ones. Offered for comparison; not the default.
 
-Memory: the matrix is float32 (4·D bytes per embedding) or, for a float16 gallery, float16 (2·D bytes)
-multiplied in float32 chunks. See ``bench/bench_search.py`` for timings; exact search stays below a few
-milliseconds per query up to ~10^4 embeddings and an approximate index only pays beyond ~10^5.
+Memory: the cached matrix is float32 (4·D bytes per embedding) by default, whatever the gallery stores
+on disk: BLAS multiplies float32 fast, while numpy has no float16 BLAS and converting float16 chunks per
+query costs ~20x the product itself (bench/search_results.json). ``memory_dtype="float16"`` halves the
+memory for devices that need it and multiplies in float32 chunks (float32 accumulation); it suits batched
+queries, not one crop at a time. A float16 *gallery file* (``Gallery(storage="float16")``) halves disk and
+sync size at no search cost. Exact search costs ~2 ms per query at 10^4 embeddings (D=1280, 2 cores) and
+~20 ms at 10^5, against ~20-50 ms for embedding one crop on the same CPU: an approximate index would
+only pay above ~10^5 embeddings (see the benchmark notes).
 """
 
 from __future__ import annotations
@@ -116,11 +121,14 @@ class Searcher:
     >>> r.best, r.runner_up                                    # doctest: +SKIP
     """
 
-    def __init__(self, gallery, aggregate: str = "max") -> None:
+    def __init__(self, gallery, aggregate: str = "max", memory_dtype: str = "float32") -> None:
         if aggregate not in AGGREGATES:
             raise InputError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if memory_dtype not in ("float32", "float16"):
+            raise InputError(f"memory_dtype must be float32 or float16, got {memory_dtype!r}")
         self.gallery = gallery
         self.aggregate = aggregate
+        self.memory_dtype = np.dtype(memory_dtype)
         self._versions: tuple[int, int] | None = None
         self._buf = np.zeros((0, 0), np.float32)
         self._n = 0
@@ -167,8 +175,7 @@ class Searcher:
         return True
 
     def _reset(self) -> None:
-        dtype = np.float16 if self.gallery.storage == "float16" else np.float32
-        self._buf = np.zeros((0, self.gallery.dim or 0), dtype)
+        self._buf = np.zeros((0, self.gallery.dim or 0), self.memory_dtype)
         self._n = 0
         self._max_row = 0
         self._codes = np.zeros(0, np.int64)
@@ -178,9 +185,11 @@ class Searcher:
     def _append(self, mat: np.ndarray, identity_ids: Sequence[str]) -> None:
         n_new = mat.shape[0]
         if self._buf.shape[1] != mat.shape[1]:
-            self._buf = np.zeros((0, mat.shape[1]), mat.dtype)
-        if self._n + n_new > self._buf.shape[0]:  # grow geometrically: appends stay O(1) amortised
-            cap = max(self._n + n_new, int(self._buf.shape[0] * 1.5) + 64)
+            self._buf = np.zeros((0, mat.shape[1]), self.memory_dtype)
+        if self._n + n_new > self._buf.shape[0]:
+            # Grow with headroom so appends (new provisional animals) stay O(1) amortised. np.empty does
+            # not touch the spare rows, so they cost address space, not resident memory.
+            cap = max(int((self._n + n_new) * 1.25) + 64, int(self._buf.shape[0] * 1.5))
             buf = np.empty((cap, mat.shape[1]), self._buf.dtype)
             buf[: self._n] = self._buf[: self._n]
             self._buf = buf

@@ -626,16 +626,13 @@ class Gallery:
                                  (after_id,)).fetchall()
         if not rows or dim is None:
             return VectorBlock(np.zeros(0, np.int64), [], np.zeros((0, dim or 0), dtype))
-        blobs = []
-        for _, _, blob, dt in rows:
-            if dt != dtype.name:  # rows written before a storage change: convert, do not misread
-                blob = np.frombuffer(blob, "<f2" if dt == "float16" else "<f4").astype(dtype).tobytes()
-            blobs.append(blob)
-        mat = np.frombuffer(b"".join(blobs), dtype=dtype)
-        if mat.size != len(rows) * dim:
-            raise GalleryError(f"{self.path} holds embeddings of mixed sizes; re-embed it with --reembed.")
-        return VectorBlock(np.array([r[0] for r in rows], np.int64), [r[1] for r in rows],
-                           mat.reshape(len(rows), dim).astype(dtype.newbyteorder("=")))
+        mat = np.empty((len(rows), dim), dtype.newbyteorder("="))
+        for i, (_, _, blob, dt) in enumerate(rows):
+            vec = np.frombuffer(blob, "<f2" if dt == "float16" else "<f4")  # rows of either dtype convert
+            if vec.size != dim:
+                raise GalleryError(f"{self.path} holds embeddings of mixed sizes; re-embed it with --reembed.")
+            mat[i] = vec
+        return VectorBlock(np.array([r[0] for r in rows], np.int64), [r[1] for r in rows], mat)
 
     def replace_vectors(self, row_ids: Sequence[int], vectors: np.ndarray, model_id: str) -> None:
         """Re-embedding: swap every listed row's vector for one from ``model_id`` and make that the gallery's

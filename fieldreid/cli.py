@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -36,7 +37,7 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except FieldreidError as exc:
-            err.print(f"[bold red]error:[/] {exc}")
+            err.print(f"[bold red]error:[/] {escape(str(exc))}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
@@ -71,7 +72,7 @@ def doctor() -> None:
     table.add_column("item")
     table.add_column("status")
     for name, status in available_backends().items():
-        table.add_row(f"backend {name}", "[green]ok[/]" if status == "ok" else f"[yellow]{status}[/]")
+        table.add_row(f"backend {name}", "[green]ok[/]" if status == "ok" else f"[yellow]{escape(status)}[/]")
     table.add_row("NVIDIA GPUs", str(cuda_device_count()))
     for mod in ("numpy", "cv2", "onnxruntime", "onnx", "torch", "timm", "ultralytics", "tensorrt"):
         try:
@@ -220,7 +221,7 @@ def embed(
     atomic_write_bytes(out_path, buf.getvalue())
     err.print(f"{len(files)} files, {mat.shape[0]} vectors of dim {emb.dim}, {len(failures)} failed → {out_path}")
     for name, reason in failures:
-        err.print(f"  [yellow]failed[/] {name}: {reason}")
+        err.print(f"  [yellow]failed[/] {escape(name)}: {escape(reason)}")
 
 
 @app.command("export")

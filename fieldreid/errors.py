@@ -21,7 +21,16 @@ class ModelError(FieldreidError):
 
 
 class ImageReadError(FieldreidError):
-    """An image file could not be read or decoded (corrupt, empty, not an image, a video)."""
+    """An image file could not be read or decoded (corrupt, empty, not an image, a video).
+
+    ``reason`` is the short cause without the file name (what failure records store); ``str()`` adds the name.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        name = getattr(path, "name", None) or str(path)
+        super().__init__(f"{name}: {reason}")
 
 
 class InputError(FieldreidError):

@@ -68,7 +68,7 @@ def iter_files(paths: Iterable[str | Path], recursive: bool = True) -> Iterator[
         elif p.exists():
             yield p
         else:
-            raise ImageReadError(f"{p} does not exist.")
+            raise ImageReadError(p, "does not exist")
 
 
 def _header(data: bytes, path: Path) -> tuple[tuple[int, int], int]:
@@ -84,9 +84,9 @@ def _header(data: bytes, path: Path) -> tuple[tuple[int, int], int]:
             except Exception:  # a broken EXIF block must not lose the image
                 orientation = 1
     except UnidentifiedImageError as exc:
-        raise ImageReadError(f"{path.name}: not an image file, or its header is corrupt") from exc
+        raise ImageReadError(path, "not an image file, or its header is corrupt") from exc
     except Exception as exc:
-        raise ImageReadError(f"{path.name}: unreadable image header ({exc})") from exc
+        raise ImageReadError(path, f"unreadable image header ({exc})") from exc
     return size, orientation if 1 <= orientation <= 8 else 1
 
 
@@ -156,20 +156,20 @@ def read_image(path: str | Path, min_side: int | None = None, reduction: int | N
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in VIDEO_SUFFIXES:
-        raise ImageReadError(f"{path.name}: video files are not processed (extract frames first)")
+        raise ImageReadError(path, "video files are not processed (extract frames first)")
     if data is None:
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:
-            raise ImageReadError(f"{path.name}: file disappeared before it could be read") from exc
+            raise ImageReadError(path, "file disappeared before it could be read") from exc
         except OSError as exc:
-            raise ImageReadError(f"{path.name}: cannot read file ({exc.strerror or exc})") from exc
+            raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
     if len(data) == 0:
-        raise ImageReadError(f"{path.name}: empty file (0 bytes)")
+        raise ImageReadError(path, "empty file (0 bytes)")
     (w, h), orientation = _header(data, path)
     is_jpeg = data[:2] == b"\xff\xd8"
     if is_jpeg and not _jpeg_complete(data):
-        raise ImageReadError(f"{path.name}: truncated JPEG (no end-of-image marker; still being copied?)")
+        raise ImageReadError(path, "truncated JPEG (no end-of-image marker; still being copied?)")
     upright = (w, h) if orientation < 5 else (h, w)
     size_hw = (upright[1], upright[0])
     r = reduction if reduction is not None else choose_reduction(size_hw, min_side, is_jpeg)
@@ -178,7 +178,7 @@ def read_image(path: str | Path, min_side: int | None = None, reduction: int | N
     buf = np.frombuffer(data, dtype=np.uint8)
     pixels = cv2.imdecode(buf, _REDUCED_FLAGS[r] | cv2.IMREAD_IGNORE_ORIENTATION)
     if pixels is None:
-        raise ImageReadError(f"{path.name}: corrupt image data (the decoder rejected it)")
+        raise ImageReadError(path, "corrupt image data (the decoder rejected it)")
     if pixels.ndim == 2:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
     pixels = apply_orientation(pixels, orientation)

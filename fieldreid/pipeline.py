@@ -40,9 +40,9 @@ def _decode(paths: list[Path], min_side: int | None, keep_data: bool) -> list[Fr
         try:
             out.append(read_image(p, min_side=min_side, keep_data=keep_data))
         except ImageReadError as exc:
-            out.append(ImageResult(path=p, failure=str(exc)))
+            out.append(ImageResult(path=p, failure=exc.reason))
         except MemoryError:
-            out.append(ImageResult(path=p, failure=f"{p.name}: image too large to decode in memory"))
+            out.append(ImageResult(path=p, failure="image too large to decode in memory"))
     return out
 
 

@@ -73,7 +73,7 @@ def yolov5n_onnx(yolov5n_checkpoint, onnx_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def default_export(onnx_dir):
+def default_export(tmp_path_factory):
     """The default embedder (EfficientNet-Lite0 ImageNet + GeM + BN), exported once per session:
     (onnx path, torch model, PreprocessSpec, model_id)."""
     torch = pytest.importorskip("torch")
@@ -83,7 +83,7 @@ def default_export(onnx_dir):
 
     torch.set_num_threads(2)
     model, spec, model_id = build_default_embedder()
-    path = export_embedder_onnx(model, onnx_dir / "embedder.onnx", spec, model_id)
+    path = export_embedder_onnx(model, tmp_path_factory.mktemp("embedder") / "embedder.onnx", spec, model_id)
     return path, model, spec, model_id
 
 

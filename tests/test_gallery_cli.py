@@ -126,13 +126,10 @@ def test_cli_errors_are_one_line(tmp_path, app):
 
 
 @pytest.mark.slow
-def test_eval_zebra_with_the_default_embedder(app, tmp_path, zebra):
-    from fieldreid.defaults import models_dir
-
-    if not (models_dir() / "embedder.onnx").exists():
-        pytest.skip(f"default embedder not built ({models_dir() / 'embedder.onnx'}); run `make models`")
+def test_eval_zebra_with_the_default_embedder(app, tmp_path, zebra, default_embedder_onnx):
     out = tmp_path / "zebra.json"
-    r = run(app, "eval", zebra / "metadata.csv", "--crops", "--json", "--out", out)
+    r = run(app, "eval", zebra / "metadata.csv", "--crops", "--json", "--out", out,
+            "--embedder", default_embedder_onnx)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
     ova = res["one_vs_all"]

@@ -2,54 +2,29 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from fieldreid import __version__
+from fieldreid.cli_common import BackendOpt, err, out
+from fieldreid.cli_common import friendly as _friendly
+from fieldreid.cli_common import open_detector as _open_detector
+from fieldreid.cli_common import open_embedder as _open_embedder
+from fieldreid.cli_common import progress_bar as _progress
 from fieldreid.errors import FieldreidError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Identify individual animals in camera-trap images, offline.")
-err = Console(stderr=True)
-out = Console()
-
-F = TypeVar("F", bound=Callable)
-
-BackendOpt = Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch")]
-
-
-def _friendly(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FieldreidError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _progress(total: int, label: str) -> Progress:
-    # Progress goes to stderr and only when it is a terminal or the run is long, so pipes stay clean.
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err, disable=total < 20 and not err.is_terminal, transient=False)
 
 
 def _collect(paths: list[Path]) -> list[Path]:
@@ -91,20 +66,6 @@ def doctor() -> None:
         p = mdir / name
         table.add_row(f"default {kind}", f"[green]{p}[/]" if p.exists() else f"[red]missing[/] ({p}; run make models)")
     out.print(table)
-
-
-def _open_detector(detector: Path | None, backend: str, conf: float, iou: float):
-    from fieldreid.defaults import default_model
-    from fieldreid.detect import Detector
-
-    return Detector(detector or default_model("detector"), backend=backend, conf=conf, iou=iou)
-
-
-def _open_embedder(embedder: Path | None, backend: str):
-    from fieldreid.defaults import default_model
-    from fieldreid.embed.runtime import Embedder
-
-    return Embedder(embedder or default_model("embedder"), backend=backend)
 
 
 def _run_pipeline(files: list[Path], pipe, label: str) -> Iterator:

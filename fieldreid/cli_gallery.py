@@ -7,30 +7,23 @@ and exit with status 2, as in the rest of the CLI.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fieldreid.errors import FieldreidError, InputError
-
-err = Console(stderr=True)
-out = Console()
-F = TypeVar("F", bound=Callable)
+from fieldreid.cli_common import BackendOpt, CropsOpt, DetectorOpt, EmbedderOpt, err, out
+from fieldreid.cli_common import friendly as _friendly
+from fieldreid.cli_common import open_detector as _open_detector
+from fieldreid.cli_common import open_embedder as _open_embedder
+from fieldreid.cli_common import progress_bar as _progress
+from fieldreid.errors import InputError
 
 GalleryOpt = Annotated[Path, typer.Option("--gallery", "-g", help="Gallery file (SQLite).")]
-EmbedderOpt = Annotated[Path | None, typer.Option(help="Embedder ONNX / plan (default: engines/default).")]
-DetectorOpt = Annotated[Path | None, typer.Option(help="Detector ONNX / plan (default: engines/default).")]
-CropsOpt = Annotated[bool, typer.Option("--crops", help="Images are already animal crops: skip the detector.")]
-BackendOpt = Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch")]
 ConfOpt = Annotated[float, typer.Option(help="Detector confidence for animal boxes.")]
 SplitOpt = Annotated[str | None, typer.Option(help="Use only metadata rows with this split value.")]
 WhoOpt = Annotated[str | None, typer.Option(help="Name recorded in the change log (default: $FIELDREID_USER "
@@ -38,40 +31,6 @@ WhoOpt = Annotated[str | None, typer.Option(help="Name recorded in the change lo
 SeedOpt = Annotated[int, typer.Option(help="Seed of the known/unknown identity split.")]
 UnknownOpt = Annotated[float, typer.Option(help="Fraction of identities held out as unknown animals.")]
 EnrolOpt = Annotated[float, typer.Option(help="Fraction of each known identity's images enrolled.")]
-
-
-def _friendly(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FieldreidError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _progress(total: int, label: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err, disable=total < 20 and not err.is_terminal, transient=False)
-
-
-def _open_embedder(path: Path | None, backend: str):
-    from fieldreid.defaults import default_model
-    from fieldreid.embed.runtime import Embedder
-
-    return Embedder(path or default_model("embedder"), backend=backend)
-
-
-def _open_detector(path: Path | None, backend: str, conf: float):
-    from fieldreid.defaults import default_model
-    from fieldreid.detect import Detector
-
-    return Detector(path or default_model("detector"), backend=backend, conf=conf)
 
 
 def _print_failures(failures: list[tuple[str, str]], limit: int = 50) -> None:

@@ -1,0 +1,61 @@
+"""Plumbing shared by the CLI modules: consoles, error handling, progress, model opening, common options."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from fieldreid.errors import FieldreidError
+
+err = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable)
+
+BackendOpt = Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch")]
+EmbedderOpt = Annotated[Path | None, typer.Option(help="Embedder ONNX / plan (default: engines/default).")]
+DetectorOpt = Annotated[Path | None, typer.Option(help="Detector ONNX / plan (default: engines/default).")]
+CropsOpt = Annotated[bool, typer.Option("--crops", help="Images are already animal crops: skip the detector.")]
+
+
+def friendly(fn: F) -> F:
+    """Library errors become one readable line and exit status 2; Ctrl-C exits 130 without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FieldreidError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress_bar(total: int, label: str) -> Progress:
+    # Progress goes to stderr and only when it is a terminal or the run is long, so pipes stay clean.
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, disable=total < 20 and not err.is_terminal, transient=False)
+
+
+def open_embedder(path: Path | None, backend: str):
+    from fieldreid.defaults import default_model
+    from fieldreid.embed.runtime import Embedder
+
+    return Embedder(path or default_model("embedder"), backend=backend)
+
+
+def open_detector(path: Path | None, backend: str, conf: float, iou: float = 0.45):
+    from fieldreid.defaults import default_model
+    from fieldreid.detect import Detector
+
+    return Detector(path or default_model("detector"), backend=backend, conf=conf, iou=iou)

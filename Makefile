@@ -34,10 +34,16 @@ models: install
 
 demo: models
 	$(VENV)/bin/fieldreid doctor
-	mkdir -p demo
+	rm -rf demo && mkdir -p demo
+	@echo "== 1. detect: camera-trap folder with a corrupt image and a video -> MegaDetector JSON"
 	$(VENV)/bin/fieldreid detect $(SHARED)/data/camtrap/animl-southwest --out demo/detections.json
+	@echo "== 2. embed: one vector per animal"
 	$(VENV)/bin/fieldreid embed $(SHARED)/data/camtrap/animl-southwest --out demo/vectors.npz
-	@echo "demo outputs: demo/detections.json (MegaDetector format) and demo/vectors.npz"
+	@echo "== 3. gallery: enrol known zebras, calibrate open-set thresholds, identify new photos"
+	$(VENV)/bin/fieldreid enroll $(SHARED)/data/reid/zebra/metadata.csv --split database --crops --gallery demo/zebra.db
+	$(VENV)/bin/fieldreid calibrate $(SHARED)/data/reid/zebra/metadata.csv --split database --crops --gallery demo/zebra.db
+	$(VENV)/bin/fieldreid identify $(SHARED)/data/reid/zebra/images/query --crops --gallery demo/zebra.db --out demo/decisions.csv
+	@echo "demo outputs in demo/: detections.json (MegaDetector format), vectors.npz, zebra.db, decisions.csv"
 
 test: install
 	$(PY) -m pytest -q

@@ -224,8 +224,12 @@ def models(
 
 def _register_subcommands() -> None:
     from fieldreid.cli_gallery import register
+    from fieldreid.cli_sync import register as _register_sync
+    from fieldreid.cli_watch import register as _register_watch
 
     register(app)
+    _register_sync(app)
+    _register_watch(app)
 
 
 _register_subcommands()

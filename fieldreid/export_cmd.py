@@ -7,12 +7,25 @@ from pathlib import Path
 from fieldreid.errors import FieldreidError, ModelError
 
 
-def _is_embedder_checkpoint(path: Path) -> bool:
+def is_embedder_checkpoint(path: str | Path) -> bool:
+    """True when ``path`` is a fieldreid embedder checkpoint (weights-only torch file with our format tag)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() == ".onnx":
+        return False
     try:
-        from fieldreid.embed.model import is_embedder_checkpoint
+        import torch
+
+        from fieldreid.embed.model import CHECKPOINT_FORMAT
     except ImportError:  # torch missing: cannot be ours to export anyway
         return False
-    return is_embedder_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip torch file, or pickled objects that weights_only refuses
+        return False
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+_is_embedder_checkpoint = is_embedder_checkpoint
 
 
 def export_model(model: Path, out: Path | None = None, kind: str = "auto", imgsz: int = 640,

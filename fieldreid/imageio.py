@@ -86,7 +86,8 @@ def _header(data: bytes, path: Path) -> tuple[tuple[int, int], int]:
     except UnidentifiedImageError as exc:
         raise ImageReadError(path, "not an image file, or its header is corrupt") from exc
     except Exception as exc:
-        raise ImageReadError(path, f"unreadable image header ({exc})") from exc
+        # Some libraries patch Image.open (ultralytics adds a HEIF fallback) and fail differently.
+        raise ImageReadError(path, f"not an image file, or its header is corrupt ({exc})") from exc
     return size, orientation if 1 <= orientation <= 8 else 1
 
 

@@ -1,0 +1,108 @@
+"""``fieldreid watch`` and ``fieldreid report``: registered on the main app by :func:`register`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from fieldreid.cli_common import BackendOpt, DetectorOpt, EmbedderOpt, err, friendly, open_detector, open_embedder
+from fieldreid.errors import FieldreidError
+
+
+def _log(msg: str) -> None:
+    err.print(escape(msg), highlight=False)
+
+
+def watch(
+    folder: Annotated[Path, typer.Argument(help="Folder to watch; each sub-folder is a camera (deployment).")],
+    gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Identity gallery (.db); created if missing.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: results.db, detections.json, CSVs.")],
+    once: Annotated[bool, typer.Option("--once", help="Process what is there, close all events and exit (cron, "
+                                                      "tests).")] = False,
+    detector: DetectorOpt = None,
+    embedder: EmbedderOpt = None,
+    backend: BackendOpt = "auto",
+    conf: Annotated[float, typer.Option(help="Detector confidence threshold (boxes kept and animals embedded).")] = 0.2,
+    batch: Annotated[int, typer.Option(help="Images per batch (= per committed transaction).")] = 8,
+    gap: Annotated[float, typer.Option(help="Seconds between two images of one camera that still make one event.")
+                   ] = 60.0,
+    idle_close: Annotated[float, typer.Option(help="Close an open event after this many wall-clock seconds with no "
+                                                   "new image for it.")] = 120.0,
+    settle: Annotated[float, typer.Option(help="A file modified less than this many seconds ago is not read yet.")
+                      ] = 2.0,
+    grace: Annotated[float, typer.Option(help="An undecodable (truncated, empty) file is retried until it has been "
+                                              "unchanged this long, then recorded as failed.")] = 120.0,
+    rescan: Annotated[float, typer.Option(help="Full rescan interval in seconds (SD cards, FUSE and network mounts "
+                                               "send no file events).")] = 60.0,
+    link: Annotated[float, typer.Option(help="Cosine above which detections of one event are the same animal.")
+                    ] = 0.75,
+    species: Annotated[str | None, typer.Option(help="Restrict matching to this species.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Inference threads (default: the backend's).")] = None,
+) -> None:
+    """Process a camera-trap folder exactly once per image, then keep watching it for new images.
+
+    Ctrl-C or SIGTERM finishes the current batch, writes the outputs and exits 0; a restart (also after a
+    crash or kill -9) resumes where it stopped, with nothing lost and nothing counted twice.
+    """
+    from fieldreid.watch import WatchConfig, Watcher
+
+    if batch < 1:
+        raise FieldreidError("--batch must be at least 1.")
+    opts = {"threads": threads} if threads else {}
+    if opts:
+        from fieldreid.defaults import default_model
+        from fieldreid.detect import Detector
+        from fieldreid.embed.runtime import Embedder
+
+        det = Detector(detector or default_model("detector"), backend=backend, conf=conf, **opts)
+        emb = Embedder(embedder or default_model("embedder"), backend=backend, **opts)
+    else:
+        det = open_detector(detector, backend, conf)
+        emb = open_embedder(embedder, backend)
+    if not folder.is_dir() and once:
+        raise FieldreidError(f"{folder} is not a folder (card not mounted?).")
+    cfg = WatchConfig(root=folder, out=out, gallery=gallery, batch=batch, conf=conf, gap=gap, idle_close=idle_close,
+                      settle=settle, grace=grace, rescan=rescan, link_threshold=link, species=species)
+    with Watcher(cfg, det, emb, log=_log) as w:
+        if not once:
+            _log(f"watching {folder} → {out} (rescan every {rescan:g} s; Ctrl-C to stop)")
+        w.run(once=once)
+
+
+def report(
+    out: Annotated[Path, typer.Argument(help="A watch output folder (holding results.db).")],
+    camtrap_dp: Annotated[Path | None, typer.Option("--camtrap-dp", help="Write a Camtrap DP 1.0 package to this "
+                                                                          "folder.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML review page.")] = None,
+    deployments: Annotated[Path | None, typer.Option(help="CSV with deploymentID (= camera folder), latitude, "
+                                                          "longitude and optional Camtrap DP deployment columns.")
+                           ] = None,
+    utc_offset: Annotated[str, typer.Option(help="UTC offset of camera clocks for images without EXIF "
+                                                 "OffsetTimeOriginal, e.g. +02:00.")] = "+00:00",
+    title: Annotated[str | None, typer.Option(help="Package / report title.")] = None,
+    max_animals: Annotated[int, typer.Option(help="HTML: at most this many new/uncertain animals shown.")] = 200,
+) -> None:
+    """Camtrap DP package and/or HTML review page from a watch output folder."""
+    if camtrap_dp is None and html is None:
+        raise FieldreidError("Nothing to do: pass --camtrap-dp PKG and/or --html report.html.")
+    if camtrap_dp is not None:
+        from fieldreid.report.camtrapdp import write_package
+
+        pkg, warnings = write_package(out, camtrap_dp, deployments_csv=deployments, utc_offset=utc_offset,
+                                      title=title)
+        for w in warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"Camtrap DP package → {pkg}")
+    if html is not None:
+        from fieldreid.report.html import write_html
+
+        path = write_html(out, html, title=title, max_animals=max_animals)
+        err.print(f"HTML report → {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("watch")(friendly(watch))
+    app.command("report")(friendly(report))

@@ -1,0 +1,1 @@
+"""Outputs of a watch folder: plain files (MegaDetector JSON, CSV), Camtrap DP packages, an HTML report."""

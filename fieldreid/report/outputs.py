@@ -1,0 +1,177 @@
+"""Plain outputs of a watch folder, streamed from the results database and written atomically.
+
+* ``detections.json`` — MegaDetector batch output (format 1.4) that Timelapse and AddaxAI read; a
+  duplicate file carries its original's detections (it is the same picture), an unreadable one a
+  ``failure``; files still being written are left out until they are done.
+* ``images.csv`` — one row per file: state, failure reason, capture time and its source, camera, event.
+* ``sightings.csv`` — one row per animal detection with its (event-fused) decision.
+
+Each file is written to a temp file beside it, fsynced and renamed over the old one, row by row from a
+database cursor, so a folder of 100k images never needs its results in memory, and a crash or a full
+disk leaves the previous good file in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from itertools import groupby
+from pathlib import Path
+from typing import IO
+
+from fieldreid.fsutil import OutputWriteError
+from fieldreid.megadetector import CONF_DIGITS, COORD_DIGITS, FORMAT_VERSION
+from fieldreid.types import MD_CATEGORIES
+
+DETECTIONS_JSON = "detections.json"
+IMAGES_CSV = "images.csv"
+SIGHTINGS_CSV = "sightings.csv"
+
+
+@contextmanager
+def atomic_text(path: str | Path) -> Iterator[IO[str]]:
+    """Write a text file atomically: yields a handle on a temp file, then fsync + rename over ``path``.
+
+    Any ``OSError`` (full disk, read-only mount) becomes :class:`OutputWriteError`; the temp file is
+    removed and the previous ``path`` is untouched.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are meant to be read by other tools and users
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        hint = " The disk is full: free space and run again." if exc.errno == errno.ENOSPC else ""
+        raise OutputWriteError(f"Cannot write {path}: {exc.strerror or exc}.{hint} The previous file is "
+                               "unchanged.") from exc
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _md_bbox(x1: float, y1: float, x2: float, y2: float, w: int, h: int) -> list[float]:
+    x1, x2 = max(0.0, x1), min(float(w), x2)
+    y1, y2 = max(0.0, y1), min(float(h), y2)
+    return [round(x1 / w, COORD_DIGITS), round(y1 / h, COORD_DIGITS), round((x2 - x1) / w, COORD_DIGITS),
+            round((y2 - y1) / h, COORD_DIGITS)]
+
+
+def write_detections_json(con, path: Path, detector: str, conf_threshold: float, extra_info: dict | None = None) -> int:
+    """MegaDetector batch output from the results database; returns the number of image entries."""
+    info = {"format_version": FORMAT_VERSION, "detector": detector,
+            "detection_completion_time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "detector_metadata": {"typical_detection_threshold": 0.2, "conf_digits": CONF_DIGITS,
+                                  "output_threshold": conf_threshold}, **(extra_info or {})}
+    rows = con.execute(
+        "SELECT f.path, f.status, f.reason, i.width, i.height, d.category, d.conf, d.x1, d.y1, d.x2, d.y2 "
+        "FROM files f LEFT JOIN images i ON i.sha256 = f.sha256 AND f.status IN ('done', 'duplicate') "
+        "LEFT JOIN detections d ON d.sha256 = i.sha256 WHERE f.status != 'pending' ORDER BY f.path, d.conf DESC")
+    n = 0
+    with atomic_text(path) as fh:
+        fh.write('{"info": ' + json.dumps(info) + ', "detection_categories": ' + json.dumps(MD_CATEGORIES)
+                 + ', "images": [\n')
+        for (file, status, reason), group in groupby(rows, key=lambda r: r[:3]):
+            if status == "failed":
+                entry = {"file": file, "failure": reason, "detections": None}
+            else:
+                dets = []
+                for r in group:
+                    w, h, cat = r[3], r[4], r[5]
+                    if cat is None or str(cat) not in MD_CATEGORIES or not w:
+                        continue
+                    dets.append({"category": str(cat), "conf": round(float(r[6]), CONF_DIGITS),
+                                 "bbox": _md_bbox(r[7], r[8], r[9], r[10], w, h)})
+                entry = {"file": file, "detections": dets,
+                         "max_detection_conf": max((d["conf"] for d in dets), default=0.0)}
+            fh.write((",\n" if n else "") + json.dumps(entry))
+            n += 1
+        fh.write("\n]}\n")
+    return n
+
+
+IMAGE_COLUMNS = ["file", "camera", "status", "reason", "duplicate_of", "sha256", "captured", "utc_offset",
+                 "time_source", "make", "model", "width", "height", "event_id", "detections", "animals"]
+
+
+def write_images_csv(con, path: Path, animal_conf: float = 0.0) -> int:
+    rows = con.execute(
+        "SELECT f.path, f.camera, f.status, f.reason, f.duplicate_of, f.sha256, i.captured, i.utc_offset, "
+        "i.time_source, i.make, i.model, i.width, i.height, i.event_id, "
+        "(SELECT count(*) FROM detections d WHERE d.sha256 = i.sha256), "
+        "(SELECT count(*) FROM detections d WHERE d.sha256 = i.sha256 AND d.category = 1 AND d.conf >= ?) "
+        "FROM files f LEFT JOIN images i ON i.sha256 = f.sha256 AND f.status IN ('done', 'duplicate') "
+        "ORDER BY f.path", (animal_conf,))
+    n = 0
+    with atomic_text(path) as fh:
+        w = csv.writer(fh)
+        w.writerow(IMAGE_COLUMNS)
+        for r in rows:
+            w.writerow(["" if v is None else v for v in r])
+            n += 1
+    return n
+
+
+SIGHTING_COLUMNS = ["file", "camera", "captured", "utc_offset", "event_id", "track", "box_index", "conf",
+                    "bbox_x", "bbox_y", "bbox_w", "bbox_h", "decision", "identity", "score", "runner_up",
+                    "runner_up_score", "calibrated", "frames_fused", "model_id", "gallery_version"]
+
+
+def sighting_rows(con) -> Iterator[tuple]:
+    """Animal detections that were embedded, with their decision (empty while the event is open)."""
+    yield from con.execute(
+        "SELECT i.path, i.camera, i.captured, i.utc_offset, i.event_id, c.track, d.idx, d.conf, d.x1, d.y1, d.x2, "
+        "d.y2, i.width, i.height, c.decision, c.identity, c.score, c.runner_up, c.runner_up_score, c.calibrated, "
+        "c.n_frames, c.model_id, c.gallery_version FROM detections d JOIN images i ON i.sha256 = d.sha256 "
+        "LEFT JOIN decisions c ON c.sha256 = d.sha256 AND c.idx = d.idx WHERE d.embedding IS NOT NULL "
+        "ORDER BY i.captured, i.path, d.idx")
+
+
+def _r(v, digits: int = 6):
+    return "" if v is None else round(float(v), digits)
+
+
+def write_sightings_csv(con, path: Path) -> int:
+    n = 0
+    with atomic_text(path) as fh:
+        w = csv.writer(fh)
+        w.writerow(SIGHTING_COLUMNS)
+        for r in sighting_rows(con):
+            (file, camera, captured, offset, event, track, idx, conf, x1, y1, x2, y2, iw, ih, decision, identity,
+             score, runner, runner_score, calibrated, n_frames, model_id, gv) = r
+            w.writerow([file, camera, captured, offset or "", event, "" if track is None else track, idx,
+                        _r(conf, 4), _r(x1 / iw), _r(y1 / ih), _r((x2 - x1) / iw), _r((y2 - y1) / ih),
+                        decision or "pending", identity or "", _r(score), runner or "", _r(runner_score),
+                        "" if calibrated is None else bool(calibrated), n_frames or "", model_id or "",
+                        "" if gv is None else gv])
+            n += 1
+    return n
+
+
+def write_all(con, out: Path, detector: str, conf_threshold: float, extra_info: dict | None = None) -> list[Path]:
+    """All three plain outputs; each atomic on its own."""
+    write_detections_json(con, out / DETECTIONS_JSON, detector, conf_threshold, extra_info)
+    write_images_csv(con, out / IMAGES_CSV)
+    write_sightings_csv(con, out / SIGHTINGS_CSV)
+    return [out / DETECTIONS_JSON, out / IMAGES_CSV, out / SIGHTINGS_CSV]
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Small helper for tests and the report: rows of a CSV written here."""
+    return list(csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8"))))

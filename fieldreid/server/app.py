@@ -1,0 +1,147 @@
+"""The lab's HTTP API (FastAPI). Devices only: administration happens on the lab machine's CLI.
+
+Endpoints (all need ``Authorization: Bearer <device token>``):
+
+* ``GET  /v1/me`` — the device, its projects, their models and gallery versions.
+* ``GET  /v1/projects/{project}/galleries/{species}/bundle?since=V`` — a signed delta since V, or a
+  full snapshot (``since=0``, too far behind, or most rows changed). Body: a signed msgpack envelope.
+* ``POST /v1/projects/{project}/sightings`` — one push chunk (msgpack), header ``Idempotency-Key``.
+* ``GET  /v1/public-key`` — the lab's public key, for an operator to compare with what a device pins.
+  Devices never take their trust from this endpoint.
+
+Answers: 401 bad / revoked token, 404 a project the device is not in (existence is not revealed),
+413 body over the limit, 422 malformed chunk, 429 rate-limited (``Retry-After``), 409 version conflict.
+TLS is the reverse proxy's job (see README): run this on 127.0.0.1 behind nginx / Caddy.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fieldreid.errors import missing_extra
+from fieldreid.server.auth import PROJECT_ID_RE, RateLimiter, hash_token
+from fieldreid.server.db import LabDB, LabError, NotFound
+from fieldreid.server.ingest import BadChunk, ingest_chunk
+from fieldreid.server.signing import unpackb
+
+try:
+    from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+except ImportError as exc:  # pragma: no cover
+    raise missing_extra("fastapi", "server", "the lab server") from exc
+
+MAX_PUSH_BYTES = 16 * 1024 * 1024
+MAX_OTHER_BYTES = 64 * 1024
+SPECIES_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
+BUNDLE_TYPE = "application/vnd.fieldreid.bundle+msgpack"
+
+
+class Limits:
+    def __init__(self, rate: float = 50.0, burst: float = 200.0, auth_failures_per_min: float = 30.0,
+                 max_push_bytes: int = MAX_PUSH_BYTES) -> None:
+        self.requests = RateLimiter(rate, burst)
+        self.auth_failures = RateLimiter(auth_failures_per_min / 60.0, auth_failures_per_min)
+        self.max_push_bytes = max_push_bytes
+
+
+def create_app(lab: LabDB, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    app = FastAPI(title="fieldreid lab", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lab = lab
+
+    def _too_many(wait: float, what: str) -> HTTPException:
+        return HTTPException(429, f"Too many {what}; retry in {wait:.0f} s.",
+                             headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+
+    @app.middleware("http")
+    async def _size_limit(request: Request, call_next):
+        limit = limits.max_push_bytes if request.method == "POST" else MAX_OTHER_BYTES
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse({"detail": f"Request body over {limit} bytes."}, status_code=413)
+        return await call_next(request)
+
+    def device(request: Request, authorization: str | None = Header(default=None)) -> str:
+        client = request.client.host if request.client else "?"
+        token = ""
+        if authorization and authorization[:7].lower() == "bearer ":
+            token = authorization[7:].strip()
+        found = lab.device_for_token_hash(hash_token(token)) if 20 <= len(token) <= 200 else None
+        if found is None or found[1]:
+            wait = limits.auth_failures.allow(client)
+            if wait:
+                raise _too_many(wait, "failed logins")
+            what = "revoked" if found else "not valid"
+            raise HTTPException(401, f"The device token is {what}.", headers={"WWW-Authenticate": "Bearer"})
+        wait = limits.requests.allow(found[0])
+        if wait:
+            raise _too_many(wait, "requests")
+        return found[0]
+
+    def member(con, device_id: str, project: str) -> None:
+        if not PROJECT_ID_RE.match(project) or project not in lab.device_projects(con, device_id):
+            raise HTTPException(404, "No such project for this device.")
+
+    @app.exception_handler(LabError)
+    async def _lab_error(_request: Request, exc: LabError):
+        code = 404 if isinstance(exc, NotFound) else 422 if isinstance(exc, BadChunk) else 409
+        return JSONResponse({"detail": str(exc)}, status_code=code)
+
+    @app.get("/v1/me")
+    def me(device_id: str = Depends(device)) -> dict:
+        with lab.read() as con:
+            projects = {}
+            for p in lab.device_projects(con, device_id):
+                proj = lab.project(con, p)
+                projects[p] = {"model_id": proj.model_id, "dim": proj.dim,
+                               "galleries": {g.species: g.version for g in lab.galleries(con, p)}}
+        return {"device": device_id, "projects": projects, "key_id": lab.key.key_id}
+
+    @app.get("/v1/public-key")
+    def public_key(device_id: str = Depends(device)) -> dict:
+        return {"alg": "ed25519", "key": lab.key.public_b64, "key_id": lab.key.key_id}
+
+    @app.get("/v1/projects/{project}/galleries/{species}/bundle")
+    def bundle(project: str, species: str, since: int = Query(0, ge=0, le=2**62),
+               device_id: str = Depends(device)) -> Response:
+        if not SPECIES_RE.match(species):
+            raise HTTPException(404, "No such gallery.")
+        with lab.read() as con:
+            member(con, device_id, project)
+        data, info = lab.build_bundle(project, species, since)
+        return Response(data, media_type=BUNDLE_TYPE, headers={
+            "X-Fieldreid-Kind": info["kind"], "X-Fieldreid-Version": str(info["version"])})
+
+    @app.post("/v1/projects/{project}/sightings")
+    async def push(project: str, request: Request, idempotency_key: str = Header(...),
+                   device_id: str = Depends(device)) -> dict:
+        def check_member():
+            with lab.read() as con:
+                member(con, device_id, project)
+
+        await run_in_threadpool(check_member)
+        body = bytearray()
+        async for part in request.stream():  # chunked uploads have no Content-Length: count as we go
+            body += part
+            if len(body) > limits.max_push_bytes:
+                raise HTTPException(413, f"Request body over {limits.max_push_bytes} bytes.")
+        try:
+            chunk = unpackb(bytes(body))
+        except Exception:
+            raise HTTPException(422, "The chunk is not valid msgpack.") from None
+        return await run_in_threadpool(ingest_chunk, lab, device_id, project, idempotency_key, chunk)
+
+    return app
+
+
+def serve(db: str | None, data_dir: str | None, host: str = "127.0.0.1", port: int = 8750,
+          limits: Limits | None = None, log_level: str = "info") -> None:
+    """Run the API with uvicorn in this process (one worker: SQLite and the rate limiter live here)."""
+    try:
+        import uvicorn
+    except ImportError as exc:  # pragma: no cover
+        raise missing_extra("uvicorn", "server", "the lab server") from exc
+    lab = LabDB(db, data_dir)
+    uvicorn.run(create_app(lab, limits), host=host, port=port, log_level=log_level, access_log=False,
+                proxy_headers=True, forwarded_allow_ips="127.0.0.1", server_header=False)

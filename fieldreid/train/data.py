@@ -1,0 +1,169 @@
+"""Labelled crops for training: ``metadata.csv`` rows -> decoded images -> augmented, preprocessed batches.
+
+Images are decoded once (EXIF-upright, :func:`fieldreid.imageio.read_image`) and kept in memory as BGR
+uint8, shrunk so their longer side is at most ``max_side``: re-id sets are small and a 2-core CPU must not
+spend its time in the JPEG decoder every epoch. Each batch goes through the **field preprocessing**
+(:func:`fieldreid.embed.runtime.preprocess_images` with the model's :class:`PreprocessSpec`), so lab and
+device see the same tensors for the same crop.
+
+MiewID-style augmentation (its appendix: sharpening, CLAHE, shift 25 %, scale 20 %, rotation 15 degrees,
+colour jitter), each drawn independently per image:
+
+- shift / scale / rotate, p = 0.5: shift up to 25 % of the side, scale 0.8-1.2, rotation up to 15 degrees,
+  borders reflected;
+- colour jitter, p = 0.5: brightness, contrast and saturation x U(0.8, 1.2), hue shift up to 4 degrees;
+- CLAHE on the lightness channel, p = 0.2; unsharp-mask sharpening, p = 0.2.
+
+No horizontal flip: a flipped left flank is not that animal's right flank (coat patterns are not
+symmetric), so flipping would teach the model that two different patterns are one animal.
+
+Randomness comes from ``numpy.random.default_rng((seed, epoch, batch))``: a resumed run redraws exactly the
+batches and augmentations the interrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fieldreid.errors import FieldreidError, ImageReadError, InputError
+from fieldreid.types import PreprocessSpec
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges of the MiewID-style augmentation (see the module docstring)."""
+
+    p_affine: float = 0.5
+    shift: float = 0.25
+    scale: float = 0.2
+    rotate_deg: float = 15.0
+    p_color: float = 0.5
+    color: float = 0.2
+    hue_deg: float = 4.0
+    p_clahe: float = 0.2
+    p_sharpen: float = 0.2
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig = AugmentConfig()) -> np.ndarray:
+    """One random MiewID-style augmentation of a BGR uint8 image (same size out)."""
+    img = image
+    h, w = img.shape[:2]
+    if rng.random() < cfg.p_affine:
+        angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)
+        scale = rng.uniform(1.0 - cfg.scale, 1.0 + cfg.scale)
+        mat = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
+        mat[0, 2] += rng.uniform(-cfg.shift, cfg.shift) * w
+        mat[1, 2] += rng.uniform(-cfg.shift, cfg.shift) * h
+        img = cv2.warpAffine(img, mat, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    if rng.random() < cfg.p_color:
+        f = img.astype(np.float32)
+        f *= rng.uniform(1 - cfg.color, 1 + cfg.color)  # brightness
+        mean = f.mean()
+        f = (f - mean) * rng.uniform(1 - cfg.color, 1 + cfg.color) + mean  # contrast
+        gray = f @ np.array([0.114, 0.587, 0.299], np.float32)
+        f = (f - gray[..., None]) * rng.uniform(1 - cfg.color, 1 + cfg.color) + gray[..., None]  # saturation
+        img = np.clip(f, 0, 255).astype(np.uint8)
+        if cfg.hue_deg > 0:
+            hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+            shift = int(round(rng.uniform(-cfg.hue_deg, cfg.hue_deg) / 2))  # OpenCV hue is 0..179
+            hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if rng.random() < cfg.p_clahe:
+        lab = cv2.cvtColor(img, cv2.COLOR_BGR2LAB)
+        clahe = cv2.createCLAHE(clipLimit=float(rng.uniform(1.0, 4.0)), tileGridSize=(8, 8))
+        lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+        img = cv2.cvtColor(lab, cv2.COLOR_LAB2BGR)
+    if rng.random() < cfg.p_sharpen:
+        blur = cv2.GaussianBlur(img, (0, 0), 1.0)
+        amount = rng.uniform(0.2, 1.0)
+        img = cv2.addWeighted(img, 1 + amount, blur, -amount, 0)
+    return np.ascontiguousarray(img)
+
+
+class LabelledImages:
+    """Decoded crops with integer class labels, made from a ``metadata.csv`` split.
+
+    >>> data = LabelledImages.from_metadata("nyala/metadata.csv", split="train")   # doctest: +SKIP
+    >>> x, y = data.batch([0, 1, 2], spec, rng=np.random.default_rng(0))          # doctest: +SKIP
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], identities: Sequence[str], paths: Sequence[Path],
+                 classes: Sequence[str] | None = None) -> None:
+        if not (len(images) == len(identities) == len(paths)):
+            raise InputError("images, identities and paths need the same length.")
+        if len(images) == 0:
+            raise InputError("No training images.")
+        self.images = list(images)
+        self.identities = [str(i) for i in identities]
+        self.paths = [Path(p) for p in paths]
+        self.classes = sorted(set(self.identities)) if classes is None else list(classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        missing = sorted(set(self.identities) - set(index))
+        if missing:
+            raise InputError(f"Identities not in the class list: {missing[:5]}.")
+        self.labels = np.array([index[i] for i in self.identities], np.int64)
+
+    @classmethod
+    def from_metadata(cls, metadata: str | Path, split: str | None = "train", max_side: int | None = 512,
+                      progress=None) -> LabelledImages:
+        """Decode every labelled row of ``metadata`` (``split`` selects rows; unreadable files are an error)."""
+        from fieldreid.gallery.enroll import read_metadata
+        from fieldreid.imageio import read_image
+
+        items = read_metadata(metadata, split=split)
+        if not items:
+            raise InputError(f"{metadata} has no labelled rows{f' in split {split!r}' if split else ''}.")
+        images, failures = [], []
+        for it in items:
+            try:
+                px = read_image(it.path, min_side=max_side).pixels
+            except ImageReadError as exc:
+                failures.append(f"{it.path}: {exc}")
+                continue
+            if max_side and max(px.shape[:2]) > max_side:
+                s = max_side / max(px.shape[:2])
+                px = cv2.resize(px, (max(1, round(px.shape[1] * s)), max(1, round(px.shape[0] * s))),
+                                interpolation=cv2.INTER_AREA)
+            images.append(px)
+            if progress is not None:
+                progress(1)
+        if failures:
+            raise FieldreidError(f"{len(failures)} training image(s) could not be read, e.g. {failures[0]}. "
+                                 "Fix or remove those rows from the metadata.")
+        return cls(images, [it.identity for it in items], [it.path for it in items])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> np.ndarray:
+        counts = Counter(self.labels.tolist())
+        return np.array([counts.get(i, 0) for i in range(self.num_classes)], np.int64)
+
+    def batch(self, indices: Sequence[int], spec: PreprocessSpec, rng: np.random.Generator | None = None,
+              cfg: AugmentConfig | None = AugmentConfig()) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, 3, H, W) float32`` inputs and ``(N,)`` labels; augmented when ``rng`` and ``cfg`` are given."""
+        from fieldreid.embed.runtime import preprocess_images
+
+        imgs = [self.images[i] for i in indices]
+        if rng is not None and cfg is not None:
+            imgs = [augment(im, rng, cfg) for im in imgs]
+        return preprocess_images(imgs, spec), self.labels[np.asarray(indices, np.int64)]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled sample order of one epoch; a pure function of (seed, epoch), so resume can redo it."""
+    return np.random.default_rng((int(seed), int(epoch), 0x5EED)).permutation(n)
+
+
+def batch_rng(seed: int, epoch: int, step_in_epoch: int) -> np.random.Generator:
+    return np.random.default_rng((int(seed), int(epoch), int(step_in_epoch) + 1))

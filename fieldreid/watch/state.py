@@ -1,0 +1,290 @@
+"""The results database (``OUT/results.db``): what was seen, what was done, and everything it produced.
+
+One SQLite file (WAL, ``synchronous=FULL``) holds both the *state* of the watch (which file is pending,
+done, failed or a duplicate) and its *results* (images, detections, embeddings, events, decisions). That
+is what makes the commit protocol simple: a batch's results and its files' ``done`` state go in **one
+transaction**, so after a crash (``kill -9``, power cut, full disk) a file is either wholly done or not
+started, never half; a restart re-does exactly the batches that were not committed.
+
+File states (``files.status``)::
+
+    (unseen) --scan--> candidate --read+hash+decode--> done        results stored with it
+                                                 \\--> duplicate   same sha256 as a done image
+                                                 \\--> failed      unreadable, with the reason
+                                                 \\--> pending     still being written: retried
+
+A done / failed / duplicate file is skipped while its (size, mtime) stay the same; ``pending`` ones are
+tried again on every pass. Events: ``open`` → ``decided`` (decisions written here, gallery side effects
+not yet applied) → ``closed`` (provisional identities and gallery sightings written). See
+:mod:`fieldreid.watch.runner` for why the gallery step is replayable.
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fieldreid.errors import FieldreidError
+from fieldreid.fsutil import OutputWriteError
+
+APPLICATION_ID = 0x46525752  # "FRWR": fieldreid watch results
+STATUSES = ("pending", "done", "failed", "duplicate")
+
+_V1 = [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE files (
+        path TEXT PRIMARY KEY,
+        camera TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        sha256 TEXT,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed', 'duplicate')),
+        reason TEXT,
+        duplicate_of TEXT,
+        attempts INTEGER NOT NULL DEFAULT 1,
+        first_seen REAL NOT NULL,
+        updated REAL NOT NULL)""",
+    "CREATE INDEX files_status ON files(status)",
+    "CREATE INDEX files_sha ON files(sha256)",
+    """CREATE TABLE images (
+        sha256 TEXT PRIMARY KEY,
+        path TEXT NOT NULL,
+        camera TEXT NOT NULL,
+        captured TEXT NOT NULL,
+        captured_ts REAL NOT NULL,
+        utc_offset TEXT,
+        time_source TEXT NOT NULL,
+        make TEXT,
+        model TEXT,
+        width INTEGER,
+        height INTEGER,
+        latitude REAL,
+        longitude REAL,
+        event_id INTEGER,
+        processed REAL NOT NULL)""",
+    "CREATE INDEX images_event ON images(event_id)",
+    "CREATE INDEX images_path ON images(path)",
+    """CREATE TABLE detections (
+        sha256 TEXT NOT NULL REFERENCES images(sha256),
+        idx INTEGER NOT NULL,
+        category INTEGER NOT NULL,
+        conf REAL NOT NULL,
+        x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
+        embedding BLOB,
+        thumb BLOB,
+        PRIMARY KEY (sha256, idx))""",
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        camera TEXT NOT NULL,
+        start_ts REAL NOT NULL,
+        end_ts REAL NOT NULL,
+        n_images INTEGER NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('open', 'decided', 'closed')),
+        last_added REAL NOT NULL)""",
+    "CREATE INDEX events_open ON events(status, camera)",
+    """CREATE TABLE decisions (
+        sha256 TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        event_id INTEGER NOT NULL,
+        track INTEGER NOT NULL,
+        n_frames INTEGER NOT NULL,
+        decision TEXT NOT NULL CHECK (decision IN ('known', 'new', 'uncertain')),
+        identity TEXT,
+        score REAL,
+        runner_up TEXT,
+        runner_up_score REAL,
+        upper REAL NOT NULL,
+        lower REAL NOT NULL,
+        calibrated INTEGER NOT NULL,
+        threshold_method TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        gallery_version INTEGER NOT NULL,
+        species TEXT NOT NULL,
+        top TEXT NOT NULL,
+        representative INTEGER NOT NULL,
+        decided REAL NOT NULL,
+        PRIMARY KEY (sha256, idx))""",
+    "CREATE INDEX decisions_event ON decisions(event_id)",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+]
+MIGRATIONS: list[list[str]] = [_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StateError(FieldreidError):
+    """The results database is unusable (not ours, from a newer fieldreid, corrupt)."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return isinstance(exc, sqlite3.Error) and ("disk is full" in str(exc) or "disk I/O" in str(exc))
+
+
+def write_error(path: Path, exc: BaseException) -> OutputWriteError:
+    hint = " The disk is full: free space and run again." if _is_disk_full(exc) else ""
+    return OutputWriteError(f"Cannot write the results database {path}: {exc}.{hint} The last committed batch "
+                            "is intact; nothing of the failed batch was recorded, so a restart redoes it.")
+
+
+class StateDB:
+    """The results database. Writes go through :meth:`transaction` (one ``BEGIN IMMEDIATE`` each).
+
+    ``readonly=True`` opens a second connection for the scanner thread or the report command.
+    """
+
+    def __init__(self, path: str | Path, readonly: bool = False, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise StateError(f"No results database at {self.path}; run `fieldreid watch` first.")
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise write_error(self.path, exc) from exc
+            uri = f"{self.path.resolve().as_uri()}?mode=rwc"
+        try:
+            self.con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StateError(f"Cannot open results database {self.path}: {exc}.") from exc
+        self.con.row_factory = None
+        try:
+            self._prepare(readonly, synchronous)
+        except sqlite3.DatabaseError as exc:
+            self.con.close()
+            raise StateError(f"{self.path} is corrupt or not a fieldreid results database ({exc}). Move it aside "
+                             "and run again (the images will be processed afresh).") from exc
+        except BaseException:
+            self.con.close()
+            raise
+
+    def _prepare(self, readonly: bool, synchronous: str) -> None:
+        con = self.con
+        app_id = con.execute("PRAGMA application_id").fetchone()[0]
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        n_tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if n_tables and app_id != APPLICATION_ID:
+            raise StateError(f"{self.path} is a SQLite file but not a fieldreid results database; choose another "
+                             "--out folder.")
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.path} was written by a newer fieldreid (schema {version}); upgrade fieldreid.")
+        if readonly:
+            return
+        if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
+        con.execute(f"PRAGMA synchronous={synchronous}")
+        if version < SCHEMA_VERSION:
+            with self.transaction():
+                current = con.execute("PRAGMA user_version").fetchone()[0]
+                for v in range(current, SCHEMA_VERSION):
+                    for stmt in MIGRATIONS[v]:
+                        con.execute(stmt)
+                    con.execute(f"PRAGMA user_version = {v + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write. Disk-full and I/O errors become :class:`OutputWriteError`; nothing is kept."""
+        con = self.con
+        try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise write_error(self.path, exc) from exc
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(exc, sqlite3.OperationalError | OSError) and not isinstance(exc, OutputWriteError):
+                raise write_error(self.path, exc) from exc
+            raise
+
+    def close(self) -> None:
+        self.con.close()
+
+    # ---------------------------------------------------------------- meta
+    def meta(self, key: str) -> str | None:
+        row = self.con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, con: sqlite3.Connection, key: str, value: str) -> None:
+        con.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = "
+                    "excluded.value", (key, value))
+
+    # ---------------------------------------------------------------- files
+    def file_row(self, rel: str) -> tuple | None:
+        """(status, size, mtime_ns, attempts) of a file, or None if never recorded."""
+        return self.con.execute("SELECT status, size, mtime_ns, attempts FROM files WHERE path = ?",
+                                (rel,)).fetchone()
+
+    def done_path_for_hash(self, sha: str) -> str | None:
+        row = self.con.execute("SELECT path FROM images WHERE sha256 = ?", (sha,)).fetchone()
+        return row[0] if row else None
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATUSES, 0)
+        out.update(dict(self.con.execute("SELECT status, count(*) FROM files GROUP BY status")))
+        return out
+
+    def decision_counts(self) -> dict[str, int]:
+        """Animals (tracks) per decision: one per track, not per frame."""
+        out = {"known": 0, "new": 0, "uncertain": 0}
+        out.update(dict(self.con.execute(
+            "SELECT decision, count(*) FROM decisions WHERE representative = 1 GROUP BY decision")))
+        return out
+
+    def upsert_file(self, con: sqlite3.Connection, rel: str, camera: str, size: int, mtime_ns: int, status: str,
+                    sha: str | None = None, reason: str | None = None, duplicate_of: str | None = None) -> None:
+        now = time.time()
+        con.execute(
+            "INSERT INTO files (path, camera, size, mtime_ns, sha256, status, reason, duplicate_of, attempts, "
+            "first_seen, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) ON CONFLICT(path) DO UPDATE SET "
+            "size = excluded.size, mtime_ns = excluded.mtime_ns, sha256 = excluded.sha256, status = excluded.status, "
+            "reason = excluded.reason, duplicate_of = excluded.duplicate_of, attempts = files.attempts + 1, "
+            "updated = excluded.updated",
+            (rel, camera, size, mtime_ns, sha, status, reason, duplicate_of, now, now))
+
+    # ---------------------------------------------------------------- events
+    def assign_event(self, con: sqlite3.Connection, camera: str, ts: float, gap: float) -> int:
+        """Inside a batch transaction: the open event of ``camera`` within ``gap`` seconds of ``ts`` (extended
+        to include it), or a new open event. With several candidates the nearest one wins."""
+        row = con.execute(
+            "SELECT id, start_ts, end_ts FROM events WHERE status = 'open' AND camera = ? AND start_ts - ? <= ? "
+            "AND end_ts + ? >= ? ORDER BY min(abs(start_ts - ?), abs(end_ts - ?)) LIMIT 1",
+            (camera, gap, ts, gap, ts, ts, ts)).fetchone()
+        now = time.time()
+        if row is None:
+            cur = con.execute("INSERT INTO events (camera, start_ts, end_ts, n_images, status, last_added) "
+                              "VALUES (?, ?, ?, 1, 'open', ?)", (camera, ts, ts, now))
+            return int(cur.lastrowid)
+        eid, start, end = row
+        con.execute("UPDATE events SET start_ts = ?, end_ts = ?, n_images = n_images + 1, last_added = ? WHERE id = ?",
+                    (min(start, ts), max(end, ts), now, eid))
+        return int(eid)
+
+    def events_to_close(self, gap: float, idle_close: float, force: bool = False) -> list[int]:
+        """Open events whose gap has passed: the camera's clock moved on by more than ``gap`` (a later image
+        arrived), or nothing joined them for ``idle_close`` wall-clock seconds; every open event if ``force``."""
+        if force:
+            return [r[0] for r in self.con.execute("SELECT id FROM events WHERE status = 'open' ORDER BY id")]
+        now = time.time()
+        rows = self.con.execute(
+            "SELECT e.id FROM events e WHERE e.status = 'open' AND (e.last_added + ? <= ? OR e.end_ts + ? < "
+            "(SELECT max(f.end_ts) FROM events f WHERE f.camera = e.camera)) ORDER BY e.id",
+            (idle_close, now, gap)).fetchall()
+        return [r[0] for r in rows]
+
+    def next_idle_deadline(self, idle_close: float) -> float | None:
+        row = self.con.execute("SELECT min(last_added) FROM events WHERE status = 'open'").fetchone()
+        return None if row[0] is None else float(row[0]) + idle_close
+
+    def event_ids(self, status: str) -> list[int]:
+        return [r[0] for r in self.con.execute("SELECT id FROM events WHERE status = ? ORDER BY id", (status,))]

@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
@@ -15,36 +17,57 @@ class OutputWriteError(FieldreidError):
     """An output file could not be written (full disk, read-only mount, missing folder)."""
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename over it."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputWriteError(f"Cannot write {path}: {exc.strerror or exc}.") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        hint = " The disk is full: free space and run again." if exc.errno == errno.ENOSPC else ""
-        raise OutputWriteError(f"Cannot write {path}: {exc.strerror or exc}.{hint} The previous file is unchanged.") from exc
+def _fsync_dir(folder: Path) -> None:
     try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
-    return path
+
+
+def _write_error(path: Path, exc: OSError) -> OutputWriteError:
+    hint = " The disk is full: free space and run again." if exc.errno == errno.ENOSPC else ""
+    return OutputWriteError(f"Cannot write {path}: {exc.strerror or exc}.{hint} The previous file is unchanged.")
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A temp path beside ``path`` to write into; on a clean exit it is fsynced and renamed over ``path``.
+
+    Any exception inside the block (a failed write, a failed check such as a parity gate) removes the temp
+    file and leaves the previous ``path`` untouched.
+
+    >>> with atomic_output("model.onnx") as tmp:   # doctest: +SKIP
+    ...     onnx.save(proto, tmp); check(tmp)
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputWriteError(f"Cannot write {path}: {exc.strerror or exc}.") from exc
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, then rename over it."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -18,58 +18,21 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fieldreid.engines.manifest import sha256_file, write_manifest
 from fieldreid.errors import InputError, ModelError, missing_extra
+from fieldreid.fsutil import atomic_output
 
 KINDS = ("auto", "yolov5", "ultralytics")
 #: parity gate between torch and ONNX Runtime on a random batch: |ort - torch| <= ATOL + RTOL * max|torch|.
 #: Box outputs are in input pixels (up to imgsz), so a relative term is needed; 1e-4 of 640 px is 0.064 px.
 PARITY_ATOL = 1e-3
 PARITY_RTOL = 1e-4
-
-
-# -- manifest helpers ---------------------------------------------------------------------------------------
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_manifest(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as pretty JSON to ``path`` atomically (temp file in the same folder + ``os.replace``),
-    so a crash never leaves a half-written manifest next to an artefact. Returns the path."""
-    path = Path(path)
-    _atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True, default=str) + "\n").encode())
-    return path
-
-
-def manifest_path(onnx_path: str | Path) -> Path:
-    """The manifest beside an artefact: ``model.onnx`` -> ``model.onnx.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
 
 
 # -- loading ----------------------------------------------------------------------------------------------
@@ -344,9 +307,7 @@ def convert_detector(
     dummy = torch.zeros(1, 3, *size)
     with torch.inference_mode():
         module(dummy)  # build grids/anchors once in eager mode so tracing sees constants
-    out_onnx.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_onnx.with_name(f".{out_onnx.name}.export.tmp")
-    try:
+    with atomic_output(out_onnx) as tmp:
         import warnings
 
         with warnings.catch_warnings():
@@ -382,7 +343,7 @@ def convert_detector(
         for k, v in meta.items():
             entry = model_proto.metadata_props.add()
             entry.key, entry.value = k, v
-        _atomic_write_bytes(tmp, model_proto.SerializeToString())
+        tmp.write_bytes(model_proto.SerializeToString())
         parity = _parity(module, tmp, size, batch=2 if dynamic_batch else 1)
         if not parity["ok"]:
             raise ModelError(
@@ -390,9 +351,6 @@ def convert_detector(
                 f"{parity['max_abs_diff']:.3g} (outputs reach {parity['max_abs_ref']:.3g}; allowed "
                 f"{PARITY_ATOL:g} + {PARITY_RTOL:g} x that). Try another opset, or report the model."
             )
-        os.replace(tmp, out_onnx)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     manifest = {
         "kind": "detector",
@@ -415,5 +373,5 @@ def convert_detector(
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    write_manifest(manifest_path(out_onnx), manifest)
+    write_manifest(out_onnx, json.loads(json.dumps(manifest, default=str)))
     return manifest

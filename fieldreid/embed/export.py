@@ -24,9 +24,7 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import platform
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -34,7 +32,9 @@ import numpy as np
 import torch
 
 from fieldreid.embed.model import EmbeddingModel, model_metadata
+from fieldreid.engines.manifest import sha256_file, write_manifest
 from fieldreid.errors import ModelError
+from fieldreid.fsutil import atomic_output
 from fieldreid.types import PreprocessSpec
 
 #: torch vs ONNX Runtime cosine below which an export is refused.
@@ -51,20 +51,6 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _tmp_beside(path: Path, suffix: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def _sample_batch(preprocess: PreprocessSpec, n: int = 4, seed: int = 0) -> np.ndarray:
@@ -146,8 +132,7 @@ def export_embedder_onnx(model: EmbeddingModel, out_path: str | Path, preprocess
         raise ModelError(f"parity_batch must have shape (N, 3, {h}, {w}), got {batch.shape}.")
     example = torch.from_numpy(batch[:2] if dynamic_batch and len(batch) >= 2 else batch[:1]).contiguous()
 
-    tmp = _tmp_beside(out_path, ".onnx")
-    try:
+    with atomic_output(out_path) as tmp:
         exporter = _torch_export(model, tmp, example, opset, dynamic_batch)
         proto = onnx.load(str(tmp))
         meta = model_metadata(model, preprocess, model_id)
@@ -166,9 +151,6 @@ def export_embedder_onnx(model: EmbeddingModel, out_path: str | Path, preprocess
                 f"(mean {parity['cosine_mean']:.6f}, max abs diff {parity['max_abs_diff']:.3g}) over "
                 f"{parity['n']} inputs, below {PARITY_MIN_COSINE}. The file was not written."
             )
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     import onnxruntime as ort
     import timm
@@ -177,7 +159,6 @@ def export_embedder_onnx(model: EmbeddingModel, out_path: str | Path, preprocess
         "kind": "embedder",
         "model_id": model_id,
         "file": out_path.name,
-        "sha256": _file_sha256(out_path),
         "size_bytes": out_path.stat().st_size,
         "precision": "fp32",
         "opset": opset,
@@ -191,17 +172,11 @@ def export_embedder_onnx(model: EmbeddingModel, out_path: str | Path, preprocess
         "config": model.config(),
         "preprocess": json.loads(preprocess.to_json()),
         "source": {"state_dict_sha256": state_dict_sha256(model),
-                   **({"file": str(source_path), "file_sha256": _file_sha256(Path(source_path))}
+                   **({"file": str(source_path), "file_sha256": sha256_file(source_path)}
                       if source_path else {})},
         "parity": parity,
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
                      "onnxruntime": ort.__version__, "python": platform.python_version()},
     }
-    manifest_path = out_path.with_name(out_path.name + ".json")
-    tmp_json = _tmp_beside(manifest_path, ".json")
-    try:
-        tmp_json.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_json, manifest_path)
-    finally:
-        tmp_json.unlink(missing_ok=True)
+    write_manifest(out_path, manifest)  # adds the artefact's sha256 and creation time
     return out_path

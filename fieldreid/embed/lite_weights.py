@@ -28,7 +28,6 @@ What differs between the source and timm, and how it is handled:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,14 +77,6 @@ def lite_weights_path(variant: str = "lite0") -> Path:
     if not path.is_file():
         raise ModelError(f"The {v.package} package is installed but {path} is missing: reinstall it.")
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def lite_preprocess(variant: str = "lite0") -> PreprocessSpec:

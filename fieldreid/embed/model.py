@@ -15,8 +15,6 @@ constant scale that the L2 normalisation removes. An untrained neck is therefore
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fieldreid.engines.manifest import sha256_file
 from fieldreid.errors import ModelError
+from fieldreid.fsutil import atomic_output
 from fieldreid.types import PreprocessSpec
 
 CHECKPOINT_FORMAT = "fieldreid.embedder"
@@ -174,7 +174,6 @@ def build_default_embedder(variant: str = "lite0") -> tuple[EmbeddingModel, Prep
     ``model_id`` is ``fieldreid-effnet<variant>-imagenet-v1-<sha256[:8] of the source .pth>``.
     """
     from fieldreid.embed.lite_weights import (
-        file_sha256,
         imagenet_lite_state_dict,
         lite_weights_path,
         timm_lite_name,
@@ -182,7 +181,7 @@ def build_default_embedder(variant: str = "lite0") -> tuple[EmbeddingModel, Prep
 
     state_dict, spec = imagenet_lite_state_dict(variant, tf_padding=True)
     model = EmbeddingModel(timm_lite_name(variant, tf_padding=True), pretrained=state_dict).eval()
-    digest = file_sha256(lite_weights_path(variant))[:8]
+    digest = sha256_file(lite_weights_path(variant))[:8]
     return model, spec, f"fieldreid-effnet{variant}-imagenet-v1-{digest}"
 
 
@@ -197,18 +196,6 @@ def model_metadata(model: EmbeddingModel, preprocess: PreprocessSpec, model_id: 
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(path: str | Path, model: EmbeddingModel, preprocess: PreprocessSpec, model_id: str,
                     extra: dict[str, str] | None = None) -> Path:
     """Write weights + JSON config; loads with ``torch.load(weights_only=True)`` (no pickled classes)."""
@@ -221,7 +208,8 @@ def save_checkpoint(path: str | Path, model: EmbeddingModel, preprocess: Preproc
         "extra": {str(k): str(v) for k, v in (extra or {}).items()},
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -253,3 +241,8 @@ def load_checkpoint(path: str | Path) -> tuple[EmbeddingModel, dict[str, str]]:
     for key, value in payload.get("extra", {}).items():
         metadata.setdefault(f"fieldreid.extra.{key}", str(value))
     return model.eval(), metadata
+
+
+def _atomic_write(path: Path, write) -> None:  # TODO(cleanup): callers should use fsutil.atomic_output
+    with atomic_output(path) as tmp:
+        write(tmp)

@@ -189,23 +189,40 @@ def embed(
 @_friendly
 def export_cmd(
     model: Annotated[Path, typer.Argument(help="A detector checkpoint (YOLOv5 / ultralytics .pt), a fieldreid "
-                                              "embedder checkpoint (.pt) or an ONNX model (for --fp16 plans).")],
+                                              "embedder checkpoint (.pt) or an ONNX model.")],
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output ONNX path.")] = None,
     kind: Annotated[str, typer.Option(help="auto | yolov5 | ultralytics | embedder")] = "auto",
     imgsz: Annotated[int, typer.Option(help="Detector input size.")] = 640,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also build a TensorRT FP16 plan (needs TensorRT + GPU).")] = False,
-    int8: Annotated[bool, typer.Option("--int8", help="Build a TensorRT INT8 plan from a QDQ ONNX (explicit "
-                                                      "quantisation).")] = False,
-    fp32: Annotated[bool, typer.Option("--fp32", help="Build a TensorRT FP32 plan.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="INT8 QDQ ONNX calibrated on --calib, gated against FP32; "
+                                                      "plus a TensorRT INT8 plan where TensorRT is installed.")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", "--fp32-plan", help="Build a TensorRT FP32 plan.")] = False,
+    calib: Annotated[Path | None, typer.Option(help="Real crops for INT8 calibration: a folder or a "
+                                                    "metadata.csv.")] = None,
+    calib_split: Annotated[str | None, typer.Option(help="Rows of a --calib metadata.csv.")] = None,
+    calib_count: Annotated[int | None, typer.Option(help="Crops to calibrate on (default: profile, else 256).")
+                           ] = None,
+    calib_method: Annotated[str | None, typer.Option(help="minmax | entropy | percentile")] = None,
+    val: Annotated[Path | None, typer.Option(help="Labelled validation set for the INT8 gate (metadata.csv or "
+                                                  "folder; default: --calib).")] = None,
+    val_split: Annotated[str | None, typer.Option(help="Rows of a --val metadata.csv.")] = None,
+    profile: Annotated[str | None, typer.Option(help="Export profile: a name in export/ or a .toml path.")] = None,
+    min_cosine: Annotated[float | None, typer.Option(help="INT8 gate: mean embedding cosine to FP32.")] = None,
+    max_top1_drop: Annotated[float | None, typer.Option(help="INT8 gate: allowed one-vs-all top-1 drop.")] = None,
+    fallback: Annotated[bool, typer.Option(help="On a failed gate, retry with sensitive layers in FP32.")] = True,
 ) -> None:
-    """Convert a checkpoint to ONNX (FP32, dynamic batch, metadata + manifest); optionally a TensorRT plan."""
-    from fieldreid.export_cmd import export_model
+    """Checkpoint -> ONNX (FP32, dynamic batch, metadata, parity gate, manifest); INT8 QDQ; TensorRT plans."""
+    from fieldreid.export_cmd import ExportOptions, run_export
 
-    chosen = [name for name, flag in (("fp16", fp16), ("int8", int8), ("fp32", fp32)) if flag]
-    if len(chosen) > 1:
-        raise FieldreidError(f"Choose one plan precision, not {' and '.join('--' + c for c in chosen)}.")
-    for path in export_model(model, out_path, kind=kind, imgsz=imgsz, plan=chosen[0] if chosen else None):
+    opts = ExportOptions(out=out_path, kind=kind, imgsz=imgsz, fp16=fp16, int8=int8, fp32_plan=fp32, calib=calib,
+                         calib_split=calib_split, calib_count=calib_count, calib_method=calib_method, val=val,
+                         val_split=val_split, profile=profile, min_cosine=min_cosine, max_top1_drop=max_top1_drop,
+                         fallback=fallback)
+    res = run_export(model, opts, log=lambda s: err.print(escape(s)))
+    for path in res.written:
         err.print(f"wrote {path}")
+    for note in res.notes:
+        err.print(f"[yellow]note:[/] {escape(note)}")
 
 
 @app.command()
@@ -230,6 +247,9 @@ def _register_subcommands() -> None:
     register(app)
     _register_sync(app)
     _register_watch(app)
+    from fieldreid.cli_train import register as _register_train
+
+    _register_train(app)
 
 
 _register_subcommands()

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from fieldreid.cli_common import BackendOpt, DetectorOpt, EmbedderOpt, err, friendly, open_detector, open_embedder
+from fieldreid.cli_common import (
+    BackendOpt,
+    DetectorOpt,
+    EmbedderOpt,
+    err,
+    friendly,
+    open_detector,
+    open_embedder,
+)
 from fieldreid.errors import FieldreidError
 
 

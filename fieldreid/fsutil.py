@@ -13,6 +13,16 @@ from pathlib import Path
 from fieldreid.errors import FieldreidError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: mkstemp creates 0600 files; outputs are for other tools and users too, so they get the usual mode.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 class OutputWriteError(FieldreidError):
     """An output file could not be written (full disk, read-only mount, missing folder)."""
 
@@ -47,7 +57,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        try:
+            os.fchmod(fd, _FILE_MODE)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise OutputWriteError(f"Cannot write {path}: {exc.strerror or exc}.") from exc
     tmp = Path(name)

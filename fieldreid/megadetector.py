@@ -7,12 +7,14 @@ could not be processed carries ``failure`` instead of ``detections``.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from fieldreid.fsutil import atomic_write_json
+from fieldreid.fsutil import atomic_output
 from fieldreid.types import MD_CATEGORIES, Detections
 
 FORMAT_VERSION = "1.4"
@@ -20,48 +22,62 @@ CONF_DIGITS = 3
 COORD_DIGITS = 4
 
 
+def md_bbox(x1: float, y1: float, x2: float, y2: float, w: float, h: float) -> list[float]:
+    """Pixel ``xyxy`` in an image of width ``w`` and height ``h`` → normalised, clipped ``[x, y, w, h]``."""
+    x1, x2 = max(0.0, float(x1)), min(float(w), float(x2))
+    y1, y2 = max(0.0, float(y1)), min(float(h), float(y2))
+    return [round(x1 / w, COORD_DIGITS), round(y1 / h, COORD_DIGITS),
+            round((x2 - x1) / w, COORD_DIGITS), round((y2 - y1) / h, COORD_DIGITS)]
+
+
+def md_detection(category: int, conf: float, xyxy, size_hw: tuple[int, int]) -> dict | None:
+    """One ``detections[]`` record, or None for a class outside animal / person / vehicle."""
+    if str(int(category)) not in MD_CATEGORIES:
+        return None
+    h, w = size_hw
+    return {"category": str(int(category)), "conf": round(float(conf), CONF_DIGITS), "bbox": md_bbox(*xyxy, w, h)}
+
+
+def detections_entry(file: str, dets: list[dict]) -> dict:
+    return {"file": file, "detections": dets, "max_detection_conf": max((d["conf"] for d in dets), default=0.0)}
+
+
 def image_entry(file: str, detections: Detections, size_hw: tuple[int, int]) -> dict:
     """One ``images[]`` record; ``detections`` in full-resolution pixels of an image of ``size_hw``."""
-    h, w = size_hw
-    dets = []
     order = np.argsort(-detections.confidence, kind="stable")
-    for i in order:
-        cat = int(detections.category[i])
-        if str(cat) not in MD_CATEGORIES:
-            continue
-        x1, y1, x2, y2 = (float(v) for v in detections.xyxy[i])
-        x1, x2 = max(0.0, x1), min(float(w), x2)
-        y1, y2 = max(0.0, y1), min(float(h), y2)
-        bbox = [round(x1 / w, COORD_DIGITS), round(y1 / h, COORD_DIGITS),
-                round((x2 - x1) / w, COORD_DIGITS), round((y2 - y1) / h, COORD_DIGITS)]
-        dets.append({"category": str(cat), "conf": round(float(detections.confidence[i]), CONF_DIGITS), "bbox": bbox})
-    return {"file": file, "detections": dets, "max_detection_conf": max((d["conf"] for d in dets), default=0.0)}
+    dets = [md_detection(detections.category[i], detections.confidence[i], detections.xyxy[i], size_hw)
+            for i in order]
+    return detections_entry(file, [d for d in dets if d is not None])
 
 
 def failure_entry(file: str, reason: str) -> dict:
     return {"file": file, "failure": reason, "detections": None}
 
 
-def batch_output(images: list[dict], detector: str, conf_threshold: float,
-                 extra_info: dict | None = None) -> dict:
+def info_block(detector: str, conf_threshold: float, extra_info: dict | None = None) -> dict:
     return {
-        "info": {
-            "format_version": FORMAT_VERSION,
-            "detector": detector,
-            "detection_completion_time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            "detector_metadata": {"typical_detection_threshold": 0.2, "conf_digits": CONF_DIGITS,
-                                  "output_threshold": conf_threshold},
-            **(extra_info or {}),
-        },
-        "detection_categories": dict(MD_CATEGORIES),
-        "images": images,
+        "format_version": FORMAT_VERSION,
+        "detector": detector,
+        "detection_completion_time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "detector_metadata": {"typical_detection_threshold": 0.2, "conf_digits": CONF_DIGITS,
+                              "output_threshold": conf_threshold},
+        **(extra_info or {}),
     }
 
 
-def write_batch_output(path: str | Path, images: list[dict], detector: str, conf_threshold: float,
-                       extra_info: dict | None = None) -> Path:
-    """Write the JSON atomically (temp file + rename): a crash never leaves a half-written file."""
-    return atomic_write_json(path, batch_output(images, detector, conf_threshold, extra_info))
+def write_batch_output(path: str | Path, images: Iterable[dict], detector: str, conf_threshold: float,
+                       extra_info: dict | None = None) -> int:
+    """Stream the JSON to a temp file and rename it over ``path`` (a crash never leaves a half-written file;
+    memory stays flat however many images there are). Returns the number of image entries."""
+    n = 0
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write('{"info": ' + json.dumps(info_block(detector, conf_threshold, extra_info))
+                 + ', "detection_categories": ' + json.dumps(MD_CATEGORIES) + ', "images": [\n')
+        for entry in images:
+            fh.write((",\n" if n else "") + json.dumps(entry, allow_nan=False))
+            n += 1
+        fh.write("\n]}\n")
+    return n
 
 
 def relative_name(path: Path, roots: list[Path]) -> str:

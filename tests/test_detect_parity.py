@@ -27,9 +27,9 @@ pytest.importorskip("onnx")
 
 from fieldreid.detect import Detector, box_iou, decode, nms, raw_to_yolov5, scale_boxes  # noqa: E402
 from fieldreid.detect.convert import convert_detector  # noqa: E402
-from fieldreid.engines.manifest import manifest_path  # noqa: E402
 from fieldreid.detect.letterbox import letterbox  # noqa: E402
 from fieldreid.engines import load_engine  # noqa: E402
+from fieldreid.engines.manifest import manifest_path  # noqa: E402
 
 IMGSZ = 640
 CONF_V5 = 0.1

@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fieldreid.exif import (EXIF_IFD, FILE_MTIME, TAG_DATETIME, TAG_DIGITIZED, TAG_MAKE, TAG_MODEL, TAG_OFFSET_ORIGINAL,
-                            TAG_ORIGINAL, parse_exif_datetime, parse_offset, read_capture_info)
+from fieldreid.exif import (
+    EXIF_IFD,
+    FILE_MTIME,
+    TAG_DATETIME,
+    TAG_DIGITIZED,
+    TAG_MAKE,
+    TAG_MODEL,
+    TAG_OFFSET_ORIGINAL,
+    TAG_ORIGINAL,
+    parse_exif_datetime,
+    parse_offset,
+    read_capture_info,
+)
 
 
 def _jpeg(ifd0: dict | None = None, exif_ifd: dict | None = None) -> bytes:

@@ -218,7 +218,7 @@ def test_output_disk_full_keeps_previous_outputs_and_state(models, owl, camtrap,
     def enospc(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runner_mod.os, "fdopen", enospc)
+    monkeypatch.setattr(runner_mod.os, "fsync", enospc)  # where a full disk surfaces with delayed allocation
     with _watcher(models, tmp_path / "cards", tmp_path) as w, pytest.raises(OutputWriteError, match="disk is full"):
         w.run(once=True)
     monkeypatch.undo()

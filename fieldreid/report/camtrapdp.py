@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
-from fieldreid.fsutil import atomic_write_json
 from fieldreid.report.outputs import atomic_text
 from fieldreid.watch.state import StateDB
 
@@ -260,7 +259,8 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
                 [min(lons), min(lats)]]]}
         else:
             warnings.append("no deployment coordinates: the package's spatial extent is missing.")
-        atomic_write_json(pkg / "datapackage.json", descriptor, indent=2)
+        with atomic_text(pkg / "datapackage.json") as fh:
+            fh.write(json.dumps(descriptor, indent=2) + "\n")
         return pkg / "datapackage.json", warnings
     finally:
         db.close()

@@ -14,21 +14,15 @@ disk leaves the previous good file in place.
 from __future__ import annotations
 
 import csv
-import errno
 import io
-import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
 from typing import IO
 
-from fieldreid.fsutil import OutputWriteError
-from fieldreid.megadetector import CONF_DIGITS, COORD_DIGITS, FORMAT_VERSION
-from fieldreid.types import MD_CATEGORIES
+from fieldreid.fsutil import atomic_output
+from fieldreid.megadetector import detections_entry, failure_entry, md_detection, write_batch_output
 
 DETECTIONS_JSON = "detections.json"
 IMAGES_CSV = "images.csv"
@@ -37,73 +31,35 @@ SIGHTINGS_CSV = "sightings.csv"
 
 @contextmanager
 def atomic_text(path: str | Path) -> Iterator[IO[str]]:
-    """Write a text file atomically: yields a handle on a temp file, then fsync + rename over ``path``.
-
-    Any ``OSError`` (full disk, read-only mount) becomes :class:`OutputWriteError`; the temp file is
-    removed and the previous ``path`` is untouched.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; outputs are meant to be read by other tools and users
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        hint = " The disk is full: free space and run again." if exc.errno == errno.ENOSPC else ""
-        raise OutputWriteError(f"Cannot write {path}: {exc.strerror or exc}.{hint} The previous file is "
-                               "unchanged.") from exc
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _md_bbox(x1: float, y1: float, x2: float, y2: float, w: int, h: int) -> list[float]:
-    x1, x2 = max(0.0, x1), min(float(w), x2)
-    y1, y2 = max(0.0, y1), min(float(h), y2)
-    return [round(x1 / w, COORD_DIGITS), round(y1 / h, COORD_DIGITS), round((x2 - x1) / w, COORD_DIGITS),
-            round((y2 - y1) / h, COORD_DIGITS)]
+    """Write a text file atomically (:func:`fieldreid.fsutil.atomic_output`): a handle on a temp file that
+    is fsynced and renamed over ``path``; an ``OSError`` becomes :class:`OutputWriteError` and the previous
+    ``path`` is untouched."""
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        yield fh
 
 
 def write_detections_json(con, path: Path, detector: str, conf_threshold: float, extra_info: dict | None = None) -> int:
     """MegaDetector batch output from the results database; returns the number of image entries."""
-    info = {"format_version": FORMAT_VERSION, "detector": detector,
-            "detection_completion_time": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            "detector_metadata": {"typical_detection_threshold": 0.2, "conf_digits": CONF_DIGITS,
-                                  "output_threshold": conf_threshold}, **(extra_info or {})}
     rows = con.execute(
         "SELECT f.path, f.status, f.reason, i.width, i.height, d.category, d.conf, d.x1, d.y1, d.x2, d.y2 "
         "FROM files f LEFT JOIN images i ON i.sha256 = f.sha256 AND f.status IN ('done', 'duplicate') "
         "LEFT JOIN detections d ON d.sha256 = i.sha256 WHERE f.status != 'pending' ORDER BY f.path, d.conf DESC")
-    n = 0
-    with atomic_text(path) as fh:
-        fh.write('{"info": ' + json.dumps(info) + ', "detection_categories": ' + json.dumps(MD_CATEGORIES)
-                 + ', "images": [\n')
+
+    def entries() -> Iterator[dict]:
         for (file, status, reason), group in groupby(rows, key=lambda r: r[:3]):
             if status == "failed":
-                entry = {"file": file, "failure": reason, "detections": None}
-            else:
-                dets = []
-                for r in group:
-                    w, h, cat = r[3], r[4], r[5]
-                    if cat is None or str(cat) not in MD_CATEGORIES or not w:
-                        continue
-                    dets.append({"category": str(cat), "conf": round(float(r[6]), CONF_DIGITS),
-                                 "bbox": _md_bbox(r[7], r[8], r[9], r[10], w, h)})
-                entry = {"file": file, "detections": dets,
-                         "max_detection_conf": max((d["conf"] for d in dets), default=0.0)}
-            fh.write((",\n" if n else "") + json.dumps(entry))
-            n += 1
-        fh.write("\n]}\n")
-    return n
+                yield failure_entry(file, reason)
+                continue
+            dets = []
+            for r in group:
+                w, h, cat = r[3], r[4], r[5]
+                if cat is not None and w:
+                    det = md_detection(cat, r[6], (r[7], r[8], r[9], r[10]), (h, w))
+                    if det is not None:
+                        dets.append(det)
+            yield detections_entry(file, dets)
+
+    return write_batch_output(path, entries(), detector, conf_threshold, extra_info)
 
 
 IMAGE_COLUMNS = ["file", "camera", "status", "reason", "duplicate_of", "sha256", "captured", "utc_offset",

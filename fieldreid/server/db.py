@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError, missing_extra
+from fieldreid.fsutil import atomic_write_bytes
 from fieldreid.server import schema as s
 from fieldreid.server.signing import LabKey
 
@@ -196,20 +196,7 @@ class LabDB:
         path = self.crop_dir / digest[:2] / f"{digest}.jpg"
         if path.exists():
             return digest
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".crop-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write_bytes(path, data)
         return digest
 
     def crop_path(self, digest: str) -> Path:

@@ -244,6 +244,7 @@ def _store(lab: LabDB, device_id: str, project_id: str, key: str, checked: list[
             present.update(r[0] for r in con.execute(sa.select(s.sightings.c.uid).where(
                 s.sightings.c.device_id == device_id, s.sightings.c.uid.in_(uids[i:i + 500]))))
         rows, seen = [], set()
+        resolved: dict[tuple[int, str | None], str | None] = {}
         for c in checked:
             r = c.row
             if r["uid"] in present or r["uid"] in seen:
@@ -254,12 +255,15 @@ def _store(lab: LabDB, device_id: str, project_id: str, key: str, checked: list[
             lab_identity = device_identity
             if device_identity is not None and c.identity_kind == "field":
                 device_identity = lab_identity = f"{device_identity}@{device_id}"
+            if (gid, lab_identity) not in resolved:
+                resolved[gid, lab_identity] = lab.resolve(con, gid, lab_identity)
             rows.append({**r, "project_id": project_id, "device_id": device_id, "device_identity": device_identity,
-                         "identity_id": lab.resolve(con, gid, lab_identity), "received": received})
+                         "identity_id": resolved[gid, lab_identity], "received": received})
         if rows:
             con.execute(s.sightings.insert(), rows)
         response = {"accepted": len(rows), "duplicates": len(checked) - len(rows), "rejected": rejected,
                     "identities": new_identities}
         con.execute(s.push_chunks.insert().values(device_id=device_id, key=key, received=received,
                                                   response=json.dumps(response)))
+        con.execute(sa.update(s.devices).where(s.devices.c.id == device_id).values(last_seen=received))
     return {**response, "replayed": False}

@@ -466,8 +466,14 @@ class Watcher:
         from fieldreid import __version__
         from fieldreid.report.outputs import write_all
 
-        write_all(self.reader.con, self.out, str(getattr(self.detector, "model_id", "detector")), self.cfg.conf,
-                  {"fieldreid_version": __version__, "embedder": self.embedder.model_id})
+        # A connection of its own: the scanner thread is using self.reader meanwhile. Each output is one
+        # read transaction, so it describes one committed state.
+        snap = StateDB(self.out / RESULTS_DB, readonly=True)
+        try:
+            write_all(snap.con, self.out, str(getattr(self.detector, "model_id", "detector")), self.cfg.conf,
+                      {"fieldreid_version": __version__, "embedder": self.embedder.model_id})
+        finally:
+            snap.close()
         self._changed = False
         self._last_flush = time.monotonic()
 

@@ -1,0 +1,186 @@
+"""Sync pieces without a network: atomic apply, the persistent queue, content checks, config, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sync_support import DIM, MODEL, ROOT, ServerProcess, jpeg, make_lab_gallery, record_sightings, unit
+
+from fieldreid.gallery.store import Gallery, GalleryError
+from fieldreid.server import admin
+from fieldreid.server.db import LabDB
+from fieldreid.server.ingest import check_jpeg, check_vector, ingest_chunk
+from fieldreid.server.signing import verify_bundle
+from fieldreid.sync.apply import apply_bundle, pulled_version
+from fieldreid.sync.client import AuthError, SyncConfig, SyncError
+from fieldreid.sync.queue import Outbox, crop_from_file
+
+
+@pytest.fixture
+def lab(tmp_path):
+    make_lab_gallery(tmp_path / "curated.db", np.random.default_rng(0))
+    lab = LabDB(None, tmp_path / "labdata")
+    admin.create_project(lab, "kenya", MODEL, DIM)
+    admin.import_gallery(lab, "kenya", tmp_path / "curated.db")
+    yield lab
+    lab.close()
+
+
+def _dump(path) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("step", ["snapshot-clear", "identities", "embeddings", "merges", "state"])
+def test_pull_is_atomic(lab, tmp_path, step):
+    path = tmp_path / "dev.db"
+    with Gallery(path) as g:
+        payload = verify_bundle(lab.build_bundle("kenya", "zebra", 0)[0], lab.key.public_raw)
+        apply_bundle(g, payload, "kenya", "zebra", "cam-a")
+        record_sightings(g, np.random.default_rng(1), unit(np.random.default_rng(2), 2))
+    admin.merge(lab, "kenya", "zebra", ["zebra-0001", "zebra-0002"], "zebra-0003")
+    admin.confirm(lab, "kenya", "zebra", "zebra-0004", "zebra-0400")
+    before = _dump(path)
+    with Gallery(path) as g:
+        delta = verify_bundle(lab.build_bundle("kenya", "zebra", pulled_version(g, "kenya", "zebra"))[0],
+                              lab.key.public_raw)
+        with pytest.raises(GalleryError, match="injected"):
+            apply_bundle(g, delta, "kenya", "zebra", "cam-a", _fail_after=step)
+    assert _dump(path) == before  # the old version, untouched
+    with Gallery(path) as g:
+        apply_bundle(g, delta, "kenya", "zebra", "cam-a")
+        assert g.has_identity("zebra-0400") and not g.has_identity("zebra-0001")
+        assert {i.id for i in g.identities() if i.origin == "field"}  # the device's own animals survived
+        assert g.count_sightings() == 2
+
+
+def test_queue_survives_reopen_and_keeps_chunk_keys(tmp_path):
+    path = tmp_path / "dev.db"
+    rng = np.random.default_rng(3)
+    with Gallery(path) as g:
+        record_sightings(g, rng, unit(rng, 10))
+        first = Outbox(g).chunks(max_sightings=4)
+    with Gallery(path) as g:  # "reboot"
+        box = Outbox(g)
+        again = box.chunks(max_sightings=4)
+        assert [(c.key, c.sighting_ids) for c in again] == [(c.key, c.sighting_ids) for c in first]
+        assert box.pending() == 10 and [len(c.sighting_ids) for c in again] == [4, 4, 2]
+        body, introduced = box.payload(again[0], "cam-a")
+        assert len(body["sightings"]) == 4 and all(s["identity_kind"] == "field" for s in body["sightings"])
+        box.ack(again[0], body["identities"])
+        assert box.pending() == 6 and box.collect(crop_fn=None) == 0  # acknowledged ones never come back
+
+
+def test_collect_reads_crop_and_vector_from_gallery(tmp_path):
+    import cv2
+
+    img = tmp_path / "cam" / "IMG_0001.JPG"
+    img.parent.mkdir()
+    cv2.imwrite(str(img), np.random.default_rng(4).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    with Gallery(tmp_path / "dev.db") as g:
+        from fieldreid.gallery.openset import Identifier
+
+        v = unit(np.random.default_rng(5), 1)
+        Identifier(g, species="zebra").identify(v, MODEL, sources=[str(img)], boxes=[(10, 20, 110, 220)])
+        box = Outbox(g)
+        assert box.collect() == 1 and box.collect() == 0
+        [chunk] = box.chunks()
+        body, _ = box.payload(chunk, "cam-a")
+        s = body["sightings"][0]
+        assert check_jpeg(s["crop"]) is None and np.allclose(np.frombuffer(s["vector"], "<f4"), v[0])
+        assert crop_from_file(str(tmp_path / "gone.jpg"), "") is None
+
+
+def test_upload_content_checks(lab, tmp_path):
+    rng = np.random.default_rng(6)
+    good = {"uid": "g:1", "species": "zebra", "decision": "new", "model_id": MODEL, "identity": "zebra-P0001",
+            "identity_kind": "field", "vector": unit(rng, 1)[0].tobytes(), "crop": jpeg(rng),
+            "image": "../../../../etc/passwd"}
+    nan = np.full(DIM, np.nan, np.float32).tobytes()
+    bad = [
+        ({"crop": b"GIF89a" + b"\0" * 100}, "magic"),
+        ({"crop": b"\xff\xd8\xff\xe0" + os.urandom(500)}, "decode"),
+        ({"vector": unit(rng, 1, DIM + 1)[0].tobytes()}, "float32 values"),
+        ({"vector": nan}, "NaN"),
+        ({"model_id": "another-model"}, "model"),
+        ({"decision": "maybe"}, "decision"),
+        ({"score": float("inf")}, "finite"),
+    ]
+    chunk = {"sightings": [good] + [{**good, "uid": f"b:{i}", **patch} for i, (patch, _) in enumerate(bad)],
+             "identities": [{"local_id": "zebra-P0001", "species": "zebra", "embeddings": []}]}
+    ans = ingest_chunk(lab, "cam-a", "kenya", "key-00000001", chunk)
+    assert ans["accepted"] == 1 and len(ans["rejected"]) == len(bad)
+    for (_, why), rej in zip(bad, ans["rejected"], strict=True):
+        assert why in rej["reason"]
+    files = [p for p in lab.data_dir.rglob("*") if p.is_file()]
+    assert all(p.parent.parent == lab.crop_dir or p.parent == lab.data_dir for p in files)
+    assert ingest_chunk(lab, "cam-a", "kenya", "key-00000001", chunk)["replayed"]
+    assert check_vector(b"\0" * (4 * DIM), DIM) is None
+
+
+def test_config_token_and_key_sources(tmp_path, monkeypatch):
+    from fieldreid.server.signing import LabKey
+
+    key = LabKey.generate().public_b64
+    cfg = tmp_path / "sync.toml"
+    cfg.write_text(f'server = "http://127.0.0.1:1"\nlab_public_key = "{key}"\ntoken = "frd_dev_secret"\n')
+    cfg.chmod(0o644)
+    monkeypatch.delenv("FIELDREID_TOKEN", raising=False)
+    c = SyncConfig.load(cfg)
+    assert c.token == "frd_dev_secret" and any("chmod 600" in w for w in c.warnings)
+    monkeypatch.setenv("FIELDREID_TOKEN", "frd_env")
+    assert SyncConfig.load(cfg).token == "frd_env"
+    monkeypatch.delenv("FIELDREID_TOKEN")
+    (tmp_path / "nokey.toml").write_text('server = "http://x"\ntoken = "t"\n')
+    with pytest.raises(SyncError, match="public key"):
+        SyncConfig.load(tmp_path / "nokey.toml")
+    with pytest.raises(AuthError, match="FIELDREID_TOKEN"):
+        SyncConfig.load(tmp_path / "missing.toml", server="http://x", lab_key=key)
+
+
+def test_cli_end_to_end(tmp_path):
+    """`fieldreid server ...` on the lab, `fieldreid serve`, `fieldreid sync` on a device (token from env)."""
+    rng = np.random.default_rng(7)
+    make_lab_gallery(tmp_path / "curated.db", rng)
+    env = {**os.environ, "FIELDREID_LAB_DIR": str(tmp_path / "labdata"), "FIELDREID_USER": "tester"}
+    env.pop("FIELDREID_LAB_DB", None)
+
+    def fr(*args, extra_env=None):
+        r = subprocess.run([sys.executable, "-m", "fieldreid.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                           env={**env, **(extra_env or {})}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    pub = fr("server", "init")
+    fr("server", "create-project", "kenya", "--from-gallery", str(tmp_path / "curated.db"))
+    fr("server", "import-gallery", str(tmp_path / "curated.db"), "--project", "kenya")
+    token = fr("server", "add-device", "cam-a", "--project", "kenya")
+    assert token.startswith("frd_cam-a_")
+    (tmp_path / "lab.pub").write_text(pub)
+    srv = ServerProcess(f"sqlite:///{tmp_path / 'labdata' / 'lab.db'}", tmp_path / "labdata").start()
+    try:
+        with Gallery(tmp_path / "dev.db") as g:
+            record_sightings(g, rng, unit(rng, 3))
+        cfg = tmp_path / "sync.toml"
+        cfg.write_text(f'server = "{srv.url}"\nlab_public_key_file = "{tmp_path / "lab.pub"}"\n')
+        out = fr("sync", "--gallery", str(tmp_path / "dev.db"), "--config", str(cfg), "--json",
+                 extra_env={"FIELDREID_TOKEN": token})
+        assert token not in out
+        import json
+
+        rep = json.loads(out)
+        assert rep["pull"][0]["kind"] == "snapshot" and rep["push"]["accepted"] == 3
+        status = json.loads(fr("server", "status"))
+        assert status["projects"]["kenya"]["sightings"] == 3
+        assert status["projects"]["kenya"]["galleries"]["zebra"]["device_provisional"] == 3
+    finally:
+        srv.stop()

@@ -1,0 +1,184 @@
+"""Training mechanics on a tiny synthetic set: loss falls, resume continues from the same step, checkpoints
+carry preprocessing + model_id, export round-trips, distillation from checkpoint and ONNX teachers."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from fieldreid.train.data import LabelledImages  # noqa: E402
+from fieldreid.train.trainer import RESUME_SUFFIX, TrainConfig, train  # noqa: E402
+
+SIZE = 32
+
+
+def _synthetic(n_ids: int = 4, per_id: int = 4, seed: int = 0):
+    """Identities = distinct stripe patterns and colours; images = noisy, shifted copies."""
+    rng = np.random.default_rng(seed)
+    images, ids = [], []
+    for k in range(n_ids):
+        base = np.zeros((72, 72, 3), np.uint8)
+        colour = rng.integers(40, 255, 3)
+        period = 6 + 4 * k
+        for x in range(0, 72, period):
+            base[:, x:x + period // 2] = colour
+        for _ in range(per_id):
+            shift = rng.integers(-4, 5, 2)
+            img = np.roll(base, tuple(shift), axis=(0, 1)).astype(np.int16)
+            img = np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+            images.append(img)
+            ids.append(f"animal_{k}")
+    return images, ids
+
+
+@pytest.fixture(scope="module")
+def tiny_data() -> LabelledImages:
+    images, ids = _synthetic()
+    return LabelledImages(images, ids, [Path(f"/synthetic/{i}.png") for i in range(len(images))])
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(metadata="/synthetic/metadata.csv", backbone="tf_efficientnet_lite0", image_size=SIZE, epochs=3,
+                batch_size=8, lr=2e-3, warmup_epochs=0.5, freeze_stages=3, name="tiny", seed=1, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "tiny.pt"
+    torch.set_num_threads(2)
+    res = train(_cfg(epochs=4), out, data=tiny_data)
+    return out, res
+
+
+def test_loss_falls_and_checkpoint_is_complete(trained):
+    from fieldreid.embed.model import load_checkpoint
+    from fieldreid.types import PreprocessSpec
+
+    out, res = trained
+    assert res.steps_done == 4 * 2 and res.epochs_done == 4
+    assert res.history[-1]["arcface"] < res.history[0]["arcface"]
+    model, meta = load_checkpoint(out)
+    assert meta["fieldreid.model_id"] == res.model_id and res.model_id.startswith("fieldreid-effnetlite0-tiny-")
+    assert PreprocessSpec.from_json(meta["fieldreid.preprocess"]).size == (SIZE, SIZE)
+    assert json.loads(meta["fieldreid.extra.train.config"])["freeze_stages"] == 3
+    state = torch.load(out.with_name(out.name + RESUME_SUFFIX), map_location="cpu", weights_only=True)
+    assert state["step"] == 8 and "optimizer" in state and "head" in state
+
+
+def test_resume_continues_from_the_same_step(tiny_data, tmp_path):
+    torch.set_num_threads(1)  # identical float summation order in both runs
+    full = train(_cfg(epochs=2), tmp_path / "full.pt", data=tiny_data)
+    part = train(_cfg(epochs=2), tmp_path / "part.pt", data=tiny_data, stop_after_steps=3)  # mid-epoch 2
+    assert part.steps_done == 3
+    resumed = train(_cfg(epochs=2), tmp_path / "part.pt", data=tiny_data, resume=True)
+    torch.set_num_threads(2)
+    assert resumed.steps_done == full.steps_done == 4
+    a = torch.load(tmp_path / "full.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "part.pt", weights_only=True)["state_dict"]
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-4
+    assert resumed.model_id == full.model_id or worst > 0  # same weights -> same id unless float noise
+
+
+def test_resume_refuses_a_different_config(tiny_data, tmp_path):
+    from fieldreid.errors import InputError
+
+    train(_cfg(epochs=1), tmp_path / "m.pt", data=tiny_data, stop_after_steps=1)
+    with pytest.raises(InputError, match="batch_size"):
+        train(_cfg(epochs=1, batch_size=4), tmp_path / "m.pt", data=tiny_data, resume=True)
+
+
+def test_cached_views_train_and_match_the_full_model(tiny_data, tmp_path):
+    from fieldreid.train.trainer import build_model, run_head, run_tail
+
+    model, _, _ = build_model("tf_efficientnet_lite0", image_size=SIZE)
+    model.eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(model.features(x), model.pool(run_tail(model, 3, run_head(model, 3, x))))
+    res = train(_cfg(epochs=3, freeze_stages=4, cache_views=2, cache_dir=str(tmp_path / "c")), tmp_path / "c.pt",
+                data=tiny_data)
+    assert list((tmp_path / "c").glob("features-*.npy"))
+    assert res.history[-1]["arcface"] < res.history[0]["arcface"]
+
+
+def test_export_round_trip(trained, tmp_path):
+    from fieldreid.embed.model import load_checkpoint
+    from fieldreid.embed.runtime import Embedder
+    from fieldreid.export_cmd import ExportOptions, is_embedder_checkpoint, run_export
+
+    out, res = trained
+    assert is_embedder_checkpoint(out) and not is_embedder_checkpoint(out.with_name(out.name + RESUME_SUFFIX))
+    onnx_path = tmp_path / "tiny.onnx"
+    written = run_export(out, ExportOptions(out=onnx_path)).written
+    assert onnx_path in written and onnx_path.with_name("tiny.onnx.json") in written
+    images, _ = _synthetic(seed=5)
+    with Embedder(onnx_path, backend="onnxruntime") as emb:
+        assert emb.model_id == res.model_id
+        got = emb.embed(images[:6])
+    from fieldreid.train.trainer import embed_torch
+
+    model, meta = load_checkpoint(out)
+    want = embed_torch(model, images[:6], emb.preprocess_spec, device="cpu")
+    assert np.min((got * want).sum(1)) > 0.9999
+
+
+def test_distill_from_checkpoint_and_onnx_teacher(trained, tiny_data, tmp_path):
+    from fieldreid.export_cmd import ExportOptions, run_export
+    from fieldreid.train.distill import DistillConfig, distill
+
+    teacher_ckpt, _ = trained
+    base = _cfg(epochs=3).__dict__ | {"teacher": str(teacher_ckpt), "freeze_stages": 3}
+    res = distill(DistillConfig(**base), tmp_path / "student.pt", data=tiny_data)
+    assert "-distilled-" in res.model_id
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert {"cos", "rel", "arcface"} <= set(res.history[-1])
+    cache = tmp_path / "student.pt.teacher.npz"
+    assert cache.is_file()
+    # an ONNX teacher (embeddings computed once through ONNX Runtime)
+    onnx_teacher = tmp_path / "teacher.onnx"
+    run_export(teacher_ckpt, ExportOptions(out=onnx_teacher))
+    res2 = distill(DistillConfig(**(base | {"teacher": str(onnx_teacher), "epochs": 1})), tmp_path / "s2.pt",
+                   data=tiny_data)
+    assert res2.steps_done == 2
+    a = np.load(cache)["vectors"]
+    b = np.load(tmp_path / "s2.pt.teacher.npz")["vectors"]
+    assert np.min((a * b).sum(1)) > 0.999  # torch and ONNX teachers agree
+
+
+def test_cli_train_from_metadata(tmp_path):
+    from typer.testing import CliRunner
+
+    from fieldreid.cli import app
+
+    images, ids = _synthetic(n_ids=3, per_id=3)
+    rows = []
+    for i, (img, ident) in enumerate(zip(images, ids, strict=True)):
+        rel = f"images/{ident}/{i}.jpg"
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / rel), img)
+        rows.append({"image_id": str(i), "identity": ident, "path": rel, "species": "test", "split": "train"})
+    with open(tmp_path / "metadata.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "m.pt"
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "metadata.csv"), "--out", str(out), "--image-size", "32",
+                                 "--epochs", "1", "--batch", "4", "--freeze-stages", "3", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and out.with_name("m.pt.resume").is_file()
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "metadata.csv"), "--out", str(out), "--image-size", "32",
+                                 "--epochs", "2", "--batch", "4", "--freeze-stages", "3", "--device", "cpu",
+                                 "--resume"])
+    assert r.exit_code == 0, r.output
+    assert torch.load(out.with_name("m.pt.resume"), weights_only=True)["step"] == 4

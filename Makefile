@@ -16,7 +16,7 @@ export YOLO_AUTOINSTALL := False
 export YOLO_CONFIG_DIR := $(CURDIR)/.cache/ultralytics
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 
-.PHONY: install models demo test bench lint clean
+.PHONY: install models demo test bench bench-train lint clean
 
 install: $(VENV)/.installed
 
@@ -48,8 +48,16 @@ demo: models
 test: install
 	$(PY) -m pytest -q
 
+# Speed and memory targets live here, never in unit tests. Each script writes bench/*.json (+ RESULTS.md).
 bench: models
 	$(PY) bench/bench_runtime.py --shared $(SHARED) --out bench/results.json
+	$(PY) bench/bench_search.py
+	$(PY) bench/bench_watch.py --shared $(SHARED)
+	$(PY) bench/bench_sync.py --shared $(SHARED)
+
+# Training runs (issue 5): hours of CPU; see bench/bench_train.py for the stages.
+bench-train: models
+	$(PY) bench/bench_train.py all --shared $(SHARED)
 
 lint: install
 	$(VENV)/bin/ruff check fieldreid tests bench

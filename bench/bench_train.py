@@ -2,7 +2,7 @@
 
     python bench/bench_train.py all                      # every stage, in order (about 1-1.5 h on 2 cores)
     python bench/bench_train.py lite0|lite2|distill      # one training run (resumes if interrupted)
-    python bench/bench_train.py export|eval|report       # ONNX FP32 + INT8, the metrics table
+    python bench/bench_train.py export|detector|eval|report   # ONNX FP32 + INT8, detector INT8 gate, table
 
 Protocol (the README's): train on the ``train`` split (179 animals, 1,213 images), evaluate on the ``test``
 split (58 animals never seen, 729 images) with one-vs-all top-1 / mAP and the open-set BAKS / BAUS /
@@ -37,11 +37,11 @@ def _meta(args) -> Path:
 # Training recipes sized for ~10-25 minutes each on 2 shared CPU cores.
 RECIPES = {
     "lite0": dict(backbone="tf_efficientnet_lite0", image_size=224, epochs=6, batch_size=32, lr=1e-3,
-                  freeze_stages=3, warmup_epochs=1.0, lr_decay=0.8),
-    "lite2": dict(backbone="tf_efficientnet_lite2", image_size=224, epochs=5, batch_size=32, lr=1e-3,
-                  freeze_stages=3, warmup_epochs=1.0, lr_decay=0.8),
+                  freeze_stages=5, cache_views=3, warmup_epochs=1.0, lr_decay=0.8),
+    "lite2": dict(backbone="tf_efficientnet_lite2", image_size=192, epochs=5, batch_size=32, lr=1e-3,
+                  freeze_stages=5, cache_views=3, warmup_epochs=1.0, lr_decay=0.8),
     "distill": dict(backbone="tf_efficientnet_lite0", image_size=224, epochs=6, batch_size=32, lr=1e-3,
-                    freeze_stages=3, warmup_epochs=1.0, lr_decay=0.8),
+                    freeze_stages=5, cache_views=3, warmup_epochs=1.0, lr_decay=0.8),
 }
 
 
@@ -59,9 +59,11 @@ def stage_train(args, name: str) -> None:
     torch.set_num_threads(THREADS)
     RUNS.mkdir(parents=True, exist_ok=True)
     out = RUNS / f"{name}.pt"
-    cfg = TrainConfig(metadata=str(_meta(args)), split="train", name="nyala", seed=0, **RECIPES[name])
+    cfg = TrainConfig(metadata=str(_meta(args)), split="train", name="nyala", seed=0, cache_dir=str(RUNS / "cache"),
+                      **RECIPES[name])
     resume = (out.with_name(out.name + ".resume")).is_file()
     t = time.time()
+    print(f"{name}: {cfg.to_json()}", flush=True)
     res = train(cfg, out, resume=resume, on_step=_log)
     print(f"{name}: {res.model_id} {res.steps_done} steps in {res.seconds:.0f} s (this call {time.time() - t:.0f} s)")
     (RUNS / f"{name}.run.json").write_text(json.dumps(
@@ -78,7 +80,7 @@ def stage_distill(args) -> None:
     out = RUNS / "distill.pt"
     teacher = RUNS / "lite2.pt"
     cfg = DistillConfig(metadata=str(_meta(args)), split="train", name="nyala", seed=0, teacher=str(teacher),
-                        **RECIPES["distill"])
+                        cache_dir=str(RUNS / "cache"), **RECIPES["distill"])
     resume = (out.with_name(out.name + ".resume")).is_file()
     res = distill(cfg, out, resume=resume, on_step=_log)
     print(f"distill: {res.model_id} {res.steps_done} steps in {res.seconds:.0f} s")
@@ -87,12 +89,237 @@ def stage_distill(args) -> None:
          "history": res.history, "recipe": RECIPES["distill"]}, indent=1))
 
 
+def stage_export(args) -> None:
+    """FP32 ONNX of every trained model; INT8 QDQ of the distilled student (calibrated on 256 train crops)."""
+    from fieldreid.embed.export import export_embedder_onnx
+    from fieldreid.embed.model import build_default_embedder
+    from fieldreid.export_cmd import ExportOptions, run_export
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    base = RUNS / "imagenet-lite0.onnx"
+    if not base.is_file():
+        net, spec, model_id = build_default_embedder("lite0")
+        export_embedder_onnx(net, base, spec, model_id)
+    for name in ("lite0", "lite2", "distill"):
+        ckpt = RUNS / f"{name}.pt"
+        onnx_path = RUNS / f"{name}.onnx"
+        if ckpt.is_file() and onnx_path.is_file() and onnx_path.stat().st_mtime > ckpt.stat().st_mtime:
+            continue  # already exported from this checkpoint
+        if ckpt.is_file():
+            t = time.time()
+            run_export(ckpt, ExportOptions(out=RUNS / f"{name}.onnx"), log=print)
+            print(f"{name}: FP32 ONNX in {time.time() - t:.0f} s", flush=True)
+    if (RUNS / "distill.onnx").is_file():
+        t = time.time()
+        res = run_export(RUNS / "distill.onnx", ExportOptions(int8=True, calib=_meta(args), calib_split="train",
+                                                              calib_count=256, val=_meta(args), val_split="train"),
+                         log=print)
+        (RUNS / "int8.json").write_text(json.dumps({"seconds": time.time() - t, "gate": res.gate,
+                                                    "notes": res.notes}, indent=1, default=str))
+        print(f"INT8 in {time.time() - t:.0f} s", flush=True)
+
+
+def stage_detector(args) -> None:
+    """INT8 gate on the default detector: calibrate on 2/3 of the camtrap frames, compare boxes on the rest."""
+    import shutil
+
+    from fieldreid.export_cmd import ExportOptions, run_export
+    from fieldreid.imageio import iter_files
+    from fieldreid.quantize import QuantizationGateError
+
+    src = ROOT / "engines" / "default" / "detector.onnx"
+    if not src.is_file():
+        print(f"skip: {src} missing (make models)")
+        return
+    work = RUNS / "detector"
+    for sub in ("calib", "val"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, work / "detector.onnx")
+    files = sorted(p for p in iter_files([_shared(args) / "data" / "camtrap"])
+                   if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.stat().st_size > 0)
+    for i, p in enumerate(files):
+        (work / ("val" if i % 3 == 0 else "calib") / f"{i}{p.suffix}").write_bytes(p.read_bytes())
+    t = time.time()
+    try:
+        res = run_export(work / "detector.onnx", ExportOptions(int8=True, calib=work / "calib", calib_count=64,
+                                                               val=work / "val"), log=print)
+        out = {"passed": True, "gate": res.gate}
+    except QuantizationGateError as exc:
+        out = {"passed": False, "gate": exc.report, "message": str(exc)}
+    out["seconds"] = round(time.time() - t, 1)
+    (RUNS / "detector_int8.json").write_text(json.dumps(out, indent=1, default=str))
+    print(json.dumps(out, default=str))
+
+
+def _ms_per_crop_ort(path: Path, spec, n: int = 48, batch: int = 16) -> float:
+    import numpy as np
+
+    from fieldreid.quantize import _session
+
+    sess = _session(path, threads=THREADS)
+    h, w = spec.size
+    x = np.random.default_rng(0).normal(size=(batch, 3, h, w)).astype(np.float32)
+    sess.run(None, {"input": x})
+    times = []
+    for _ in range(max(1, n // batch)):
+        t = time.perf_counter()
+        sess.run(None, {"input": x})
+        times.append((time.perf_counter() - t) / batch)
+    return 1000 * float(np.median(times))
+
+
+def _ms_per_crop_torch(ckpt: Path, n: int = 48, batch: int = 16) -> float:
+    import numpy as np
+    import torch
+
+    from fieldreid.embed.model import load_checkpoint
+    from fieldreid.types import PreprocessSpec
+
+    torch.set_num_threads(THREADS)
+    model, meta = load_checkpoint(ckpt)
+    h, w = PreprocessSpec.from_json(meta["fieldreid.preprocess"]).size
+    x = torch.randn(batch, 3, h, w)
+    times = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(max(1, n // batch)):
+            t = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t) / batch)
+    return 1000 * float(np.median(times))
+
+
+def _metrics(train_emb, train_lab, test_emb, test_lab) -> dict:
+    from fieldreid.evaluation import calibrate, one_vs_all, open_set
+
+    cal = calibrate(train_emb, train_lab)
+    ova = one_vs_all(test_emb, test_lab)
+    osr = open_set(test_emb, test_lab, lower=cal.lower, upper=cal.upper)["at_thresholds"]
+    return {"top1": ova["top1"], "top5": ova["top5"], "mAP": ova["mAP"], "BAKS": osr["BAKS"], "BAUS": osr["BAUS"],
+            "geometric_mean": osr["geometric_mean"], "threshold": cal.upper}
+
+
+def stage_eval(args) -> None:
+    import numpy as np
+
+    from fieldreid.embed.runtime import Embedder
+    from fieldreid.quantize import load_crops
+
+    train_imgs, train_lab = load_crops(_meta(args), split="train")
+    test_imgs, test_lab = load_crops(_meta(args), split="test")
+    print(f"eval: {len(train_imgs)} train / {len(test_imgs)} test crops", flush=True)
+    rows = {}
+    embs: dict[str, np.ndarray] = {}
+    entries = [("ImageNet Lite0 (as is)", "imagenet-lite0.onnx", None),
+               ("Lite0 fine-tuned", "lite0.onnx", "lite0"),
+               ("Lite2 fine-tuned (teacher)", "lite2.onnx", "lite2"),
+               ("Lite0 distilled, ONNX FP32", "distill.onnx", "distill"),
+               ("Lite0 distilled, ONNX INT8 (QDQ)", "distill.int8.onnx", "distill")]
+    for label, file, run in entries:
+        path = RUNS / file
+        if not path.is_file():
+            print(f"  skip {label}: {path} missing", flush=True)
+            continue
+        t = time.time()
+        from fieldreid.engines.manifest import sha256_file
+
+        digest = sha256_file(path)
+        cache = RUNS / f"emb-{path.stem}.npz"
+        with Embedder(path, backend="onnxruntime", batch_size=16, threads=THREADS) as emb:
+            spec = emb.preprocess_spec
+            model_id = emb.model_id
+            hit = False
+            if cache.is_file():
+                with np.load(cache) as z:
+                    hit = str(z["sha256"]) == digest
+                    if hit:
+                        tr, te, secs = z["train"], z["test"], float(z["seconds"])
+            if not hit:
+                tr, te = emb.embed(train_imgs), emb.embed(test_imgs)
+                secs = time.time() - t
+                np.savez(cache, train=tr, test=te, sha256=np.array(digest), seconds=np.array(secs))
+        embs[file] = te
+        row = _metrics(tr, train_lab, te, test_lab)
+        row.update({"model_id": model_id, "file": file, "size_mb": round(path.stat().st_size / 2**20, 2),
+                    "ms_per_crop": round(_ms_per_crop_ort(path, spec), 2), "input": list(spec.size),
+                    "embed_seconds_1942_crops": round(secs, 1)})
+        if run and (RUNS / f"{run}.run.json").is_file():
+            info = json.loads((RUNS / f"{run}.run.json").read_text())
+            row["train_minutes"] = round(info["seconds"] / 60, 1)
+            row["epochs"] = info["epochs"]
+        rows[label] = row
+        print(f"  {label}: {json.dumps(row)}", flush=True)
+    if "distill.onnx" in embs and "distill.int8.onnx" in embs:
+        a, b = embs["distill.onnx"], embs["distill.int8.onnx"]
+        cos = (a * b).sum(1)
+        rows["Lite0 distilled, ONNX INT8 (QDQ)"]["cosine_to_fp32"] = {"mean": float(cos.mean()),
+                                                                      "min": float(cos.min())}
+    ckpt = RUNS / "distill.pt"
+    if ckpt.is_file() and "distill.onnx" in embs:
+        import torch
+
+        from fieldreid.embed.model import load_checkpoint
+        from fieldreid.train.trainer import embed_torch
+
+        torch.set_num_threads(THREADS)
+        model, _ = load_checkpoint(ckpt)
+        with Embedder(RUNS / "distill.onnx", backend="onnxruntime") as emb:
+            spec = emb.preprocess_spec
+        ref = embed_torch(model, test_imgs[:64], spec, device="cpu")  # 64 test crops: torch is slow here
+        cos = (ref * embs["distill.onnx"][:64]).sum(1)
+        rows["Lite0 distilled, ONNX FP32"]["cosine_to_torch_fp32"] = {"mean": float(cos.mean()),
+                                                                      "min": float(cos.min())}
+        rows["Lite0 distilled, ONNX FP32"]["torch_ms_per_crop"] = round(_ms_per_crop_torch(ckpt), 2)
+    int8 = RUNS / "int8.json"
+    results = {"protocol": "train split (179 animals, 1,213 images) -> test split (58 unseen animals, 729 images); "
+                           "one-vs-all top-1/mAP; open-set BAKS/BAUS/GM at the threshold calibrated on train",
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), {THREADS} threads",
+               "rows": rows, "recipes": RECIPES,
+               "int8": json.loads(int8.read_text()) if int8.is_file() else None,
+               "detector_int8": (json.loads((RUNS / "detector_int8.json").read_text())
+                                 if (RUNS / "detector_int8.json").is_file() else None)}
+    (ROOT / "bench" / "train_results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    stage_report(args)
+
+
+def stage_report(args) -> None:
+    data = json.loads((ROOT / "bench" / "train_results.json").read_text())
+    lines = ["# Train / distil / export on nyala (bench/bench_train.py)", "", data["protocol"] + ".", "",
+             f"Machine: {data['machine']}.", "",
+             "| model | top-1 | mAP | BAKS | BAUS | GM | cosine to FP32 | ms/crop (ORT, 2 thr, b16) | size MB "
+             "| train min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, r in data["rows"].items():
+        cos = r.get("cosine_to_fp32") or r.get("cosine_to_torch_fp32")
+        cos_s = f"{cos['mean']:.4f} (min {cos['min']:.4f})" if cos else "-"
+        lines.append(f"| {label} | {r['top1']:.3f} | {r['mAP']:.3f} | {r['BAKS']:.3f} | {r['BAUS']:.3f} | "
+                     f"{r['geometric_mean']:.3f} | {cos_s} | {r['ms_per_crop']:.1f} | {r['size_mb']:.1f} | "
+                     f"{r.get('train_minutes', '-')} |")
+    q = data.get("int8") or {}
+    if q.get("gate"):
+        for a in q["gate"].get("attempts", []):
+            g = a.get("gate") or {}
+            lines.append(f"- INT8 attempt `{a['step']}`: cosine to FP32 {g.get('cosine_mean', float('nan')):.4f} "
+                         f"(min {g.get('cosine_min', float('nan')):.4f}), top-1 {g.get('top1_fp32')} -> "
+                         f"{g.get('top1_int8')}, {'pass' if g.get('passed') else 'fail'}")
+    det = data.get("detector_int8")
+    if det:
+        g = det["gate"]
+        lines.append(f"- Detector INT8 (default YOLOv5n, convs only, 64 calibration frames, {g['validation_frames']} "
+                     f"validation frames): {g['matched']}/{g['ref_boxes']} FP32 boxes matched "
+                     f"({g['matched_fraction']:.1%}), mean IoU {g['mean_iou']:.3f} -> "
+                     f"{'kept' if det['passed'] else 'refused by the gate'}")
+    lines += ["", "Anchors: MegaDescriptor-L-384 1-NN top-1 0.364; MiewID 21.8 (species-only), 43.4 (multi-species).",
+              "", "Recipes: `" + json.dumps(data["recipes"]) + "`", ""]
+    (ROOT / "bench" / "train_results.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["all", "lite0", "lite2", "distill", "export", "eval", "report"])
+    ap.add_argument("stage", choices=["all", "lite0", "lite2", "distill", "export", "detector", "eval", "report"])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     args = ap.parse_args(argv)
-    stages = ["lite0", "lite2", "distill", "export", "eval", "report"] if args.stage == "all" else [args.stage]
+    stages = ["lite0", "lite2", "distill", "export", "detector", "eval", "report"] if args.stage == "all" else [args.stage]
     for st in stages:
         print(f"== {st}", flush=True)
         if st in ("lite0", "lite2"):

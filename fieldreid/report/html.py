@@ -14,8 +14,6 @@ import json
 import sqlite3
 from pathlib import Path
 
-import cv2
-
 from fieldreid.report.outputs import atomic_text
 from fieldreid.watch.state import StateDB
 
@@ -36,7 +34,7 @@ def _img(blob: bytes | None, alt: str) -> str:
 
 def _thumb_from_file(path: Path, box: str) -> bytes | None:
     from fieldreid.embed.runtime import square_crop
-    from fieldreid.imageio import read_image
+    from fieldreid.imageio import encode_jpeg, read_image
 
     try:
         frame = read_image(path, min_side=THUMB * 2)
@@ -45,12 +43,7 @@ def _thumb_from_file(path: Path, box: str) -> bytes | None:
             sy, sx = frame.scale
             x1, y1, x2, y2 = (float(v) for v in box.split(","))
             img = square_crop(img, (x1 / sx, y1 / sy, x2 / sx, y2 / sy))
-        h, w = img.shape[:2]
-        s = THUMB / max(h, w)
-        if s < 1:
-            img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 80])
-        return buf.tobytes() if ok else None
+        return encode_jpeg(img, THUMB, quality=80)
     except Exception:  # a missing or unreadable source only costs the picture
         return None
 

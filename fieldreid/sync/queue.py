@@ -83,17 +83,12 @@ def gallery_uid(gallery: Gallery) -> str:
 
 def encode_crop(pixels_bgr: np.ndarray, max_side: int = CROP_MAX_SIDE, quality: int = CROP_QUALITY) -> bytes:
     """A BGR crop → JPEG bytes, longer side at most ``max_side`` (≈10 KB at 256 px, quality 85)."""
-    import cv2
+    from fieldreid.imageio import encode_jpeg
 
-    h, w = pixels_bgr.shape[:2]
-    scale = max_side / max(h, w)
-    if scale < 1:
-        pixels_bgr = cv2.resize(pixels_bgr, (max(1, round(w * scale)), max(1, round(h * scale))),
-                                interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", pixels_bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
+    data = encode_jpeg(pixels_bgr, max_side, quality)
+    if data is None:
         raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
+    return data
 
 
 def crop_from_file(image: str, box: str) -> bytes | None:

@@ -40,14 +40,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from fieldreid.errors import FieldreidError, ImageReadError
 from fieldreid.exif import CaptureInfo, read_capture_info
 from fieldreid.gallery.openset import Decision, Identifier
 from fieldreid.gallery.store import Gallery, box_key
-from fieldreid.imageio import VIDEO_SUFFIXES, Frame, read_image
+from fieldreid.imageio import VIDEO_SUFFIXES, Frame, encode_jpeg, read_image
 from fieldreid.pipeline import Pipeline, _prefetch
 from fieldreid.watch.events import DEFAULT_GAP_S, DEFAULT_LINK_THRESHOLD, Sighting, link_tracks
 from fieldreid.watch.scanner import WANTED, Candidate, FolderGoneError, ScanStats, camera_of, scan
@@ -212,12 +211,7 @@ class Watcher:
         s = self.cfg.thumb_size
         if s <= 0 or crop.size == 0:
             return None
-        h, w = crop.shape[:2]
-        scale = s / max(h, w)
-        if scale < 1:
-            crop = cv2.resize(crop, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-        ok, buf = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 80])
-        return buf.tobytes() if ok else None
+        return encode_jpeg(crop, s, quality=80)
 
     def _process_batch(self, items: list[Loaded]) -> tuple[int, int]:
         """Detect/embed the ready items and commit the whole batch in one transaction; (done, pending)."""

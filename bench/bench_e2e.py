@@ -312,6 +312,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "e2e_results.json")
     ap.add_argument("--work", type=Path, default=None, help="keep the scenes and outputs here")
     ap.add_argument("--sets", default="zebra,nyala")
+    ap.add_argument("--no-sync", action="store_true", help="skip the lab-server case")
     args = ap.parse_args()
     reid = args.shared / "data" / "reid"
     if not reid.is_dir():
@@ -321,7 +322,7 @@ def main() -> None:
     results = []
     for name in args.sets.split(","):
         set_dir, split, with_sync = cases[name]
-        results.append(run_case(name, set_dir, split, work / name, with_sync))
+        results.append(run_case(name, set_dir, split, work / name, with_sync and not args.no_sync))
     doc = {"bench": "e2e", "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "note": "real CLI in subprocesses; scores per photo (most confident sighting); see bench_e2e.py",
            "results": results}

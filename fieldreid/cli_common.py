@@ -14,8 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fieldreid.errors import FieldreidError
 
-err = Console(stderr=True)
-out = Console()
+# soft_wrap: a message is printed as one line whatever the terminal width (or the 80 columns rich assumes when
+# the stream is not a terminal), so errors, warnings and log lines stay whole for grep and log collectors.
+# Tables and progress bars still lay themselves out to the width.
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 F = TypeVar("F", bound=Callable)
 
 BackendOpt = Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch")]

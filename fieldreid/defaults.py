@@ -38,7 +38,7 @@ def default_model(kind: str) -> Path:
     path = models_dir() / name
     if not path.exists():
         hint = (
-            "convert a MegaDetector/YOLO checkpoint with `fieldreid convert-detector CHECKPOINT.pt`"
+            f"convert a MegaDetector/YOLO checkpoint with `fieldreid export CHECKPOINT.pt --out {path}`"
             if kind == "detector"
             else "build the default embedder with `fieldreid models`"
         )

@@ -2,7 +2,10 @@
 
 Boxes are ``[x_min, y_min, width, height]`` normalised to [0, 1] with the origin at the top-left of the
 upright image; categories are strings ``"1"`` animal, ``"2"`` person, ``"3"`` vehicle; an image that
-could not be processed carries ``failure`` instead of ``detections``.
+could not be processed carries ``failure`` instead of ``detections``. A video (fieldreid does not
+decode videos: they are always failures) also carries ``frame_rate``, which format 1.4 requires of every
+video entry; a failed one gets -1.0, as MegaDetector writes it (its validator accepts a negative rate only
+beside a ``failure``).
 """
 
 from __future__ import annotations
@@ -10,16 +13,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from fieldreid.fsutil import atomic_output
+from fieldreid.imageio import VIDEO_SUFFIXES
 from fieldreid.types import MD_CATEGORIES, Detections
 
 FORMAT_VERSION = "1.4"
 CONF_DIGITS = 3
 COORD_DIGITS = 4
+#: ``frame_rate`` of a video that could not be read (MegaDetector's own value for that case)
+FAILED_FRAME_RATE = -1.0
+#: what MegaDetector's tools count as a video (by extension), beside the videos fieldreid itself recognises
+MD_VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mpeg", ".mpg", ".mov", ".mkv", ".flv"})
 
 
 def md_bbox(x1: float, y1: float, x2: float, y2: float, w: float, h: float) -> list[float]:
@@ -50,8 +58,17 @@ def image_entry(file: str, detections: Detections, size_hw: tuple[int, int]) -> 
     return detections_entry(file, [d for d in dets if d is not None])
 
 
-def failure_entry(file: str, reason: str) -> dict:
-    return {"file": file, "failure": reason, "detections": None}
+def is_video_name(file: str) -> bool:
+    """True when ``file``'s extension makes it a video to fieldreid or to MegaDetector's tools."""
+    return PurePosixPath(str(file).replace("\\", "/")).suffix.lower() in VIDEO_SUFFIXES | MD_VIDEO_SUFFIXES
+
+
+def failure_entry(file: str, reason: str | None) -> dict:
+    """One ``images[]`` record for a file that could not be processed (a video also gets ``frame_rate``)."""
+    entry = {"file": file, "failure": str(reason or "").strip() or "could not be processed", "detections": None}
+    if is_video_name(file):
+        entry["frame_rate"] = FAILED_FRAME_RATE
+    return entry
 
 
 def info_block(detector: str, conf_threshold: float, extra_info: dict | None = None) -> dict:

@@ -25,6 +25,7 @@ How (and why this way):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -44,6 +45,10 @@ DEFAULT_CALIBRATION_CROPS = 256
 DEFAULT_MIN_COSINE = 0.98
 DEFAULT_MAX_TOP1_DROP = 0.02
 METHODS = ("minmax", "entropy", "percentile")
+#: share of a single crop set held out for the gate when no separate validation set is given
+VALIDATION_FRACTION = 0.3
+#: at most this many validation crops
+VALIDATION_CROPS = 400
 
 
 class QuantizationGateError(FieldreidError):
@@ -91,35 +96,84 @@ class QuantizeReport:
 
 
 # ------------------------------------------------------------------------------------------ crops
-def load_crops(source: str | Path | Sequence[str | Path], limit: int | None = None, split: str | None = None,
-               seed: int = 0, max_side: int = 512) -> tuple[list[np.ndarray], list[str | None]]:
-    """BGR crops (and identities, None for a folder) from a ``metadata.csv``, a folder, or a list of files.
+@dataclass(frozen=True)
+class CropRef:
+    """One crop file: its path, identity (None from a folder) and ``key``, its path relative to the source
+    (the folder, or the ``metadata.csv``'s folder), which the held-out split hashes."""
 
-    With ``limit``, a seeded random subset of that many is taken; unreadable files are skipped.
+    path: Path
+    label: str | None
+    key: str
+
+
+def _key(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # an absolute path in a metadata.csv
+        return path.as_posix()
+
+
+def list_crops(source: str | Path | Sequence[str | Path], split: str | None = None) -> list[CropRef]:
+    """The crop files of a ``metadata.csv`` (``split`` selects rows), a folder, or a list of files/folders.
+
+    ``split`` only means something for a ``metadata.csv``: for a folder it is an error, not ignored.
     """
+    from fieldreid.gallery.enroll import read_metadata
+    from fieldreid.imageio import iter_files
+
+    if isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv":
+        root = Path(source).parent
+        return [CropRef(Path(it.path), it.identity, _key(Path(it.path), root))
+                for it in read_metadata(source, split=split)]
+    srcs = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
+    missing = [str(s) for s in srcs if not s.exists()]
+    if missing:
+        raise InputError(f"Crop source {missing[0]} does not exist.")
+    if split is not None:
+        raise InputError(f"A split ({split!r}) selects rows of a metadata.csv; {srcs[0]} is not one. Drop the "
+                         "split option, or pass the metadata.csv.")
+    out = []
+    for src in srcs:
+        root = src if src.is_dir() else src.parent
+        out += [CropRef(p, None, _key(p, root)) for p in iter_files([src])]
+    return out
+
+
+def holdout_split(refs: Sequence[CropRef], fraction: float = VALIDATION_FRACTION
+                  ) -> tuple[list[CropRef], list[CropRef]]:
+    """(calibration, validation): a deterministic split of one crop set into two disjoint parts.
+
+    Crops are ordered by the sha256 of their ``key`` (path relative to the source); the first
+    ``round(n * fraction)`` (at least 1 and at most n - 1 when n >= 2) are held out for validation. The
+    split depends only on the names, not on the listing order, the folder's location or a seed.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"The validation fraction must be between 0 and 1, got {fraction}.")
+    n = len(refs)
+    n_val = min(max(round(n * fraction), 1), n - 1) if n >= 2 else 0
+    order = sorted(range(n), key=lambda i: (hashlib.sha256(refs[i].key.encode("utf-8")).hexdigest(), refs[i].key))
+    held = set(order[:n_val])
+    return [r for i, r in enumerate(refs) if i not in held], [r for i, r in enumerate(refs) if i in held]
+
+
+def sample_crops(refs: Sequence[CropRef], limit: int | None, seed: int = 0) -> list[CropRef]:
+    """A seeded random subset of ``limit`` crops (all of them when there are no more), in listing order."""
+    if limit is None or limit >= len(refs):
+        return list(refs)
+    return [refs[i] for i in np.sort(np.random.default_rng(seed).choice(len(refs), size=limit, replace=False))]
+
+
+def read_crops(refs: Sequence[CropRef], max_side: int = 512) -> tuple[list[np.ndarray], list[str | None]]:
+    """BGR pixels (longest side at most ``max_side``) and identities; unreadable files are skipped."""
     import cv2
 
     from fieldreid.errors import ImageReadError
-    from fieldreid.gallery.enroll import read_metadata
-    from fieldreid.imageio import iter_files, read_image
+    from fieldreid.imageio import read_image
 
-    if isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv":
-        items = read_metadata(source, split=split)
-        paths, labels = [it.path for it in items], [it.identity for it in items]
-    else:
-        srcs = [source] if isinstance(source, (str, Path)) else list(source)
-        missing = [str(s) for s in srcs if not Path(s).exists()]
-        if missing:
-            raise InputError(f"Crop source {missing[0]} does not exist.")
-        paths = list(iter_files([Path(s) for s in srcs]))
-        labels = [None] * len(paths)
-    order = np.arange(len(paths))
-    if limit is not None and limit < len(paths):
-        order = np.sort(np.random.default_rng(seed).choice(len(paths), size=limit, replace=False))
-    crops, out_labels = [], []
-    for i in order:
+    crops, labels = [], []
+    for ref in refs:
         try:
-            px = read_image(paths[i], min_side=max_side).pixels
+            px = read_image(ref.path, min_side=max_side).pixels
         except ImageReadError:
             continue
         if max(px.shape[:2]) > max_side:
@@ -127,8 +181,60 @@ def load_crops(source: str | Path | Sequence[str | Path], limit: int | None = No
             px = cv2.resize(px, (max(1, round(px.shape[1] * s)), max(1, round(px.shape[0] * s))),
                             interpolation=cv2.INTER_AREA)
         crops.append(px)
-        out_labels.append(labels[i])
-    return crops, out_labels
+        labels.append(ref.label)
+    return crops, labels
+
+
+def load_crops(source: str | Path | Sequence[str | Path], limit: int | None = None, split: str | None = None,
+               seed: int = 0, max_side: int = 512) -> tuple[list[np.ndarray], list[str | None]]:
+    """BGR crops (and identities, None for a folder) from a ``metadata.csv``, a folder, or a list of files.
+
+    With ``limit``, a seeded random subset of that many is taken; unreadable files are skipped.
+    """
+    return read_crops(sample_crops(list_crops(source, split), limit, seed), max_side)
+
+
+@dataclass
+class HeldOutSets:
+    """Calibration and validation crops that share no file, and where each came from (for the manifest)."""
+
+    calib: list[CropRef]
+    val: list[CropRef]
+    info: dict
+
+
+def held_out_sets(calib_source: str | Path, calib_split: str | None = None, val_source: str | Path | None = None,
+                  val_split: str | None = None, calib_limit: int | None = None,
+                  val_limit: int | None = VALIDATION_CROPS, fraction: float = VALIDATION_FRACTION) -> HeldOutSets:
+    """Calibration crops, and validation crops never used for calibration.
+
+    Without ``val_source`` the calibration set is split (:func:`holdout_split`): calibration samples
+    ``calib_limit`` from one part, validation uses the other. With it, every file that calibrates is
+    removed from the validation set (``--val`` may name the same folder or CSV as ``--calib``).
+    """
+    refs = list_crops(calib_source, calib_split)
+    info: dict = {"calibration": {"source": str(calib_source), "split": calib_split}}
+    if val_source is None:
+        calib_part, val_part = holdout_split(refs, fraction)
+        calib = sample_crops(calib_part, calib_limit, seed=0)
+        val = sample_crops(val_part, val_limit, seed=1)
+        info["validation"] = {"source": str(calib_source), "split": calib_split,
+                              "held_out": f"{len(val_part)} of {len(refs)} files (fraction {fraction}) held out "
+                                          "from calibration by name hash"}
+    else:
+        calib = sample_crops(refs, calib_limit, seed=0)
+        used = {r.path.resolve() for r in calib}
+        candidates = list_crops(val_source, val_split)
+        kept = [r for r in candidates if r.path.resolve() not in used]
+        val = sample_crops(kept, val_limit, seed=1)
+        info["validation"] = {"source": str(val_source), "split": val_split,
+                              "held_out": f"{len(candidates) - len(kept)} calibration file(s) removed"}
+        if len(kept) < 2:
+            raise InputError(
+                f"The validation set {val_source}{f' [{val_split}]' if val_split else ''} has {len(kept)} file(s) "
+                f"that were not used for calibration ({len(candidates) - len(kept)} were): INT8 is never "
+                "validated on its calibration images. Give --val other crops, or leave it out to split --calib.")
+    return HeldOutSets(calib, val, info)
 
 
 def check_calibration_count(n: int, minimum: int = MIN_CALIBRATION_CROPS) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,20 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".cache" / "ultralytics"))
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the yolov5 reference checkpoint is a pickle
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Tests may call ``torch.set_num_threads``: put the count back, so no result depends on test order.
+
+    Only where torch is already imported (every module that uses it imports it at collection); importing it
+    here would cost seconds in test runs that never touch torch.
+    """
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    yield
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def camtrap_images() -> list[Path]:
@@ -81,9 +96,13 @@ def default_export(tmp_path_factory):
     from fieldreid.embed.export import export_embedder_onnx
     from fieldreid.embed.model import build_default_embedder
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    model, spec, model_id = build_default_embedder()
-    path = export_embedder_onnx(model, tmp_path_factory.mktemp("embedder") / "embedder.onnx", spec, model_id)
+    try:
+        model, spec, model_id = build_default_embedder()
+        path = export_embedder_onnx(model, tmp_path_factory.mktemp("embedder") / "embedder.onnx", spec, model_id)
+    finally:
+        torch.set_num_threads(threads)  # a session fixture must not change the thread count of later tests
     return path, model, spec, model_id
 
 

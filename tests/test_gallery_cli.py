@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import typer
@@ -116,13 +119,56 @@ def test_cli_errors_are_one_line(tmp_path, app):
     assert not (tmp_path / "d.csv").exists()
     r = run(app, "identify", tmp_path / "data/images", "--gallery", tmp_path / "nope.db", "--crops", "--embedder", a)
     assert r.exit_code == 2 and "No gallery" in r.output
-    (tmp_path / "junk.db").write_bytes(b"junk" * 100)
-    r = run(app, "gallery", "list", "--gallery", tmp_path / "junk.db")
-    assert r.exit_code == 2 and "not a fieldreid gallery" in r.output
+    # a path longer than any terminal: the error must still be one line (rich wraps at 80 columns otherwise)
+    deep = tmp_path / ("camera-trap-season-2024-" * 5) / "gallery"
+    deep.mkdir(parents=True)
+    junk = deep / "junk.db"
+    junk.write_bytes(b"junk" * 100)
+    assert len(str(junk)) > 120
+    r = run(app, "gallery", "list", "--gallery", junk)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"{junk} is not a fieldreid gallery" in lines[0]
     r = run(app, "enroll", csv, "--gallery", g, "--crops", "--embedder", b, "--reembed")
     assert r.exit_code == 0, r.output
     with Gallery(g) as gal:
         assert gal.model_id == "tiny-b"
+
+
+def test_gallery_show_and_log_of_one_identity_skip_similar_ids(tmp_path, app):
+    """Defect: `gallery show nyala-1` / `gallery log --identity nyala-1` also listed nyala-10's history."""
+    import numpy as np
+
+    g = tmp_path / "g.db"
+    vec = np.eye(3, 8, dtype=np.float32)
+    with Gallery(g) as gal:
+        gal.add_embeddings(["nyala-1", "nyala-10", "nyala-11"], vec, "m", ["a.jpg", "b.jpg", "c.jpg"],
+                           species="nyala")
+        gal.merge(["nyala-11"], "nyala-10")
+        gal.rename("nyala-10", name="Ten")
+        gal.rename("nyala-1", name="One")
+    r = run(app, "gallery", "show", "nyala-1", "--gallery", g)
+    assert r.exit_code == 0, r.output
+    history = [line.split()[2] for line in r.output.splitlines() if line.startswith("  ") and ": " in line]
+    assert history == ["rename", "enrol"], r.output
+    assert "merge" not in r.output and "Ten" not in r.output
+    r = run(app, "gallery", "log", "--identity", "nyala-1", "--gallery", g)
+    assert r.exit_code == 0 and "merge" not in r.output and "Ten" not in r.output and "One" in r.output, r.output
+
+
+def test_cli_error_is_one_line_in_a_narrow_terminal(tmp_path):
+    """The real entry point, as a user's shell runs it, with COLUMNS=40 and a path longer than 100 characters."""
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 4)
+    deep.mkdir()
+    junk = deep / "junk.db"
+    junk.write_bytes(b"junk" * 100)
+    assert len(str(junk)) > 100
+    env = {**os.environ, "COLUMNS": "40", "LINES": "10", "TERM": "dumb"}
+    p = subprocess.run([sys.executable, "-m", "fieldreid.cli", "gallery", "list", "--gallery", str(junk)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: "), p.stderr
+    assert f"{junk} is not a fieldreid gallery" in p.stderr
 
 
 @pytest.mark.slow

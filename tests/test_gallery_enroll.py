@@ -65,7 +65,8 @@ def test_enrol_csv_reports_bad_files_and_is_idempotent(tmp_path, embedders):
         assert rep.added == 8 and rep.identities_created == 4
         failed = {p.split("/")[-1]: why for p, why in rep.failures}
         assert set(failed) == {"missing.png", "broken.jpg"}
-        assert "disappeared" in failed["missing.png"] or "not" in failed["missing.png"]
+        assert failed["missing.png"] == "missing.png: file disappeared before it could be read"
+        assert failed["broken.jpg"].startswith("broken.jpg: not an image file, or its header is corrupt")
         assert g.model_id == "tiny-a" and g.get_identity("z2").n_embeddings == 2
         v = g.version
         again = enroll(csv, g, emb, split="database", crops=True)

@@ -183,6 +183,27 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
         assert g.check() == []
 
 
+def test_log_of_one_identity_matches_whole_ids_only(gallery):
+    """`gallery log --identity nyala-1` once listed nyala-10's and nyala-11's changes too (substring match)."""
+    vec, _ = clusters(4, 1, dim=8)
+    gallery.add_embeddings(["nyala-1", "nyala-10", "nyala-11", "nyala-2"], vec, "m",
+                           ["cam/nyala-1/a.jpg", "cam/nyala-1/b.jpg", "c.jpg", "d.jpg"], species="nyala")
+    gallery.rename("nyala-10", name="nyala-1 look-alike")
+    gallery.merge(["nyala-11"], "nyala-10")
+    gallery.rename("nyala-2", "nyala-20")
+    gallery.confirm("nyala-1", name="Old one")
+
+    def actions(identity):
+        return [c.action for c in gallery.log(identity_id=identity)]
+
+    assert actions("nyala-1") == ["confirm", "enrol"]
+    assert actions("nyala-10") == ["merge", "rename", "enrol"]
+    assert actions("nyala-11") == ["merge", "enrol"]
+    assert actions("nyala-2") == ["rename", "enrol"] and actions("nyala-20") == ["rename"]
+    assert actions("nyala") == actions("1") == []
+    assert [c.action for c in gallery.log(limit=2, identity_id="nyala-10")] == ["merge", "rename"]
+
+
 def test_curation_is_logged_and_moves_everything(gallery):
     vec, labels = clusters(3, 2, dim=8)
     labels = ["nyala-0001"] * 2 + ["nyala-0002"] * 2 + ["nyala-0003"] * 2

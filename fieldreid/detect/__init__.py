@@ -8,7 +8,7 @@ Converting a checkpoint needs the ``train`` extra (torch); see :func:`fieldreid.
 Importing this package never imports torch.
 """
 
-from fieldreid.detect.classes import category_lookup, md_category, names_from_metadata, parse_names
+from fieldreid.detect.classes import category_lookup, md_category, names_from_metadata, nms_groups, parse_names
 from fieldreid.detect.decode import (
     LAYOUTS,
     batched_nms,
@@ -51,6 +51,7 @@ __all__ = [
     "md_category",
     "names_from_metadata",
     "nms",
+    "nms_groups",
     "parse_names",
     "preprocess",
     "raw_to_yolov5",

@@ -55,6 +55,19 @@ def category_lookup(names: Sequence[str]) -> np.ndarray:
     return np.array([md_category(n) for n in names], dtype=np.int64)
 
 
+def nms_groups(names: Sequence[str]) -> np.ndarray:
+    """``(C,)`` int64 NMS group per class: the MegaDetector category (1 animal, 2 person, 3 vehicle) for
+    classes that map to one, so that all the animal classes of a COCO model suppress each other (one box
+    per animal: a bobcat scored as both ``cat`` and ``dog`` keeps only its best box); a class that maps to
+    none is a group of its own (``4 + index``), so a ``chair`` never suppresses a ``bottle``.
+
+    >>> nms_groups(["person", "cat", "dog", "car", "chair", "bottle"]).tolist()
+    [2, 1, 1, 3, 8, 9]
+    """
+    cats = category_lookup(names)
+    return np.where(cats > 0, cats, 4 + np.arange(cats.size, dtype=np.int64))
+
+
 def _names_from_container(obj: object, source: str) -> list[str]:
     if isinstance(obj, Mapping):
         try:

@@ -14,6 +14,11 @@ Layouts (``LAYOUTS``):
 Every decoder returns, per image, an ``(n, 6)`` float32 array ``[x1, y1, x2, y2, score, class]`` in the
 model's input pixels, sorted by score (highest first). Mapping back to the original image is
 :func:`fieldreid.detect.letterbox.scale_boxes`'s job.
+
+NMS is class-aware by default (YOLOv5's and ultralytics' rule). ``groups`` widens it: ``groups[c]`` is the
+NMS group of class ``c`` and boxes of one group suppress each other whatever their classes. The
+:class:`~fieldreid.detect.Detector` passes :func:`fieldreid.detect.classes.nms_groups`, so a COCO model's
+``cat`` and ``dog`` boxes on one bobcat (IoU 0.94) become one ``animal`` box, as MegaDetector output means.
 """
 
 from __future__ import annotations
@@ -117,10 +122,25 @@ def batched_nms(
     return nms(boxes + offset, scores, iou_thres, max_keep)
 
 
+def nms_keys(cls: np.ndarray, groups: np.ndarray | Sequence[int] | None) -> np.ndarray:
+    """The NMS key of each box: ``groups[cls]``, or the class itself without ``groups``. A class beyond the
+    end of ``groups`` (a model with more classes than names) is a group of its own."""
+    cls = np.asarray(cls, np.int64)
+    if groups is None:
+        return cls
+    groups = np.asarray(groups, np.int64).reshape(-1)
+    if groups.size == 0:
+        return cls
+    inside = (cls >= 0) & (cls < groups.size)
+    return np.where(inside, groups[np.where(inside, cls, 0)], int(groups.max()) + 1 + np.abs(cls))
+
+
 def _select(
-    xyxy: np.ndarray, score: np.ndarray, cls: np.ndarray, conf: float, iou: float, max_det: int, agnostic: bool
+    xyxy: np.ndarray, score: np.ndarray, cls: np.ndarray, conf: float, iou: float, max_det: int, agnostic: bool,
+    groups: np.ndarray | Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Threshold, cap at MAX_NMS, NMS, cap at max_det -> ``(n, 6)`` float32."""
+    """Threshold, cap at MAX_NMS, NMS (per class, per group of classes, or agnostic), cap at max_det ->
+    ``(n, 6)`` float32 with the boxes' own classes."""
     mask = score > conf
     xyxy, score, cls = xyxy[mask], score[mask], cls[mask]
     if score.size == 0:
@@ -131,7 +151,7 @@ def _select(
     if agnostic:
         keep = nms(xyxy, score, iou, max_det)
     else:
-        keep = batched_nms(xyxy, score, cls, iou, max_det)
+        keep = batched_nms(xyxy, score, nms_keys(cls, groups), iou, max_det)
     keep = keep[:max_det]
     out = np.empty((keep.size, 6), np.float32)
     out[:, :4] = xyxy[keep]
@@ -152,11 +172,13 @@ def _check_3d(pred: np.ndarray, what: str) -> np.ndarray:
 
 
 def decode_yolov5(
-    pred: np.ndarray, conf: float = 0.25, iou: float = 0.45, max_det: int = 300, agnostic: bool = False
+    pred: np.ndarray, conf: float = 0.25, iou: float = 0.45, max_det: int = 300, agnostic: bool = False,
+    groups: np.ndarray | Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """Decode ``[B, N, 5 + C]`` (xywh, objectness, class probs) into per-image ``(n, 6)`` detections.
 
-    Same rule as YOLOv5's ``non_max_suppression`` (best class only): score = obj * cls prob.
+    Same rule as YOLOv5's ``non_max_suppression`` (best class only): score = obj * cls prob; with
+    ``groups``, NMS keys on the class's group instead of the class (see the module docstring).
     """
     _check_thresholds(conf, iou, max_det)
     pred = _check_3d(pred, "yolov5")
@@ -168,7 +190,7 @@ def decode_yolov5(
         cls_scores = x[:, 5:] * x[:, 4:5]
         cls = cls_scores.argmax(1) if x.shape[0] else np.zeros(0, np.int64)
         score = cls_scores[np.arange(x.shape[0]), cls]
-        results.append(_select(xywh2xyxy(x[:, :4]), score, cls, conf, iou, max_det, agnostic))
+        results.append(_select(xywh2xyxy(x[:, :4]), score, cls, conf, iou, max_det, agnostic, groups))
     return results
 
 
@@ -213,15 +235,18 @@ def decode_yolov5_raw(
     iou: float = 0.45,
     max_det: int = 300,
     agnostic: bool = False,
+    groups: np.ndarray | Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """Decode a raw YOLOv5 head (see :func:`raw_to_yolov5`), then as :func:`decode_yolov5`."""
-    return decode_yolov5(raw_to_yolov5(outputs, anchors, strides), conf, iou, max_det, agnostic)
+    return decode_yolov5(raw_to_yolov5(outputs, anchors, strides), conf, iou, max_det, agnostic, groups)
 
 
 def decode_ultralytics(
-    pred: np.ndarray, conf: float = 0.25, iou: float = 0.45, max_det: int = 300, agnostic: bool = False
+    pred: np.ndarray, conf: float = 0.25, iou: float = 0.45, max_det: int = 300, agnostic: bool = False,
+    groups: np.ndarray | Sequence[int] | None = None,
 ) -> list[np.ndarray]:
-    """Decode ``[B, 4 + C, N]`` (xywh, class scores; no objectness) into per-image ``(n, 6)`` detections."""
+    """Decode ``[B, 4 + C, N]`` (xywh, class scores; no objectness) into per-image ``(n, 6)`` detections;
+    ``groups`` as in :func:`decode_yolov5`."""
     _check_thresholds(conf, iou, max_det)
     pred = _check_3d(pred, "ultralytics")
     if pred.shape[1] < 5:
@@ -233,21 +258,30 @@ def decode_ultralytics(
         keep = np.flatnonzero(score > conf)
         cls = cls_scores[:, keep].argmax(0)
         xyxy = xywh2xyxy(x[:4, keep].T)
-        results.append(_select(xyxy, score[keep], cls, conf, iou, max_det, agnostic))
+        results.append(_select(xyxy, score[keep], cls, conf, iou, max_det, agnostic, groups))
     return results
 
 
-def decode_end2end(pred: np.ndarray, conf: float = 0.25, max_det: int = 300) -> list[np.ndarray]:
-    """Threshold ``[B, K, 6]`` (x1, y1, x2, y2, score, class) from an NMS-free head."""
-    _check_thresholds(conf, 0.5, max_det)
+def decode_end2end(
+    pred: np.ndarray, conf: float = 0.25, max_det: int = 300,
+    groups: np.ndarray | Sequence[int] | None = None, iou: float = 0.45,
+) -> list[np.ndarray]:
+    """Threshold ``[B, K, 6]`` (x1, y1, x2, y2, score, class) from an NMS-free head.
+
+    Such a head picks its top K over (anchor, class) pairs, so one animal can come out as a ``cat`` and a
+    ``dog`` box: with ``groups``, boxes of one group overlapping by more than ``iou`` are suppressed too.
+    """
+    _check_thresholds(conf, iou, max_det)
     pred = _check_3d(pred, "end2end")
     if pred.shape[2] != 6:
         raise ModelError(f"An end2end output must be [B, K, 6] (x1, y1, x2, y2, score, class), got {pred.shape}.")
     results = []
     for x in pred:
         x = x[x[:, 4] > conf]
-        x = x[np.argsort(-x[:, 4], kind="stable")][:max_det]
-        results.append(np.ascontiguousarray(x, np.float32))
+        x = x[np.argsort(-x[:, 4], kind="stable")]
+        if groups is not None and len(x) > 1:
+            x = x[batched_nms(x[:, :4], x[:, 4], nms_keys(x[:, 5].astype(np.int64), groups), iou)]
+        results.append(np.ascontiguousarray(x[:max_det], np.float32))
     return results
 
 
@@ -260,8 +294,10 @@ def decode(
     agnostic: bool = False,
     anchors: np.ndarray | None = None,
     strides: Sequence[float] | None = None,
+    groups: np.ndarray | Sequence[int] | None = None,
 ) -> list[np.ndarray]:
-    """Decode a model's outputs (in output order) for ``layout``; see the module docstring."""
+    """Decode a model's outputs (in output order) for ``layout``; see the module docstring. ``groups``
+    (class -> NMS group) makes NMS suppress across the classes of a group (``end2end`` heads: only then)."""
     if layout not in LAYOUTS:
         raise ModelError(f"Unknown detector layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     if len(outputs) == 0:
@@ -269,9 +305,9 @@ def decode(
     if layout == "yolov5-raw":
         if anchors is None or strides is None:
             raise ModelError("A raw YOLOv5 head needs anchors and strides in its metadata; re-export with convert.")
-        return decode_yolov5_raw(outputs, anchors, strides, conf, iou, max_det, agnostic)
+        return decode_yolov5_raw(outputs, anchors, strides, conf, iou, max_det, agnostic, groups)
     if layout == "yolov5":
-        return decode_yolov5(outputs[0], conf, iou, max_det, agnostic)
+        return decode_yolov5(outputs[0], conf, iou, max_det, agnostic, groups)
     if layout == "ultralytics":
-        return decode_ultralytics(outputs[0], conf, iou, max_det, agnostic)
-    return decode_end2end(outputs[0], conf, max_det)
+        return decode_ultralytics(outputs[0], conf, iou, max_det, agnostic, groups)
+    return decode_end2end(outputs[0], conf, max_det, groups, iou)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fieldreid.detect.classes import category_lookup, names_from_metadata
+from fieldreid.detect.classes import category_lookup, names_from_metadata, nms_groups
 from fieldreid.detect.decode import LAYOUTS, decode
 from fieldreid.detect.letterbox import preprocess, scale_boxes
 from fieldreid.engines import Engine, load_engine
@@ -104,7 +104,10 @@ def infer_layout(
 class Detector:
     """Runs a YOLO-family ONNX detector on BGR images and returns boxes in original-image pixels.
 
-    ``conf`` defaults to 0.2 (see :data:`DEFAULT_CONF`); ``iou`` is the class-aware NMS threshold;
+    ``conf`` defaults to 0.2 (see :data:`DEFAULT_CONF`); ``iou`` is the NMS threshold. NMS runs per
+    MegaDetector category, not per model class (:func:`~fieldreid.detect.classes.nms_groups`): a COCO model's
+    ``cat`` and ``dog`` boxes on one animal suppress each other, leaving one box per animal; ``agnostic``
+    makes every box suppress every other;
     ``imgsz`` defaults to the size recorded in the model (or its static input shape, or 640);
     ``layout`` overrides what the metadata says (needed only for ambiguous foreign files);
     ``keep_other`` keeps classes that are none of animal/person/vehicle (category 0).
@@ -172,6 +175,7 @@ class Detector:
             self._anchors, self._strides = self._raw_head_geometry(meta)
         self.names: list[str] = names or self._placeholder_names()
         self._categories = category_lookup(self.names)
+        self._nms_groups = nms_groups(self.names)
 
     # -- metadata ---------------------------------------------------------------------------------------
     @staticmethod
@@ -252,7 +256,7 @@ class Detector:
             # Smallest stride = largest grid first, whatever order the outputs were named in.
             outputs = sorted(outputs, key=lambda o: -o.shape[2] * o.shape[3])
         dets = decode(outputs, self.layout, self.conf, self.iou, self.max_det, self.agnostic,
-                      anchors=self._anchors, strides=self._strides)
+                      anchors=self._anchors, strides=self._strides, groups=self._nms_groups)
         return dets[:n]
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:

@@ -26,6 +26,12 @@ MANIFEST_SUFFIX = ".json"
 #: ONNX operators that mark explicit (Q/DQ) quantisation
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
+#: TensorRT plan precisions, and the suffix of every plan fieldreid writes (``<stem>.<precision>.engine``)
+PLAN_PRECISIONS = ("fp32", "fp16", "int8")
+PLAN_SUFFIX = ".engine"
+#: suffixes accepted for plans built by hand (``trtexec --saveEngine=model.plan``) or by older fieldreid
+PLAN_SUFFIXES = (".engine", ".plan", ".trt")
+
 
 def manifest_path(artefact_path: str | Path) -> Path:
     """``model.engine`` → ``model.engine.json`` (the suffix is appended, not replaced)."""
@@ -190,3 +196,86 @@ def has_qdq(onnx_path: str | Path) -> bool:
         for node in function.node:
             ops.add(node.op_type)
     return bool(ops & QDQ_OPS)
+
+
+# -- TensorRT plan names: the one place that names them (writer: ``fieldreid export``; reader: the registry)
+def _onnx_stem(onnx_path: Path) -> str:
+    name = onnx_path.name
+    return name[: -len(".onnx")] if name.lower().endswith(".onnx") else onnx_path.stem
+
+
+def plan_path(onnx_path: str | Path, precision: str) -> Path:
+    """The plan fieldreid builds from ``onnx_path`` at ``precision``, beside it.
+
+    ``m.onnx`` → ``m.fp16.engine`` / ``m.fp32.engine`` / ``m.int8.engine``; a precision already in the
+    name is not repeated (``m.int8.onnx`` → ``m.int8.engine``). :func:`plan_precision` reads it back.
+    """
+    if precision not in PLAN_PRECISIONS:
+        raise ModelError(f"TensorRT plan precision must be one of {', '.join(PLAN_PRECISIONS)}, got {precision!r}.")
+    onnx_path = Path(onnx_path)
+    stem = _onnx_stem(onnx_path)
+    if not stem.endswith("." + precision):
+        stem += "." + precision
+    return onnx_path.with_name(stem + PLAN_SUFFIX)
+
+
+def plan_precision(plan: str | Path) -> str | None:
+    """The precision in a plan's name (``m.fp16.engine`` → ``"fp16"``); None for a name without one."""
+    name = Path(plan).name
+    for precision in PLAN_PRECISIONS:
+        if name.endswith(f".{precision}{PLAN_SUFFIX}"):
+            return precision
+    return None
+
+
+def is_int8_onnx(onnx_path: str | Path) -> bool:
+    """Whether fieldreid made ``onnx_path`` as an INT8 (QDQ) model: by its name (``m.int8.onnx``) or by the
+    manifest beside it (``precision: int8-qdq``). Cheap: the model itself is not read."""
+    onnx_path = Path(onnx_path)
+    if _onnx_stem(onnx_path).endswith(".int8"):
+        return True
+    try:
+        data = json.loads(manifest_path(onnx_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("precision", "")).startswith("int8")
+
+
+def plan_candidates(onnx_path: str | Path) -> list[Path]:
+    """Plans of ``onnx_path`` that backend selection looks for, best first.
+
+    A float ONNX: its FP16 plan, then its FP32 plan; an INT8 (QDQ) ONNX: its INT8 plan (the only
+    precision TensorRT builds it at). Then a hand-built ``m.engine`` / ``m.plan`` / ``m.trt``.
+    """
+    onnx_path = Path(onnx_path)
+    precisions = ("int8",) if is_int8_onnx(onnx_path) else ("fp16", "fp32")
+    out = [plan_path(onnx_path, p) for p in precisions]
+    for suffix in PLAN_SUFFIXES:
+        bare = onnx_path.with_name(_onnx_stem(onnx_path) + suffix)
+        if bare not in out:
+            out.append(bare)
+    return out
+
+
+def find_plan(onnx_path: str | Path) -> Path | None:
+    """The best plan built from ``onnx_path`` that exists beside it (:func:`plan_candidates`), or None."""
+    return next((p for p in plan_candidates(onnx_path) if p.is_file()), None)
+
+
+def plan_source_onnx(plan: str | Path) -> Path:
+    """The ONNX a plan was built from, beside it: from its manifest when readable, else from its name."""
+    plan = Path(plan)
+    try:
+        source = json.loads(manifest_path(plan).read_text(encoding="utf-8")).get("source_onnx")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if isinstance(source, str) and source:
+        return plan.with_name(Path(source).name)
+    precision = plan_precision(plan)
+    if precision is None:
+        return plan.with_suffix(".onnx")  # m.engine, m.plan, m.trt: built by hand from m.onnx
+    tagged = plan.name[: -len(PLAN_SUFFIX)]  # m.int8
+    bare = plan.with_name(tagged[: -len("." + precision)] + ".onnx")  # m.onnx
+    if precision == "int8" and (plan.with_name(tagged + ".onnx").is_file() or not bare.is_file()):
+        return plan.with_name(tagged + ".onnx")  # m.int8.engine from m.int8.onnx, the QDQ model export writes
+    return bare

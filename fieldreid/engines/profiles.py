@@ -1,8 +1,13 @@
-"""Export profiles: the TOML files in the top-level ``export/`` folder, loaded into a frozen dataclass.
+"""Export profiles: TOML files loaded into a frozen dataclass.
 
 A profile says how to turn the lab's portable ONNX into the artefact one kind of device runs: backend,
 precision, input size, batch profile, TensorRT workspace, how many crops calibrate INT8, and the accuracy
 gate the result must pass against the FP32 reference. ``export/README.md`` documents every key.
+
+The default profiles ship inside the package (``fieldreid/export_profiles/*.toml``, package data read
+with :mod:`importlib.resources`, so they work from an installed wheel). A name is looked up first in the
+user's own folder (``$FIELDREID_EXPORT_DIR``), whose profiles add to the defaults or override one of the
+same name, then in the packaged defaults; a path to a ``.toml`` file is loaded as it is.
 
 Unknown keys are errors, not ignored: a typo such as ``max_bacth`` would otherwise build an engine with
 the default batch and nobody would notice until the device is in a tree.
@@ -18,6 +23,8 @@ import math
 import os
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +33,31 @@ from fieldreid.errors import InputError
 PRECISIONS = ("fp32", "fp16", "int8")
 PROFILE_BACKENDS = ("onnxruntime", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: package folder (inside ``fieldreid``) that holds the default profiles
+PACKAGED_PROFILES = "export_profiles"
+#: default for ``[gate] min_cosine_p05``: the 5th-percentile embedding cosine to FP32 on held-out crops
+DEFAULT_MIN_COSINE_P05 = 0.95
 
 
 class ProfileError(InputError):
     """An export profile is missing, unreadable, or has an unknown key or a bad value."""
 
 
-def default_profile_dir() -> Path:
-    """``$FIELDREID_EXPORT_DIR`` if set, else the repository's top-level ``export/`` folder."""
+def default_profile_dir() -> Traversable:
+    """The profiles shipped inside the package (``fieldreid/export_profiles``), installed or not."""
+    return resources.files("fieldreid").joinpath(PACKAGED_PROFILES)
+
+
+def user_profile_dir() -> Path | None:
+    """``$FIELDREID_EXPORT_DIR``: the user's own profiles, looked up before the packaged ones; None if unset."""
     env = os.environ.get("FIELDREID_EXPORT_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "export"
+    return Path(env) if env else None
+
+
+def profile_dirs() -> list[Traversable]:
+    """Where a profile name is looked up, in order: the user's folder (if set), then the packaged defaults."""
+    user = user_profile_dir()
+    return ([user] if user is not None else []) + [default_profile_dir()]
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,7 @@ class ExportProfile:
     per_channel: bool = True
     min_cosine: float = 0.99
     max_top1_drop: float = 0.01
+    min_cosine_p05: float = DEFAULT_MIN_COSINE_P05
     description: str = ""
     source: str = ""
 
@@ -89,7 +110,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "batch": {"min": ((int,), True), "opt": ((int,), True), "max": ((int,), True)},
     "tensorrt": {"workspace_mib": ((int,), False)},
     "calibration": {"crops": ((int,), False), "method": ((str,), False), "per_channel": ((bool,), False)},
-    "gate": {"min_cosine": ((int, float), False), "max_top1_drop": ((int, float), False)},
+    "gate": {"min_cosine": ((int, float), False), "min_cosine_p05": ((int, float), False),
+             "max_top1_drop": ((int, float), False)},
 }
 _TABLES = frozenset(k for k in _SCHEMA if k)
 
@@ -172,6 +194,9 @@ def parse_profile(data: dict, name: str = "", source: str = "<dict>") -> ExportP
         raise ProfileError(f"{source}: gate.min_cosine must be in (0, 1], got {min_cosine}.")
     if not (math.isfinite(max_drop) and 0.0 <= max_drop <= 1.0):
         raise ProfileError(f"{source}: gate.max_top1_drop must be in [0, 1], got {max_drop}.")
+    min_p05 = float(gate.get("min_cosine_p05", DEFAULT_MIN_COSINE_P05))
+    if not (math.isfinite(min_p05) and 0.0 < min_p05 <= 1.0):
+        raise ProfileError(f"{source}: gate.min_cosine_p05 must be in (0, 1], got {min_p05}.")
     return ExportProfile(
         name=top.get("name", name) or name,
         backend=backend,
@@ -187,33 +212,49 @@ def parse_profile(data: dict, name: str = "", source: str = "<dict>") -> ExportP
         per_channel=cal.get("per_channel", True),
         min_cosine=min_cosine,
         max_top1_drop=max_drop,
+        min_cosine_p05=min_p05,
         description=top.get("description", ""),
         source=source,
     )
 
 
 def load_profile(name_or_path: str | Path, directory: str | Path | None = None) -> ExportProfile:
-    """Load a profile by file path, or by name from ``directory`` (default :func:`default_profile_dir`)."""
+    """Load a profile by ``.toml`` path, or by name from ``directory`` (default: :func:`profile_dirs`)."""
     candidate = Path(name_or_path)
-    if candidate.suffix != ".toml" and not candidate.exists():
-        folder = Path(directory) if directory is not None else default_profile_dir()
-        candidate = folder / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        known = ", ".join(list_profiles(candidate.parent)) or "none"
-        raise ProfileError(f"Export profile {candidate} does not exist. Profiles in {candidate.parent}: {known}.")
+    if candidate.suffix == ".toml" or candidate.exists():
+        if not candidate.is_file():
+            known = ", ".join(list_profiles(candidate.parent)) or "none"
+            raise ProfileError(f"Export profile {candidate} does not exist. Profiles in {candidate.parent}: {known}.")
+        return _read_profile(candidate, candidate.stem)
+    folders: list[Traversable] = [Path(directory)] if directory is not None else profile_dirs()
+    for folder in folders:
+        entry = folder.joinpath(f"{name_or_path}.toml")
+        if entry.is_file():
+            return _read_profile(entry, str(name_or_path))
+    known = ", ".join(list_profiles(directory)) or "none"
+    where = " or ".join(str(f) for f in folders)
+    raise ProfileError(f"Export profile {name_or_path!r} does not exist in {where}. Known profiles: {known}.")
+
+
+def _read_profile(entry: Traversable, name: str) -> ExportProfile:
     try:
-        with open(candidate, "rb") as fh:
-            data = tomllib.load(fh)
+        data = tomllib.loads(entry.read_bytes().decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"Export profile {candidate} is not valid TOML: {exc}.") from exc
+        raise ProfileError(f"Export profile {entry} is not valid TOML: {exc}.") from exc
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"Export profile {entry} is not UTF-8 text: {exc}.") from exc
     except OSError as exc:
-        raise ProfileError(f"Cannot read export profile {candidate}: {exc.strerror or exc}.") from exc
-    return parse_profile(data, name=candidate.stem, source=str(candidate))
+        raise ProfileError(f"Cannot read export profile {entry}: {exc.strerror or exc}.") from exc
+    return parse_profile(data, name=name, source=str(entry))
+
+
+def _names_in(folder: Traversable) -> set[str]:
+    if not folder.is_dir():
+        return set()
+    return {e.name[: -len(".toml")] for e in folder.iterdir() if e.name.endswith(".toml") and e.is_file()}
 
 
 def list_profiles(directory: str | Path | None = None) -> list[str]:
-    """Names of the profiles (``*.toml`` stems) in ``directory``."""
-    folder = Path(directory) if directory is not None else default_profile_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.toml"))
+    """Names of the profiles in ``directory``; without one, in the user's folder and the packaged defaults."""
+    folders: list[Traversable] = [Path(directory)] if directory is not None else profile_dirs()
+    return sorted(set().union(*(_names_in(f) for f in folders)))

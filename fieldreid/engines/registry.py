@@ -11,6 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fieldreid.engines.base import Engine
+from fieldreid.engines.manifest import PLAN_SUFFIXES, find_plan, is_int8_onnx, plan_candidates, plan_source_onnx
 from fieldreid.errors import BackendUnavailableError, ModelError
 
 #: backend name -> (module, class, python package it needs, extra that installs it)
@@ -19,8 +20,6 @@ BACKENDS: dict[str, tuple[str, str, str, str]] = {
     "tensorrt": ("fieldreid.engines.tensorrt", "TensorRTEngine", "tensorrt", "trt"),
     "torch": ("fieldreid.engines.torch_engine", "TorchEngine", "torch", "train"),
 }
-
-PLAN_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 def _installed(package: str) -> bool:
@@ -80,12 +79,15 @@ def backend_class(name: str) -> type[Engine]:
 
 
 def plan_for(onnx_path: Path) -> Path | None:
-    """A TensorRT plan built from ``onnx_path`` that sits beside it (``model.engine`` etc.), if any."""
-    for suffix in PLAN_SUFFIXES:
-        candidate = onnx_path.with_suffix(suffix)
-        if candidate.exists():
-            return candidate
-    return None
+    """The best TensorRT plan built from ``onnx_path`` beside it (:func:`fieldreid.engines.manifest.find_plan`)."""
+    return find_plan(onnx_path)
+
+
+def _no_plan_message(onnx_path: Path) -> str:
+    looked = plan_candidates(onnx_path)
+    precision = "int8" if is_int8_onnx(onnx_path) else "fp16"
+    return (f"No TensorRT plan for {onnx_path}: looked for {', '.join(str(p) for p in looked)}. Build one on this "
+            f"device with: fieldreid export {onnx_path} --{precision}")
 
 
 def select_backend(path: str | Path, backend: str = "auto") -> tuple[str, Path]:
@@ -99,15 +101,15 @@ def select_backend(path: str | Path, backend: str = "auto") -> tuple[str, Path]:
         if is_plan:
             if trt_ok:
                 return "tensorrt", path
-            onnx = path.with_suffix(".onnx")
+            onnx = plan_source_onnx(path)
             if onnx.exists():
                 return "onnxruntime", onnx
             raise BackendUnavailableError(
                 f"{path} is a TensorRT plan but TensorRT cannot run here ({available_backends()['tensorrt']}), "
                 f"and no {onnx.name} lies beside it for ONNX Runtime."
             )
-        plan = plan_for(path)
-        if plan is not None and trt_ok:
+        plan = plan_for(path) if trt_ok else None
+        if plan is not None:
             return "tensorrt", plan
         if path.suffix == ".pt":
             return "torch", path
@@ -117,9 +119,7 @@ def select_backend(path: str | Path, backend: str = "auto") -> tuple[str, Path]:
     if backend == "tensorrt" and not is_plan:
         plan = plan_for(path)
         if plan is None:
-            raise ModelError(
-                f"No TensorRT plan beside {path}. Build one on this device with: fieldreid export {path} --fp16"
-            )
+            raise ModelError(_no_plan_message(path))
         path = plan
     if backend == "onnxruntime" and is_plan:
         raise ModelError(f"{path} is a TensorRT plan; ONNX Runtime needs the .onnx file it was built from.")

@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from fieldreid.engines.base import Engine, EngineIO
-from fieldreid.engines.manifest import has_qdq, manifest_path, onnx_metadata, read_manifest, sha256_file
+from fieldreid.engines.manifest import (
+    has_qdq,
+    manifest_path,
+    onnx_metadata,
+    plan_precision,
+    plan_source_onnx,
+    read_manifest,
+    sha256_file,
+)
 from fieldreid.engines.manifest import write_manifest as _write_manifest
 from fieldreid.errors import BackendUnavailableError, FieldreidError, InputError, ModelError, missing_extra
 from fieldreid.fsutil import atomic_write_bytes
@@ -240,7 +248,7 @@ def build_plan(
     FP32), or ``int8`` (the ONNX must be QDQ; built STRONGLY_TYPED, no precision flags). ``timing_cache``
     is loaded if it exists and saved after the build (speeds up rebuilds on the same device).
 
-    >>> build_plan("engines/default/embedder.onnx", "engines/default/embedder.engine")  # doctest: +SKIP
+    >>> build_plan("engines/default/embedder.onnx", "engines/default/embedder.fp16.engine")  # doctest: +SKIP
     """
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     _check_build_args(precision, min_batch, opt_batch, max_batch, workspace_mib)
@@ -419,7 +427,8 @@ class TensorRTEngine(Engine):
         cudart = _import_cudart()
         self._trt, self._cudart = trt, cudart
         if not self.path.is_file():
-            raise ModelError(f"TensorRT plan {self.path} does not exist. Build it with: fieldreid export MODEL.onnx --fp16")
+            raise ModelError(f"TensorRT plan {self.path} does not exist. Build it with: fieldreid export "
+                             f"{plan_source_onnx(self.path)} --{plan_precision(self.path) or 'fp16'}")
         manifest = read_manifest(self.path)
         gpu = gpu_info(self._device_index)
         check_plan_compatible(manifest, str(trt.__version__), gpu["name"], self.path)

@@ -63,7 +63,7 @@ class IdentityNotFoundError(GalleryError):
 APPLICATION_ID = 0x46524944
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: quick_check reads every page; above this size opening would take seconds, so only the header is checked
-#: (run :meth:`Gallery.check` or ``fieldreid gallery check`` explicitly).
+#: (run :meth:`Gallery.check` explicitly).
 QUICK_CHECK_MAX_BYTES = 256 * 1024 * 1024
 STATUSES = ("confirmed", "provisional")
 ORIGINS = ("lab", "field")
@@ -131,6 +131,17 @@ _V1 = [
 #: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``. Append, never edit.
 MIGRATIONS: list[list[str]] = [_V1]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _strings(obj) -> set[str]:
+    """Every string in a change's details (values, list items, dict keys): the ids a change names."""
+    if isinstance(obj, str):
+        return {obj}
+    if isinstance(obj, dict):
+        return set().union(*(_strings(k) | _strings(v) for k, v in obj.items()))
+    if isinstance(obj, list | tuple):
+        return set().union(*(_strings(v) for v in obj))
+    return set()
 
 
 def _now() -> str:
@@ -819,8 +830,8 @@ class Gallery:
         out = []
         for r in rows:
             details = json.loads(r[4])
-            if identity_id is not None and identity_id not in json.dumps(details):
-                continue
+            if identity_id is not None and identity_id not in _strings(details):
+                continue  # whole ids only: nyala-1's log must not show nyala-10
             out.append(Change(r[0], r[1], r[2], r[3], details, r[5]))
             if limit and len(out) >= limit:
                 break

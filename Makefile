@@ -34,16 +34,27 @@ models: install
 
 demo: models
 	$(VENV)/bin/fieldreid doctor
-	rm -rf demo && mkdir -p demo
-	@echo "== 1. detect: camera-trap folder with a corrupt image and a video -> MegaDetector JSON"
-	$(VENV)/bin/fieldreid detect $(SHARED)/data/camtrap/animl-southwest --out demo/detections.json
-	@echo "== 2. embed: one vector per animal"
-	$(VENV)/bin/fieldreid embed $(SHARED)/data/camtrap/animl-southwest --out demo/vectors.npz
-	@echo "== 3. gallery: enrol known zebras, calibrate open-set thresholds, identify new photos"
+	rm -rf demo && mkdir -p demo/cameras
+	@echo "== 1. a camera card: three stations with bursts (EXIF times), plus a corrupt file and a video"
+	cp -r $(SHARED)/data/camtrap/camtrapr-stations/. demo/cameras/
+	cp $(SHARED)/data/camtrap/animl-southwest/error_img.JPG demo/cameras/StationA/
+	cp $(SHARED)/data/camtrap/animl-southwest/error_vid.mp4 demo/cameras/StationC/
+	@echo "== 2. the main job: fieldreid watch --once (detect, crop, embed, decide per burst, record)"
+	$(VENV)/bin/fieldreid watch demo/cameras --gallery demo/field.db --out demo/watch --once --settle 0
+	@echo "== 3. fieldreid report: Camtrap DP package + HTML review page"
+	$(VENV)/bin/fieldreid report demo/watch --camtrap-dp demo/camtrap-dp --html demo/report.html --utc-offset +02:00
+	@echo "== 4. the lab side: enrol known zebras, calibrate open-set thresholds, identify new photos"
 	$(VENV)/bin/fieldreid enroll $(SHARED)/data/reid/zebra/metadata.csv --split database --crops --gallery demo/zebra.db
 	$(VENV)/bin/fieldreid calibrate $(SHARED)/data/reid/zebra/metadata.csv --split database --crops --gallery demo/zebra.db
 	$(VENV)/bin/fieldreid identify $(SHARED)/data/reid/zebra/images/query --crops --gallery demo/zebra.db --out demo/decisions.csv
-	@echo "demo outputs in demo/: detections.json (MegaDetector format), vectors.npz, zebra.db, decisions.csv"
+	@echo
+	@echo "Where to look (all in demo/):"
+	@echo "  report.html                    open in a browser: each new/uncertain animal beside its best matches"
+	@echo "  watch/sightings.csv            one row per animal: camera, time, burst, decision, identity, score"
+	@echo "  watch/images.csv               one row per file, failures with their reason (error_img.JPG, the video)"
+	@echo "  watch/detections.json          MegaDetector batch format (Timelapse, AddaxAI read it)"
+	@echo "  camtrap-dp/                    Camtrap DP package (deployments, media, observations with individualID)"
+	@echo "  decisions.csv                  zebra query photos: known / new / uncertain against demo/zebra.db"
 
 test: install
 	$(PY) -m pytest -q
@@ -54,6 +65,7 @@ bench: models
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_watch.py --shared $(SHARED)
 	$(PY) bench/bench_sync.py --shared $(SHARED)
+	$(PY) bench/bench_e2e.py --shared $(SHARED) --out bench/e2e_results.json
 
 # Training runs (issue 5): hours of CPU; see bench/bench_train.py for the stages.
 bench-train: models

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from fieldreid.fsutil import atomic_output
+from fieldreid.fsutil import atomic_output, path_text
 from fieldreid.imageio import VIDEO_SUFFIXES
 from fieldreid.types import MD_CATEGORIES, Detections
 
@@ -98,13 +98,14 @@ def write_batch_output(path: str | Path, images: Iterable[dict], detector: str, 
 
 
 def relative_name(path: Path, roots: list[Path]) -> str:
-    """The path Timelapse expects: relative to the folder that was scanned, with forward slashes."""
+    """The path Timelapse expects: relative to the folder that was scanned, with forward slashes, in the
+    text form of :func:`fieldreid.fsutil.path_text` (a name that is not UTF-8 gets ``\\xNN`` escapes)."""
     path = path.resolve()
     for root in roots:
         root = root.resolve()
         base = root if root.is_dir() else root.parent
         try:
-            return path.relative_to(base).as_posix()
+            return path_text(path.relative_to(base).as_posix())
         except ValueError:
             continue
-    return path.as_posix()
+    return path_text(path.as_posix())

@@ -26,12 +26,14 @@ from fieldreid.detect import (
     letterbox,
     md_category,
     nms,
+    nms_groups,
     parse_names,
     preprocess,
     raw_to_yolov5,
     scale_boxes,
 )
 from fieldreid.detect.classes import names_from_metadata
+from fieldreid.detect.decode import nms_keys
 from fieldreid.engines import Engine, EngineIO
 from fieldreid.errors import InputError, ModelError
 
@@ -115,6 +117,49 @@ def test_yolov5_class_aware_nms() -> None:
     assert out.shape == (2, 6) and out[:, 5].tolist() == [0, 1]
     assert len(decode_yolov5(diff, conf=0.1, agnostic=True)[0]) == 1
     np.testing.assert_allclose(out[0], [40, 40, 60, 60, 0.9, 0], atol=1e-6)
+
+
+#: names of a small COCO-like model: two animal classes, a person, two classes outside every category
+GROUP_NAMES = ["person", "cat", "dog", "chair", "bottle"]
+
+
+def one_bobcat_rows() -> np.ndarray:
+    """yolov5 rows like a COCO model on a bobcat (IMAG0046_bobcat.JPG): ``cat`` 0.6 and ``dog`` 0.3 on
+    nearly the same box (IoU 0.95), a person beside it, and a chair and a bottle on one spot."""
+    nc = len(GROUP_NAMES)
+    return np.stack([yolov5_row(50, 50, 40, 40, 0.6, 1, nc), yolov5_row(50.5, 50, 40, 40, 0.3, 2, nc),
+                     yolov5_row(55, 50, 40, 40, 0.5, 0, nc), yolov5_row(150, 50, 20, 20, 0.4, 3, nc),
+                     yolov5_row(150, 50, 20, 20, 0.35, 4, nc)])
+
+
+def test_nms_groups_follow_megadetector_categories() -> None:
+    assert nms_groups(GROUP_NAMES).tolist() == [2, 1, 1, 7, 8]
+    assert nms_groups(["animal", "person", "vehicle"]).tolist() == [1, 2, 3]
+    coco_like = ["person", "car", "truck", "bird", "cat", "dog", "zebra", "giraffe", "kite"]
+    assert nms_groups(coco_like).tolist() == [2, 3, 3, 1, 1, 1, 1, 1, 12]
+    # classes beyond the table are groups of their own, never merged into a table group
+    assert nms_keys(np.array([1, 2, 5, 6]), np.array([2, 1, 1])).tolist() == [1, 1, 8, 9]
+    assert nms_keys(np.array([0, 3]), None).tolist() == [0, 3]
+
+
+def test_grouped_nms_keeps_one_box_per_animal() -> None:
+    """Defect 8: per-class NMS left a cat box and a dog box on one animal (two new individuals)."""
+    pred = one_bobcat_rows()[None]
+    per_class = decode_yolov5(pred, conf=0.1)[0]
+    assert per_class[:, 5].tolist() == [1, 0, 3, 4, 2]  # the old rule: the dog box survives the cat box
+    out = decode_yolov5(pred, conf=0.1, groups=nms_groups(GROUP_NAMES))[0]
+    # one animal box (the best one, keeping its own class and score); the person overlaps it (IoU 0.78)
+    # but is another category; the chair and the bottle are each their own group
+    assert out[:, 5].tolist() == [1, 0, 3, 4]
+    np.testing.assert_allclose(out[0], [30, 30, 70, 70, 0.6, 1], atol=1e-6)
+    # the same rule in every layout that runs NMS, and on the end2end head that has none of its own
+    ul = np.concatenate([pred[0][:, :4], pred[0][:, 5:] * pred[0][:, 4:5]], 1).T[None]
+    np.testing.assert_array_equal(decode_ultralytics(ul, 0.1, groups=nms_groups(GROUP_NAMES))[0], out)
+    e2e = per_class.copy()[None]
+    assert len(decode_end2end(e2e, conf=0.1)[0]) == 5
+    np.testing.assert_array_equal(decode_end2end(e2e, conf=0.1, groups=nms_groups(GROUP_NAMES))[0], out)
+    assert decode([pred], "yolov5", 0.1, groups=nms_groups(GROUP_NAMES))[0][:, 5].tolist() == [1, 0, 3, 4]
+    assert len(decode_yolov5(pred, conf=0.1, agnostic=True)[0]) == 2  # agnostic: the best box per spot
 
 
 def test_yolov5_score_is_obj_times_cls_and_threshold_is_strict() -> None:
@@ -355,6 +400,15 @@ def test_detector_on_stub_engine() -> None:
         det.detect_one(np.zeros((10, 10, 3), np.float32))
     with pytest.raises(InputError):
         det.detect(np.zeros((10, 10, 3), np.uint8))  # one image, not a list
+
+
+def test_detector_keeps_one_box_per_animal() -> None:
+    """A Detector on a COCO-like model: one animal box for one bobcat, not a cat box and a dog box."""
+    names = "{" + ", ".join(f"{i}: '{n}'" for i, n in enumerate(GROUP_NAMES)) + "}"
+    det = Detector(StubEngine(one_bobcat_rows(), {"names": names}), conf=0.1)
+    d = det.detect_one(np.zeros((64, 64, 3), np.uint8))
+    assert d.category.tolist() == [1, 2] and d.class_id.tolist() == [1, 0]
+    assert (d.category == 1).sum() == 1
 
 
 def test_detector_fixed_batch_pads() -> None:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-
 import subprocess
 import sys
 
@@ -11,7 +10,13 @@ import pytest
 from md_format import check_md_output
 
 from fieldreid.fsutil import OutputWriteError, atomic_write_json, atomic_write_text
-from fieldreid.megadetector import detections_entry, failure_entry, image_entry, relative_name, write_batch_output
+from fieldreid.megadetector import (
+    detections_entry,
+    failure_entry,
+    image_entry,
+    relative_name,
+    write_batch_output,
+)
 from fieldreid.types import Detections
 
 

@@ -8,7 +8,13 @@ Converting a checkpoint needs the ``train`` extra (torch); see :func:`fieldreid.
 Importing this package never imports torch.
 """
 
-from fieldreid.detect.classes import category_lookup, md_category, names_from_metadata, nms_groups, parse_names
+from fieldreid.detect.classes import (
+    category_lookup,
+    md_category,
+    names_from_metadata,
+    nms_groups,
+    parse_names,
+)
 from fieldreid.detect.decode import (
     LAYOUTS,
     batched_nms,

@@ -4,14 +4,19 @@
 
 1. MODEL -> FP32 ONNX (dynamic batch, metadata, parity gate against torch, manifest). An ONNX MODEL is
    taken as it is.
-2. ``--int8``: a QDQ INT8 ONNX (``<name>.int8.onnx``) calibrated on real crops and kept only if it passes
-   the accuracy gate against FP32 (:mod:`fieldreid.quantize`); embedders are gated on embedding cosine and
-   one-vs-all top-1, detectors on box agreement. Where TensorRT is installed, also an INT8 plan built from
-   that QDQ ONNX (strongly typed); where it is not, the QDQ ONNX is the artefact (ONNX Runtime runs it).
+2. ``--int8``: a QDQ INT8 ONNX (``<name>.int8.onnx``, or ``--out``) calibrated on real crops and kept only
+   if it passes the accuracy gate against FP32 on crops never used for calibration (:mod:`fieldreid.quantize`);
+   embedders are gated on embedding cosine (mean and 5th percentile) and one-vs-all top-1, detectors on box
+   agreement. Where TensorRT is installed, also an INT8 plan built from that QDQ ONNX (strongly typed);
+   where it is not, the QDQ ONNX is the artefact (ONNX Runtime runs it).
 3. ``--fp16`` / ``--fp32-plan``: a TensorRT plan built on this device (TensorRT required; it is not
-   silently replaced by anything else).
-4. ``--profile``: an ``export/*.toml`` profile sets precision, input size, batch profile, calibration size
-   and method, and the gate tolerances; explicit flags that contradict it are an error.
+   silently replaced by anything else), named by :func:`fieldreid.engines.manifest.plan_path`, the function
+   backend selection uses to find it.
+4. ``--profile``: a profile (packaged ``fieldreid/export_profiles/*.toml`` or the user's own) sets precision,
+   input size, batch profile, calibration size and method, and the gate tolerances; explicit flags that
+   contradict it are an error.
+
+An option this export would not use is refused with a sentence, never silently dropped.
 
 Every artefact gets ``<artefact>.json``: source sha256, precision, versions, preprocessing, gate results.
 """
@@ -48,13 +53,28 @@ def is_embedder_checkpoint(path: str | Path) -> bool:
 _is_embedder_checkpoint = is_embedder_checkpoint
 
 
+DEFAULT_IMGSZ = 640
+#: options that only mean something when a model is quantised to INT8, as the CLI spells them
+_INT8_OPTIONS = {"calib": "--calib", "calib_split": "--calib-split", "calib_count": "--calib-count",
+                 "calib_method": "--calib-method", "val": "--val", "val_split": "--val-split",
+                 "min_cosine": "--min-cosine", "min_cosine_p05": "--min-cosine-p05",
+                 "max_top1_drop": "--max-top1-drop", "min_calibration": "min_calibration"}
+#: INT8 options of the embedding gate, which detectors (gated on box agreement) do not have
+_EMBEDDING_GATE_OPTIONS = ("min_cosine", "min_cosine_p05", "max_top1_drop")
+
+
 @dataclass
 class ExportOptions:
-    """What to build. ``None`` fields fall back to the profile, then to the defaults in :mod:`fieldreid.quantize`."""
+    """What to build. ``None`` fields fall back to the profile, then to the defaults in :mod:`fieldreid.quantize`.
+
+    Every option is either used or refused with an :class:`InputError` (:func:`_check_options`): none is
+    silently dropped. ``out``: the FP32 ONNX made from a checkpoint, or the INT8 ONNX made from an ONNX
+    (a file ending in ``.onnx``, or a folder); plans are written beside the ONNX they are built from.
+    """
 
     out: Path | None = None
     kind: str = "auto"
-    imgsz: int = 640
+    imgsz: int | None = None
     fp16: bool = False
     int8: bool = False
     fp32_plan: bool = False
@@ -69,6 +89,7 @@ class ExportOptions:
     max_top1_drop: float | None = None
     fallback: bool = True
     min_calibration: int | None = None
+    min_cosine_p05: float | None = None
 
 
 @dataclass
@@ -122,7 +143,56 @@ def _onnx_kind(path: Path) -> str:
     return onnx_metadata(path).get("fieldreid.kind", "detector")
 
 
-def export_fp32_onnx(model: Path, out: Path, kind: str = "auto", imgsz: int = 640,
+def _onnx_stem(path: Path) -> str:
+    return path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.stem
+
+
+def _out_file(out: Path, default_name: str) -> Path:
+    """``--out`` as an ``.onnx`` file, or a folder (one that exists, or a path without a suffix)."""
+    out = Path(out)
+    if out.is_dir() or not out.suffix:
+        return out / default_name
+    if out.suffix.lower() != ".onnx":
+        raise InputError(f"--out {out}: give a path ending in .onnx, or a folder ({default_name} is written there).")
+    return out
+
+
+def _check_options(model: Path, opts: ExportOptions, profile, kind: str, is_onnx: bool, quantise: bool,
+                   qdq_input: bool) -> None:
+    """Refuse every option this export would not use (and say why) instead of dropping it."""
+    if is_onnx:
+        if opts.kind != "auto" and (opts.kind == "embedder") != (kind == "embedder"):
+            raise InputError(f"--kind {opts.kind}: {model} is an ONNX {kind} (its metadata says so).")
+        if opts.imgsz is not None:
+            raise InputError(f"--imgsz sets the input size when a detector checkpoint is converted; {model} is "
+                             "already ONNX, with its input size fixed. Convert the checkpoint again to change it.")
+    elif kind == "embedder" and opts.imgsz is not None:
+        raise InputError("--imgsz is the detector input size; an embedder's comes from its checkpoint "
+                         "(or the [input] of --profile).")
+    used = [flag for name, flag in _INT8_OPTIONS.items() if getattr(opts, name) is not None]
+    if not opts.fallback:
+        used.append("--no-fallback")
+    if used and not quantise:
+        why = (f"{model} is already an INT8 QDQ ONNX, so --int8 only builds its TensorRT plan" if qdq_input
+               else "they apply to INT8 quantisation (--int8, or an int8 --profile)")
+        raise InputError(f"{', '.join(used)}: {why}; nothing would use them. Leave them out.")
+    if quantise and kind != "embedder":
+        gate = [_INT8_OPTIONS[n] for n in _EMBEDDING_GATE_OPTIONS if getattr(opts, n) is not None]
+        gate += [] if opts.fallback else ["--no-fallback"]
+        if gate:
+            raise InputError(f"{', '.join(gate)}: options of the embedder's INT8 gate (embedding cosine, top-1, "
+                             "FP32 fallback); a detector's INT8 is gated on box agreement with FP32.")
+    if profile is not None and kind != "embedder" and not is_onnx and opts.imgsz is not None \
+            and (opts.imgsz, opts.imgsz) != profile.input_size:
+        raise InputError(f"--imgsz {opts.imgsz} contradicts profile {profile.name} "
+                         f"({profile.input_height}x{profile.input_width}).")
+    if opts.out is not None and is_onnx and not quantise:
+        raise InputError(f"--out: {model} is already ONNX and only a TensorRT plan is built from it, which is written "
+                         "beside its ONNX, where backend selection and the ONNX Runtime fallback find it. Copy the "
+                         "ONNX where you want the plan and export that copy.")
+
+
+def export_fp32_onnx(model: Path, out: Path, kind: str = "auto", imgsz: int | tuple[int, int] = DEFAULT_IMGSZ,
                      input_size: tuple[int, int] | None = None) -> tuple[Path, str]:
     """Checkpoint -> FP32 ONNX + manifest; returns (path, 'embedder' | 'detector')."""
     if kind == "embedder" or (kind == "auto" and is_embedder_checkpoint(model)):
@@ -146,14 +216,32 @@ def export_fp32_onnx(model: Path, out: Path, kind: str = "auto", imgsz: int = 64
     raise FieldreidError(f"Unknown --kind {kind!r}: use auto, yolov5, ultralytics or embedder.")
 
 
-def _int8_embedder(onnx_path: Path, opts: ExportOptions, profile, log) -> tuple[Path, dict]:
+def _held_out(opts: ExportOptions, count: int, val_limit: int, max_side: int, log):
+    """Calibration and validation images that share no file (:func:`fieldreid.quantize.held_out_sets`)."""
+    from fieldreid.quantize import held_out_sets, read_crops
+
+    # --val-split without --val: validation rows from the --calib metadata.csv
+    val_src = opts.val if opts.val is not None else (opts.calib if opts.val_split is not None else None)
+    sets = held_out_sets(opts.calib, opts.calib_split, val_src, opts.val_split, calib_limit=count,
+                         val_limit=val_limit)
+    calib, _ = read_crops(sets.calib, max_side=max_side)
+    val, labels = read_crops(sets.val, max_side=max_side)
+    v = sets.info["validation"]
+    log(f"calibration: {len(calib)} images from {opts.calib}" + (f" [{opts.calib_split}]" if opts.calib_split else ""))
+    log(f"validation: {len(val)} images from {v['source']}" + (f" [{v['split']}]" if v["split"] else "")
+        + f" ({v['held_out']})")
+    return calib, val, labels, sets.info
+
+
+def _int8_embedder(onnx_path: Path, out: Path, opts: ExportOptions, profile, log) -> tuple[Path, dict]:
     from fieldreid.engines.manifest import onnx_metadata, sha256_file, write_manifest
     from fieldreid.quantize import (
         DEFAULT_CALIBRATION_CROPS,
         DEFAULT_MAX_TOP1_DROP,
         DEFAULT_MIN_COSINE,
+        DEFAULT_MIN_COSINE_P05,
         MIN_CALIBRATION_CROPS,
-        load_crops,
+        VALIDATION_CROPS,
         quantize_embedder,
     )
 
@@ -164,20 +252,22 @@ def _int8_embedder(onnx_path: Path, opts: ExportOptions, profile, log) -> tuple[
     method = opts.calib_method or (profile.calibration_method if profile else "minmax")
     per_channel = profile.per_channel if profile else True
     min_cos = opts.min_cosine if opts.min_cosine is not None else (profile.min_cosine if profile else DEFAULT_MIN_COSINE)
+    min_p05 = (opts.min_cosine_p05 if opts.min_cosine_p05 is not None
+               else (profile.min_cosine_p05 if profile else DEFAULT_MIN_COSINE_P05))
     max_drop = (opts.max_top1_drop if opts.max_top1_drop is not None
                 else (profile.max_top1_drop if profile else DEFAULT_MAX_TOP1_DROP))
-    calib, _ = load_crops(opts.calib, limit=count, split=opts.calib_split, seed=0)
-    log(f"calibration: {len(calib)} crops from {opts.calib}" + (f" [{opts.calib_split}]" if opts.calib_split else ""))
-    val_src, val_split = (opts.val, opts.val_split) if opts.val is not None else (opts.calib, opts.calib_split)
-    val, labels = load_crops(val_src, limit=400, split=val_split, seed=1)
+    calib, val, labels, held = _held_out(opts, count, VALIDATION_CROPS, 512, log)
     labelled = all(lab is not None for lab in labels)
-    log(f"gate: {len(val)} {'labelled ' if labelled else ''}crops from {val_src}"
-        + (f" [{val_split}]" if val_split else "") + f"; cosine >= {min_cos}, top-1 drop <= {max_drop}")
-    out = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
+    log(f"gate: cosine mean >= {min_cos}, 5th percentile >= {min_p05}"
+        + (f", top-1 drop <= {max_drop}" if labelled else " (unlabelled crops: no top-1 check)"))
     report = quantize_embedder(onnx_path, out, calib, val, labels if labelled else None, method=method,
                                per_channel=per_channel, min_cosine=min_cos, max_top1_drop=max_drop,
                                fallback=opts.fallback,
-                               min_calibration=opts.min_calibration or MIN_CALIBRATION_CROPS, log=log)
+                               min_calibration=opts.min_calibration or MIN_CALIBRATION_CROPS, log=log,
+                               min_cosine_p05=min_p05)
+    log(f"INT8 gate PASS on {report.gate.n} held-out crops: {report.gate.cosine_text()}"
+        + (f", top-1 {report.gate.top1_fp32:.3f} -> {report.gate.top1_int8:.3f}" if report.gate.top1_fp32 is not None
+           else ""))
     meta = onnx_metadata(out)
     info = {
         "kind": "embedder",
@@ -191,7 +281,8 @@ def _int8_embedder(onnx_path: Path, opts: ExportOptions, profile, log) -> tuple[
                          "calibration_method": method, "calibration_crops": report.calibration_crops,
                          "calibration_source": str(opts.calib), "calibration_split": opts.calib_split,
                          "fp32_nodes": report.excluded_nodes},
-        "gate": {**report.gate.to_dict(), "validation_source": str(val_src), "validation_split": val_split,
+        "gate": {**report.gate.to_dict(), "validation_source": held["validation"]["source"],
+                 "validation_split": held["validation"]["split"], "held_out": held["validation"]["held_out"],
                  "attempts": report.attempts},
         "profile": profile.name if profile else None,
         "versions": _versions(),
@@ -200,39 +291,50 @@ def _int8_embedder(onnx_path: Path, opts: ExportOptions, profile, log) -> tuple[
     return out, info
 
 
-def _int8_detector(onnx_path: Path, opts: ExportOptions, profile, log) -> tuple[Path, dict]:
+def _int8_detector(onnx_path: Path, out: Path, opts: ExportOptions, profile, log) -> tuple[Path, dict]:
     from fieldreid.engines.manifest import onnx_metadata, sha256_file, write_manifest
-    from fieldreid.quantize import (
-        DEFAULT_CALIBRATION_CROPS,
-        MIN_CALIBRATION_CROPS,
-        load_crops,
-        quantize_detector,
-    )
+    from fieldreid.quantize import DEFAULT_CALIBRATION_CROPS, MIN_CALIBRATION_CROPS, quantize_detector
 
     if opts.calib is None:
         raise InputError("INT8 detectors need real camera-trap frames to calibrate on: add --calib FOLDER.")
     count = opts.calib_count or (profile.calibration_crops if profile else 0) or DEFAULT_CALIBRATION_CROPS
-    frames, _ = load_crops(opts.calib, limit=count, split=opts.calib_split, max_side=1600)
-    val_src = opts.val or opts.calib
-    val, _ = load_crops(val_src, limit=200, split=opts.val_split, seed=1, max_side=1600)
-    out = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
-    agree = quantize_detector(onnx_path, out, frames, val,
+    method = opts.calib_method or (profile.calibration_method if profile else "minmax")
+    per_channel = profile.per_channel if profile else True
+    frames, val, _, held = _held_out(opts, count, 200, 1600, log)
+    agree = quantize_detector(onnx_path, out, frames, val, method=method, per_channel=per_channel,
                               min_calibration=opts.min_calibration or MIN_CALIBRATION_CROPS, log=log)
     log(f"INT8 detector gate: {agree['matched_fraction']:.1%} of {agree['ref_boxes']} FP32 boxes matched, "
         f"mean IoU {agree['mean_iou']:.3f} PASS")
     meta = onnx_metadata(out)
     info = {"kind": "detector", "model_id": meta.get("fieldreid.model_id", ""), "precision": "int8-qdq",
             "source": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": "fp32"},
-            "quantization": {"format": "QDQ", "calibration_frames": len(frames),
-                             "calibration_source": str(opts.calib)},
-            "gate": {**agree, "validation_source": str(val_src)}, "versions": _versions()}
+            "quantization": {"format": "QDQ", "calibration_frames": len(frames), "calibration_method": method,
+                             "per_channel": per_channel, "calibration_source": str(opts.calib),
+                             "calibration_split": opts.calib_split},
+            "gate": {**agree, "validation_source": held["validation"]["source"],
+                     "validation_split": held["validation"]["split"], "held_out": held["validation"]["held_out"]},
+            "profile": profile.name if profile else None, "versions": _versions()}
     write_manifest(out, info)
     return out, info
+
+
+def _check_profile_size(model: Path, profile) -> None:
+    from fieldreid.engines.manifest import onnx_metadata
+    from fieldreid.types import PreprocessSpec
+
+    meta = onnx_metadata(model)
+    if "fieldreid.preprocess" not in meta:
+        return
+    spec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
+    if tuple(spec.size) != profile.input_size:
+        raise InputError(f"{model} takes {spec.size[0]}x{spec.size[1]} inputs, profile {profile.name} wants "
+                         f"{profile.input_height}x{profile.input_width}; export from the checkpoint instead.")
 
 
 def run_export(model: str | Path, opts: ExportOptions | None = None,
                log: Callable[[str], None] = lambda s: None) -> ExportResult:
     """The whole ``fieldreid export``; see the module docstring. Returns the files written and notes."""
+    from fieldreid.engines.manifest import has_qdq, plan_path
     from fieldreid.engines.profiles import load_profile
 
     opts = opts or ExportOptions()
@@ -241,75 +343,78 @@ def run_export(model: str | Path, opts: ExportOptions | None = None,
         raise ModelError(f"{model} does not exist.")
     profile = load_profile(opts.profile) if opts.profile else None
     plan_precision, make_int8 = _resolve_precision(opts, profile)
+    is_onnx = model.suffix.lower() == ".onnx"
+    qdq_input = False
+    if is_onnx:
+        kind = _onnx_kind(model)
+        if make_int8 and has_qdq(model):  # quantised (and gated) by an earlier export: only the plan is left
+            make_int8, qdq_input = False, True
+    elif opts.kind == "embedder" or (opts.kind == "auto" and is_embedder_checkpoint(model)):
+        kind = "embedder"
+    else:
+        kind = "detector"
+    _check_options(model, opts, profile, kind, is_onnx, make_int8, qdq_input)
+    if qdq_input and plan_precision is None:
+        raise BackendUnavailableError(f"{model} is already an INT8 QDQ ONNX; building its plan needs "
+                                      "TensorRT, which is not installed here. To quantise again, export the FP32 "
+                                      "ONNX it was made from.")
+    if not make_int8 and plan_precision is None and is_onnx:
+        raise FieldreidError(f"{model} is already ONNX; pass --fp16, --fp32-plan, --int8 or --profile.")
     res = ExportResult()
 
-    if model.suffix.lower() == ".onnx":
-        onnx_path, kind = model, _onnx_kind(model)
-        if profile is not None and kind == "embedder":
-            from fieldreid.engines.manifest import onnx_metadata
-            from fieldreid.types import PreprocessSpec
-
-            spec = PreprocessSpec.from_json(onnx_metadata(model)["fieldreid.preprocess"])
-            if tuple(spec.size) != profile.input_size:
-                raise InputError(f"{model} takes {spec.size[0]}x{spec.size[1]} inputs, profile {profile.name} wants "
-                                 f"{profile.input_height}x{profile.input_width}; export from the checkpoint instead.")
+    if is_onnx:
+        onnx_path = model
+        if profile is not None:
+            _check_profile_size(model, profile)
     else:
-        out = Path(opts.out) if opts.out else model.with_suffix(".onnx")
-        if out.suffix.lower() != ".onnx":
-            out = out / (model.stem + ".onnx") if out.is_dir() or not out.suffix else out.with_suffix(".onnx")
-        size = profile.input_size if profile is not None else None
-        onnx_path, kind = export_fp32_onnx(model, out, opts.kind, opts.imgsz, size)
+        onnx_path = _out_file(opts.out, model.stem + ".onnx") if opts.out else model.with_suffix(".onnx")
+        imgsz = opts.imgsz or (profile.input_size if profile is not None else DEFAULT_IMGSZ)
+        onnx_path, kind = export_fp32_onnx(model, onnx_path, kind if kind == "embedder" else opts.kind, imgsz,
+                                           profile.input_size if profile is not None else None)
         res.written += [onnx_path, onnx_path.with_name(onnx_path.name + ".json")]
         log(f"FP32 ONNX {onnx_path} (parity gate against torch passed)")
 
     plan_source = onnx_path
-    if make_int8 and model.suffix.lower() == ".onnx":
-        from fieldreid.engines.manifest import has_qdq
-
-        if has_qdq(model):  # already quantised (and gated) by an earlier export: only the plan is left to build
-            make_int8 = False
-            if plan_precision is None:
-                raise BackendUnavailableError(f"{model} is already an INT8 QDQ ONNX; building its plan needs "
-                                              "TensorRT, which is not installed here.")
     if make_int8:
+        default_name = _onnx_stem(onnx_path) + ".int8.onnx"
+        int8_out = _out_file(opts.out, default_name) if opts.out and is_onnx else onnx_path.with_name(default_name)
+        if int8_out.resolve() == onnx_path.resolve():
+            raise InputError(f"--out {opts.out} is the FP32 model itself; the INT8 model needs another path.")
         if kind == "embedder":
-            int8_path, info = _int8_embedder(onnx_path, opts, profile, log)
+            int8_path, info = _int8_embedder(onnx_path, int8_out, opts, profile, log)
         else:
-            int8_path, info = _int8_detector(onnx_path, opts, profile, log)
+            int8_path, info = _int8_detector(onnx_path, int8_out, opts, profile, log)
         res.gate = info["gate"]
         res.written += [int8_path, int8_path.with_name(int8_path.name + ".json")]
         plan_source = int8_path
         if plan_precision is None:
             res.notes.append("TensorRT is not installed here: no INT8 plan built; the QDQ ONNX runs on ONNX Runtime "
-                             "and a Jetson builds its plan with `fieldreid export MODEL.int8.onnx --int8`.")
-    elif model.suffix.lower() == ".onnx" and plan_precision is None:
-        raise FieldreidError(f"{model} is already ONNX; pass --fp16, --fp32-plan, --int8 or --profile.")
+                             f"and a Jetson builds its plan with `fieldreid export {int8_path} --int8`.")
 
     if plan_precision is not None:
-        from fieldreid.engines.manifest import has_qdq
         from fieldreid.engines.tensorrt import build_plan
 
-        if plan_precision == "int8" and not make_int8 and not (model.suffix.lower() == ".onnx" and has_qdq(model)):
+        if plan_precision == "int8" and not make_int8 and not qdq_input:
             raise FieldreidError("An INT8 plan needs a QDQ ONNX; pass --calib so fieldreid can make one.")
-        plan_path = plan_source.with_suffix(".engine") if plan_precision != "fp16" else \
-            plan_source.with_name(plan_source.stem + ".fp16.engine")
+        plan_file = plan_path(plan_source, plan_precision)
         kwargs = profile.build_kwargs() if profile is not None else {"precision": plan_precision}
-        build_plan(plan_source, plan_path, **kwargs)
-        res.written += [plan_path, plan_path.with_name(plan_path.name + ".json")]
+        build_plan(plan_source, plan_file, **kwargs)
+        res.written += [plan_file, plan_file.with_name(plan_file.name + ".json")]
     return res
 
 
-def export_model(model: Path, out: Path | None = None, kind: str = "auto", imgsz: int = 640,
+def export_model(model: Path, out: Path | None = None, kind: str = "auto", imgsz: int | None = None,
                  plan: str | None = None) -> list[Path]:
     """Older entry point: checkpoint -> ONNX, and with ``plan`` (fp16 | fp32 | int8) a TensorRT plan."""
     opts = ExportOptions(out=out, kind=kind, imgsz=imgsz, fp16=plan == "fp16", fp32_plan=plan == "fp32",
                          int8=plan == "int8")
     if plan == "int8" and Path(model).suffix.lower() == ".onnx":
+        from fieldreid.engines.manifest import plan_path
         from fieldreid.engines.tensorrt import build_plan
 
-        plan_path = Path(model).with_suffix(".engine")
-        build_plan(model, plan_path, precision="int8")
-        return [plan_path]
+        target = plan_path(model, "int8")
+        build_plan(model, target, precision="int8")
+        return [target]
     return [p for p in run_export(model, opts).written if p.suffix != ".json"]
 
 

@@ -28,8 +28,14 @@ from fieldreid.engines import (  # noqa: E402
     select_backend,
 )
 from fieldreid.engines.manifest import (  # noqa: E402
+    PLAN_PRECISIONS,
+    find_plan,
     manifest_path,
     onnx_metadata,
+    plan_candidates,
+    plan_path,
+    plan_precision,
+    plan_source_onnx,
     read_manifest,
     sha256_file,
     write_manifest,
@@ -272,8 +278,62 @@ def test_auto_prefers_plan_when_tensorrt_runs(affine, monkeypatch):
 
 
 def test_explicit_tensorrt_without_plan_names_export_command(affine):
-    with pytest.raises(ModelError, match=r"fieldreid export .*affine\.onnx --fp16"):
+    with pytest.raises(ModelError, match=r"fieldreid export .*affine\.onnx --fp16") as info:
         select_backend(affine, "tensorrt")
+    # the exact files it looked for, the one `fieldreid export --fp16` writes first
+    assert f"looked for {affine.with_name('affine.fp16.engine')}, {affine.with_name('affine.fp32.engine')}" \
+        in str(info.value)
+
+
+# -- plan names: one function names them for the writer (export) and the reader (backend selection) ---------
+def test_plan_names_round_trip_every_precision(tmp_path):
+    names = {"fp32": "embedder.fp32.engine", "fp16": "embedder.fp16.engine", "int8": "embedder.int8.engine"}
+    for precision in PLAN_PRECISIONS:
+        plan = plan_path(tmp_path / "embedder.onnx", precision)
+        assert plan == tmp_path / names[precision]
+        assert plan_precision(plan) == precision
+    # the INT8 model export writes is m.int8.onnx: its plan is m.int8.engine, not m.int8.int8.engine
+    assert plan_path(tmp_path / "m.int8.onnx", "int8") == tmp_path / "m.int8.engine"
+    assert plan_precision(tmp_path / "m.engine") is None
+    with pytest.raises(ModelError, match="precision"):
+        plan_path(tmp_path / "m.onnx", "bf16")
+
+
+@pytest.mark.parametrize("precision", PLAN_PRECISIONS)
+def test_backend_selection_finds_the_plan_export_writes(tmp_path, monkeypatch, precision):
+    """For each precision: the path the writer uses is the path selection finds, and back to its ONNX."""
+    monkeypatch.setattr(registry, "available_backends", lambda: {"tensorrt": "ok", "onnxruntime": "ok"})
+    fp32 = make_affine(tmp_path / "m.onnx")
+    # an INT8 plan is built from the QDQ model export writes beside the FP32 one (its manifest says int8-qdq)
+    source = fp32 if precision != "int8" else make_affine(tmp_path / "m.int8.onnx")
+    plan = plan_path(source, precision)
+    plan.write_bytes(b"plan")
+    write_manifest(plan, {"source_onnx": source.name, "precision": precision})
+    assert find_plan(source) == plan
+    assert select_backend(source) == ("tensorrt", plan)
+    assert select_backend(source, "tensorrt") == ("tensorrt", plan)
+    assert plan_source_onnx(plan) == source
+    if precision == "int8":  # the FP32 model does not silently run as INT8
+        assert find_plan(fp32) is None
+    monkeypatch.setattr(registry, "available_backends", lambda: {"tensorrt": "no GPU", "onnxruntime": "ok"})
+    assert select_backend(plan) == ("onnxruntime", source)  # no TensorRT here: the plan's own ONNX
+
+
+def test_plan_selection_prefers_fp16_and_reads_the_int8_manifest(tmp_path):
+    onnx_path = make_affine(tmp_path / "m.onnx")
+    for precision in ("fp32", "fp16"):
+        plan_path(onnx_path, precision).write_bytes(b"plan")
+    assert find_plan(onnx_path) == tmp_path / "m.fp16.engine"
+    # an INT8 QDQ model written under any name (--out q.onnx) is known by its manifest
+    q = make_affine(tmp_path / "q.onnx")
+    write_manifest(q, {"precision": "int8-qdq"})
+    assert plan_candidates(q)[0] == tmp_path / "q.int8.engine"
+    with pytest.raises(ModelError, match=r"q\.int8\.engine.*fieldreid export .*q\.onnx --int8"):
+        select_backend(q, "tensorrt")
+    # without a manifest, a plan's ONNX comes from its name
+    assert plan_source_onnx(tmp_path / "x.fp16.engine") == tmp_path / "x.onnx"
+    assert plan_source_onnx(tmp_path / "x.int8.engine") == tmp_path / "x.int8.onnx"
+    assert plan_source_onnx(tmp_path / "x.plan") == tmp_path / "x.onnx"
 
 
 def test_explicit_tensorrt_finds_plan_beside_onnx(affine):
@@ -475,9 +535,14 @@ def _with(base: dict, **changes) -> dict:
 _DROP = object()
 
 
-def test_shipped_profiles_all_load():
-    assert default_profile_dir().name == "export"
-    assert set(SHIPPED) <= set(list_profiles())
+def test_shipped_profiles_all_load(monkeypatch):
+    import fieldreid
+
+    monkeypatch.delenv("FIELDREID_EXPORT_DIR", raising=False)
+    # package data, so an installed wheel has them; one copy only (the top-level export/ is documentation)
+    assert Path(str(default_profile_dir())) == Path(fieldreid.__file__).parent / "export_profiles"
+    assert list_profiles() == sorted(SHIPPED)
+    assert not list((Path(__file__).parents[1] / "export").glob("*.toml"))
     for name in SHIPPED:
         p = load_profile(name)
         assert p.name == name
@@ -491,6 +556,8 @@ def test_shipped_profiles_all_load():
 def test_profile_values_and_build_kwargs():
     p = load_profile("jetson-orin-int8")
     assert (p.backend, p.precision, p.per_channel, p.calibration_method) == ("tensorrt", "int8", True, "minmax")
+    assert (p.min_cosine, p.min_cosine_p05, p.max_top1_drop) == (0.98, 0.95, 0.02)
+    assert parse_profile(GOOD).min_cosine_p05 == 0.95  # the default when a profile leaves it out
     assert p.build_kwargs() == {"precision": "int8", "min_batch": 1, "opt_batch": 8, "max_batch": 16,
                                 "workspace_mib": 1024}
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -506,7 +573,12 @@ def test_profile_by_path_and_env_dir(tmp_path, monkeypatch):
     assert p.source == str(f)
     monkeypatch.setenv("FIELDREID_EXPORT_DIR", str(tmp_path))
     assert load_profile("mine") == p
-    assert list_profiles() == ["mine"]
+    assert list_profiles() == sorted(["mine", *SHIPPED])  # the user's folder adds to the packaged defaults
+    assert load_profile("cpu-int8").source.endswith(str(Path("export_profiles") / "cpu-int8.toml"))
+    (tmp_path / "cpu-int8.toml").write_text(f.read_text())  # and overrides one of the same name
+    assert load_profile("cpu-int8").source == str(tmp_path / "cpu-int8.toml")
+    with pytest.raises(ProfileError, match=r"'nope' does not exist in .*Known profiles: cpu-fp32.*mine"):
+        load_profile("nope")
 
 
 def test_profile_missing_lists_known(tmp_path):
@@ -548,6 +620,8 @@ def test_profile_invalid_toml(tmp_path):
         ({"gate__min_cosine": 1.5}, "min_cosine"),
         ({"gate__min_cosine": float("nan")}, "min_cosine"),
         ({"gate__max_top1_drop": -0.1}, "max_top1_drop"),
+        ({"gate__min_cosine_p05": 0.0}, "min_cosine_p05"),
+        ({"gate__min_cosine_p05": "high"}, "min_cosine_p05 must be int or float"),
     ],
 )
 def test_profile_validation(changes, match):
@@ -567,3 +641,30 @@ def test_profile_int8_calibration_checks():
     with pytest.raises(ProfileError, match=r"\[tensorrt\] table only applies"):
         parse_profile(_with(cpu, tensorrt__workspace_mib=64))
     assert isinstance(parse_profile(cpu), ExportProfile)
+
+
+# -- the built wheel carries the default profiles --------------------------------------------------------
+@pytest.mark.slow
+def test_built_wheel_contains_export_profiles(tmp_path):
+    """Build the wheel from a copy of the source (so the checkout gets no build/ folder) and look inside."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    pytest.importorskip("setuptools", minversion="70.1")  # bdist_wheel built in: no network, no `wheel` package
+    root = Path(__file__).parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    shutil.copytree(root / "fieldreid", src / "fieldreid", ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("fieldreid-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        inside = {n for n in zf.namelist() if n.startswith("fieldreid/export_profiles/")}
+        assert inside == {f"fieldreid/export_profiles/{name}.toml" for name in SHIPPED}
+        for name in SHIPPED:  # the same bytes as the source, so one copy
+            assert zf.read(f"fieldreid/export_profiles/{name}.toml") == \
+                (root / "fieldreid" / "export_profiles" / f"{name}.toml").read_bytes()

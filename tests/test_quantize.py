@@ -4,6 +4,8 @@ fallback keeps sensitive layers in FP32 and says which, detector box agreement, 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -64,6 +66,13 @@ def _broken_embedder(path: Path, outlier: float = 1000.0) -> Path:
     return path
 
 
+def _write_crops(folder: Path, n: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, c in enumerate(_crops(n, seed)[0]):
+        cv2.imwrite(str(folder / f"{i}.png"), c)
+    return folder
+
+
 def _crops(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 255, size=(4, 3))
@@ -117,11 +126,7 @@ def test_export_command_int8_writes_manifest_and_refuses_few_crops(tmp_path):
     from fieldreid.export_cmd import ExportOptions, run_export
 
     model = _broken_embedder(tmp_path / "m.onnx")
-    folder = tmp_path / "crops"
-    folder.mkdir()
-    crops, _ = _crops(40)
-    for i, c in enumerate(crops):
-        cv2.imwrite(str(folder / f"{i}.png"), c)
+    folder = _write_crops(tmp_path / "crops", 64)
     res = run_export(model, ExportOptions(int8=True, calib=folder, calib_count=40))
     out = tmp_path / "m.int8.onnx"
     assert out in res.written
@@ -130,6 +135,10 @@ def test_export_command_int8_writes_manifest_and_refuses_few_crops(tmp_path):
     assert manifest["quantization"]["fp32_nodes"] == ["conv_stem", "conv_head", "pool", "scale"]
     assert manifest["source"]["sha256"] and manifest["gate"]["passed"]
     assert manifest["gate"]["top1_fp32"] is None  # a folder has no labels: cosine-only gate
+    # validated on the 19 of 64 files held out from calibration, with mean, 5th percentile and min reported
+    gate = manifest["gate"]
+    assert gate["n"] == 19 and "19 of 64 files" in gate["held_out"] and gate["validation_source"] == str(folder)
+    assert gate["cosine_min"] <= gate["cosine_p05"] <= gate["cosine_mean"] and gate["min_cosine_p05"] == 0.95
     with pytest.raises(InputError, match="got 40"):
         run_export(model, ExportOptions(int8=True, calib=folder, calib_count=40, min_calibration=64))
     with pytest.raises(InputError, match="--calib"):
@@ -170,17 +179,141 @@ def test_cli_export_int8(tmp_path):
     from fieldreid.cli import app
 
     model = _broken_embedder(tmp_path / "m.onnx")
-    folder = tmp_path / "crops"
-    folder.mkdir()
-    crops, _ = _crops(40)
-    for i, c in enumerate(crops[:12]):
-        cv2.imwrite(str(folder / f"{i}.png"), c)
+    folder = _write_crops(tmp_path / "crops", 12)
     r = CliRunner().invoke(app, ["export", str(model), "--int8", "--calib", str(folder)])
-    assert r.exit_code == 2 and "at least 32 real crops, got 12" in r.output.replace("\n", " ")
-    for i, c in enumerate(crops[12:], start=12):
-        cv2.imwrite(str(folder / f"{i}.png"), c)
+    # 12 crops: 4 held out for the gate, 8 left to calibrate on
+    assert r.exit_code == 2 and "at least 32 real crops, got 8" in r.output.replace("\n", " ")
+    folder = _write_crops(tmp_path / "crops", 64)
     r = CliRunner().invoke(app, ["export", str(model), "--int8", "--calib", str(folder), "--no-fallback"])
     assert r.exit_code == 2 and "INT8 export refused" in r.output
     r = CliRunner().invoke(app, ["export", str(model), "--int8", "--calib", str(folder)])
     assert r.exit_code == 0, r.output
     assert "first 1 conv(s) and the head" in r.output and (tmp_path / "m.int8.onnx").is_file()
+    flat = " ".join(r.output.split())
+    assert "calibration: 45 images" in flat and "validation: 19 images" in flat
+    assert re.search(r"INT8 gate PASS on 19 held-out crops: cosine mean [\d.]+, 5th percentile [\d.]+, min [\d.]+",
+                     flat)
+
+
+# -- validation never on calibration images; 5th-percentile cosine ----------------------------------------
+def test_holdout_split_is_disjoint_deterministic_and_by_name(tmp_path):
+    from fieldreid.quantize import holdout_split, list_crops
+
+    folder = _write_crops(tmp_path / "a" / "crops", 50)
+    (folder / "cam2").mkdir()
+    shutil.copy(folder / "0.png", folder / "cam2" / "0.png")  # same file name in another folder: its own file
+    refs = list_crops(folder)
+    calib, val = holdout_split(refs)
+    assert len(refs) == 51 and len(val) == round(51 * 0.3) and len(calib) == 51 - len(val)
+    assert {r.path for r in calib}.isdisjoint({r.path for r in val})
+    assert {r.path for r in calib} | {r.path for r in val} == {r.path for r in refs}
+    # the same files split the same way in any listing order and wherever the folder lies
+    again = holdout_split(list(reversed(refs)))
+    assert sorted(r.key for r in again[1]) == sorted(r.key for r in val)
+    moved = shutil.copytree(folder, tmp_path / "somewhere" / "else" / "crops")
+    assert sorted(r.key for r in holdout_split(list_crops(moved))[1]) == sorted(r.key for r in val)
+    two = holdout_split(refs[:2])
+    assert len(two[0]) == len(two[1]) == 1  # at least one held out, at least one left to calibrate
+    assert holdout_split(refs[:1]) == (refs[:1], [])
+
+
+def test_held_out_sets_remove_calibration_files_from_val(tmp_path):
+    from fieldreid.quantize import held_out_sets
+
+    folder = _write_crops(tmp_path / "crops", 40)
+    one = held_out_sets(folder, calib_limit=32)
+    assert len(one.calib) == 28 and len(one.val) == 12  # limit 32 > the 28 calibration files
+    assert {r.path for r in one.calib}.isdisjoint({r.path for r in one.val})
+    same = held_out_sets(folder, val_source=folder, calib_limit=32)  # --val names the --calib folder
+    assert len(same.calib) == 32 and len(same.val) == 8 and "32 calibration file(s) removed" in \
+        same.info["validation"]["held_out"]
+    assert {r.path for r in same.calib}.isdisjoint({r.path for r in same.val})
+    with pytest.raises(InputError, match="never validated on its calibration images"):
+        held_out_sets(folder, val_source=folder, calib_limit=40)
+    with pytest.raises(InputError, match="selects rows of a metadata.csv"):
+        held_out_sets(folder, calib_split="train")
+
+
+def test_held_out_sets_from_metadata_csv_splits(zebra):
+    from fieldreid.quantize import held_out_sets
+
+    meta = zebra / "metadata.csv"
+    rows = held_out_sets(meta, "database", val_split="query", val_source=meta, calib_limit=64, val_limit=30)
+    assert len(rows.calib) == 64 and len(rows.val) == 30 and all(r.label for r in rows.val)
+    with pytest.raises(InputError, match="never validated"):  # the same rows on both sides
+        held_out_sets(meta, "query", val_source=meta, val_split="query", calib_limit=None)
+
+
+def test_embedding_gate_checks_the_5th_percentile():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(100, 8)).astype(np.float32)
+    b = a.copy()
+    # 10 of 100 crops far off (cosine ~0.8), the rest exact: the mean still clears 0.98, the tail does not
+    for i in range(10):
+        other = rng.normal(size=8).astype(np.float32)
+        other -= other @ a[i] / (a[i] @ a[i]) * a[i]
+        b[i] = 0.8 * a[i] / np.linalg.norm(a[i]) + 0.6 * other / np.linalg.norm(other)
+    gate = embedding_gate(a, b, min_cosine=0.98, min_cosine_p05=0.95)
+    assert gate.cosine_mean == pytest.approx(0.98, abs=1e-4) and gate.cosine_mean >= 0.98 - 1e-4
+    assert gate.cosine_min == pytest.approx(0.8, abs=1e-4) and gate.cosine_p05 == pytest.approx(0.8, abs=1e-4)
+    assert not gate.passed
+    assert embedding_gate(a, b, min_cosine=0.97, min_cosine_p05=0.75).passed
+    assert "5th percentile 0.8000, min 0.8000" in gate.cosine_text()
+
+
+def _one_conv_embedder(path: Path) -> Path:
+    """input -> 1x1 Conv (identity on RGB plus their sum) -> spatial mean: the embedding is the mean colour."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.zeros((4, 3, 1, 1), np.float32)
+    w[:3, :, 0, 0] = np.eye(3)
+    w[3] = 1.0
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+         helper.make_node("ReduceMean", ["c", "axes"], ["embedding"], keepdims=0, name="pool")],
+        "colour",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2, 3], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    spec = PreprocessSpec(size=(SIZE, SIZE), mean=(0.5,) * 3, std=(0.5,) * 3)
+    for k, v in {"fieldreid.kind": "embedder", "fieldreid.model_id": "colour-test",
+                 "fieldreid.preprocess": spec.to_json(), "fieldreid.embedding_dim": "4"}.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.save(model, str(path))
+    return path
+
+
+def test_gate_refuses_int8_that_is_fine_on_calibration_crops_but_not_on_held_out_ones(tmp_path):
+    """One --calib folder: dull colours where the name hash puts calibration, vivid ones where it holds crops
+    out. INT8 ranges calibrated on dull crops clip vivid ones. Calibrated and validated on all the crops
+    (what the gate used to do without --val) it passes; validated on held-out crops it is refused."""
+    from typer.testing import CliRunner
+
+    from fieldreid.cli import app
+    from fieldreid.quantize import holdout_split, list_crops, quantize_embedder
+
+    model = _one_conv_embedder(tmp_path / "m.onnx")
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(80):  # placeholders, to learn which names the split holds out
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.zeros((20, 20, 3), np.uint8))
+    calib_refs, val_refs = holdout_split(list_crops(folder))
+    for refs, (lo, hi) in ((calib_refs, (112, 145)), (val_refs, (0, 256))):
+        for ref in refs:
+            px = rng.integers(lo, hi, 3) + rng.normal(0, 4, (20, 20, 3))
+            cv2.imwrite(str(ref.path), np.clip(px, 0, 255).astype(np.uint8))
+    every = [cv2.imread(str(r.path)) for r in calib_refs + val_refs]
+    old_way = quantize_embedder(model, tmp_path / "all.int8.onnx", every, every, fallback=False)
+    assert old_way.gate.passed and old_way.gate.cosine_mean > 0.99
+
+    r = CliRunner().invoke(app, ["export", str(model), "--int8", "--calib", str(folder)])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    m = re.search(r"INT8 export refused: against FP32 on 24 validation crops the embedding cosine is ([\d.]+) mean "
+                  r"/ ([\d.]+) 5th percentile / ([\d.]+) worst", flat)
+    assert m and float(m[2]) < 0.95, flat
+    assert not (tmp_path / "m.int8.onnx").exists()

@@ -676,9 +676,34 @@ def test_fake_engine_refuses_plan_for_another_tensorrt(fake, fake_plan, monkeypa
         TensorRTEngine(fake_plan)
 
 
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])
+def test_export_writes_the_plan_that_auto_selection_loads(fake, models, tmp_path, monkeypatch, precision):
+    """`fieldreid export X.onnx --fp16` (or --fp32-plan, or --int8 on the QDQ model) names its plan with the
+    same function that backend selection uses, so the plan it wrote is the plan `auto` loads."""
+    import shutil
+
+    from fieldreid import export_cmd
+    from fieldreid.engines import load_engine, registry
+    from fieldreid.engines.manifest import plan_path
+
+    monkeypatch.setattr(export_cmd, "_tensorrt_available", lambda: True)
+    monkeypatch.setattr(registry, "_installed", lambda package: True)
+    monkeypatch.setattr(registry, "available_backends", lambda: {"tensorrt": "ok", "onnxruntime": "ok"})
+    src = models["qdq"] if precision == "int8" else models["affine"]
+    onnx_path = Path(shutil.copy(src, tmp_path / src.name))
+    flag = {"fp16": "fp16", "fp32": "fp32_plan", "int8": "int8"}[precision]
+    res = export_cmd.run_export(onnx_path, export_cmd.ExportOptions(**{flag: True}))
+    plan = plan_path(onnx_path, precision)
+    assert res.written == [plan, manifest_path(plan)] and read_manifest(plan)["precision"] == precision
+    with load_engine(onnx_path) as eng:
+        assert isinstance(eng, TensorRTEngine) and eng.path == plan
+
+
 def test_fake_engine_plan_problems(fake, fake_plan, tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         TensorRTEngine(tmp_path / "missing.engine")
+    with pytest.raises(ModelError, match=r"Build it with: fieldreid export \S*gone\.int8\.onnx --int8"):
+        TensorRTEngine(tmp_path / "gone.int8.engine")
     manifest = manifest_path(fake_plan)
     saved = manifest.read_text()
     manifest.unlink()

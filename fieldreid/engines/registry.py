@@ -11,7 +11,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from fieldreid.engines.base import Engine
-from fieldreid.engines.manifest import PLAN_SUFFIXES, find_plan, is_int8_onnx, plan_candidates, plan_source_onnx
+from fieldreid.engines.manifest import (
+    PLAN_SUFFIXES,
+    find_plan,
+    is_int8_onnx,
+    plan_candidates,
+    plan_source_onnx,
+)
 from fieldreid.errors import BackendUnavailableError, ModelError
 
 #: backend name -> (module, class, python package it needs, extra that installs it)

@@ -126,13 +126,15 @@ def test_model_mismatch_names_both_models_and_the_fix(gallery):
 
 
 def test_float16_storage_roundtrip(tmp_path):
-    vec, labels = clusters(3, 2, dim=64)
-    with Gallery(tmp_path / "h.db", storage="float16") as g:
-        g.add_embeddings(list(labels), vec, "m", [str(i) for i in range(6)], species="s")
-        block = g.load_vectors()
-    assert block.matrix.dtype == np.float16
-    np.testing.assert_allclose(block.matrix.astype(np.float32), vec, atol=1e-3)
-    assert (tmp_path / "h.db").stat().st_size < 64 * 1024
+    vec, labels = clusters(10, 10, dim=512)
+    for storage in ("float16", "float32"):
+        with Gallery(tmp_path / f"{storage}.db", storage=storage) as g:
+            g.add_embeddings(list(labels), vec, "m", [str(i) for i in range(len(vec))], species="s")
+            block = g.load_vectors()
+        assert block.matrix.dtype == np.dtype(storage)
+        np.testing.assert_allclose(block.matrix.astype(np.float32), vec, atol=1e-3)
+    # 100 x 512 values: 200 kB in float32, half of it saved in float16
+    assert (tmp_path / "float32.db").stat().st_size - (tmp_path / "float16.db").stat().st_size > 80 * 1024
 
 
 def test_provisional_numbering_is_persistent(tmp_path):

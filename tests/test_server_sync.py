@@ -19,6 +19,7 @@ from sync_support import (
     ServerProcess,
     drop_pg_database,
     fresh_pg_database,
+    jpeg,
     make_lab_gallery,
     pg_reachable,
     record_sightings,
@@ -28,7 +29,7 @@ from sync_support import (
 from fieldreid.gallery.store import Gallery
 from fieldreid.server import admin
 from fieldreid.server.db import LabDB
-from fieldreid.server.signing import LabKey, SignatureError, verify_bundle
+from fieldreid.server.signing import LabKey, SignatureError, packb, verify_bundle
 from fieldreid.sync.apply import BundleError, apply_bundle, pulled_version
 from fieldreid.sync.client import AuthError, SyncClient, SyncConfig, SyncError
 
@@ -303,5 +304,155 @@ def test_oversized_and_malformed_uploads_and_rate_limit(sqlite_url, tmp_path):
         assert r.status_code in (422, 429)
         codes = [httpx.get(f"{url}/v1/me", headers=h).status_code for _ in range(20)]
         assert 429 in codes and codes[0] in (200, 429)
+    finally:
+        env.server.stop()
+
+
+# ------------------------------------------------------------------------------------------- hostile data
+def _sightings_of_species(g: Gallery, rng, n: int, species: str, lab_centres=None) -> None:
+    """n sightings: of the lab's animals (species 'zebra') when lab_centres is given, else new animals of
+    ``species`` (provisional identities), each queued with a vector and a crop."""
+    from fieldreid.gallery.openset import Identifier
+    from fieldreid.sync.queue import Outbox
+
+    vecs = lab_centres[:n] if lab_centres is not None else unit(rng, n)
+    ds = Identifier(g, species=species).identify(vecs, MODEL, sources=[f"cam/{species}-{rng.integers(1e9)}-{i}.jpg"
+                                                                       for i in range(n)])
+    Outbox(g).add_many([(d.sighting_id, vecs[i], jpeg(rng)) for i, d in enumerate(ds)])
+
+
+def test_invalid_species_chunk_is_refused_whole_and_other_devices_keep_syncing(lab_env):
+    """A push naming species '../../x' once made a lab gallery by that name, after which every device's pull
+    failed (and so did its push). Now such a chunk is refused whole with the reason; the device records it,
+    stops resending it and sends the rest; no other device notices."""
+    rng, url = np.random.default_rng(12), lab_env.server.url
+    h = {"Authorization": f"Bearer {lab_env.tokens['cam-a']}", "Content-Type": "application/msgpack"}
+    for i, species in enumerate(("../../x", "zebra (plains)", "..")):
+        chunk = {"sightings": [{"uid": f"evil:{i}", "species": species, "decision": "new", "model_id": MODEL}]}
+        r = httpx.post(f"{url}/v1/projects/kenya/sightings", content=packb(chunk),
+                       headers={**h, "Idempotency-Key": f"evil-key-{i:04d}"})
+        assert r.status_code == 422 and "not a valid species name" in r.json()["detail"]
+    with Gallery(lab_env.tmp / "a.db") as g:
+        with lab_env.client("cam-a", chunk_sightings=4) as c:
+            c.pull(g)
+            _sightings_of_species(g, rng, 4, "zebra", lab_env.centres)
+            _sightings_of_species(g, rng, 4, "zebra (plains)")  # an honest device, a name the lab cannot serve
+            _sightings_of_species(g, rng, 4, "zebra", lab_env.centres[4:])
+            rep = c.push(g)
+            assert (rep.accepted, rep.refused_now, rep.pending) == (8, 1, 4)
+            [refused] = rep.refused
+            assert refused["sightings"] == 4 and "HTTP 422" in refused["reason"]
+            assert "'zebra (plains)' is not a valid species name" in refused["reason"]
+            again = c.push(g)  # not resent, still reported
+            assert (again.accepted, again.refused_now, again.chunks, again.refused) == (0, 0, 0, [refused])
+            from fieldreid.sync.queue import Outbox
+
+            assert Outbox(g).retry_rejected() == 1  # `fieldreid sync --retry-refused`: sent once more
+            assert c.push(g).refused_now == 1 and Outbox(g).pending() == 4
+    with lab_env.lab.read() as con:
+        assert [gal.species for gal in lab_env.lab.galleries(con, "kenya")] == ["zebra"]
+    assert len(lab_sightings(lab_env.lab)) == 8
+    with Gallery(lab_env.tmp / "b.db") as g, lab_env.client("cam-b") as c:
+        pulled, pushed = c.sync(g)
+        assert [(p.species, p.error) for p in pulled] == [("zebra", None)] and pushed.refused == []
+
+
+def test_bad_gallery_rows_already_in_a_lab_never_stop_a_pull(lab_env):
+    """A lab database that already holds galleries no device can pull (made before names were checked):
+    the lab does not list them, and a device that is told of one skips it, pulls the rest and pushes."""
+    import sqlalchemy as sa
+
+    from fieldreid.server import schema as s
+
+    with lab_env.lab.write() as con:
+        for sp in ("../../x", "zebra (plains)"):
+            con.execute(s.galleries.insert().values(project_id="kenya", species=sp, version=3, floor=0))
+    rng = np.random.default_rng(13)
+    with Gallery(lab_env.tmp / "b.db") as g, lab_env.client("cam-b") as c:
+        assert list(c.me()["projects"]["kenya"]["galleries"]) == ["zebra"]
+        record_sightings(g, rng, lab_env.centres[:2])
+        real_me = c.me
+
+        def old_lab_me():  # as an older lab would answer: every gallery row, and one that has gone since
+            me = real_me()
+            me["projects"]["kenya"]["galleries"].update({"../../x": 3, "zebra (plains)": 3, "ghost": 1})
+            return me
+
+        c.me = old_lab_me
+        pulled, pushed = c.sync(g)
+    by = {p.species: p for p in pulled}
+    assert by["zebra"].error is None and by["zebra"].to_version > 0
+    assert "not a valid species name" in by["../../x"].error and "not a valid species name" in by["zebra (plains)"].error
+    assert by["ghost"].kind == "failed" and "not found" in by["ghost"].error
+    assert pushed.accepted == 2 and pushed.pending == 0
+    with lab_env.lab.read() as con:
+        assert con.execute(sa.select(sa.func.count()).select_from(s.sightings)).scalar_one() == 2
+
+
+def test_reused_idempotency_key_with_other_sightings_is_409(lab_env):
+    rng, url = np.random.default_rng(14), lab_env.server.url
+    h = {"Authorization": f"Bearer {lab_env.tokens['cam-a']}", "Content-Type": "application/msgpack",
+         "Idempotency-Key": "same-key-0001"}
+    base = {"species": "zebra", "decision": "known", "model_id": MODEL, "identity": "zebra-0001",
+            "vector": unit(rng, 1)[0].tobytes(), "crop": jpeg(rng)}
+    first = packb({"sightings": [{**base, "uid": "dev:1"}]})
+    assert httpx.post(f"{url}/v1/projects/kenya/sightings", content=first, headers=h).json()["accepted"] == 1
+    r = httpx.post(f"{url}/v1/projects/kenya/sightings", content=packb({"sightings": [{**base, "uid": "dev:2"}]}),
+                   headers=h)
+    assert r.status_code == 409 and "already used" in r.json()["detail"]
+    assert httpx.post(f"{url}/v1/projects/kenya/sightings", content=first, headers=h).json()["replayed"]
+    assert [r[1] for r in lab_sightings(lab_env.lab)] == ["dev:1"]
+
+
+def test_sync_reports_sightings_pushed_without_crop_or_vector(lab_env, tmp_path, monkeypatch):
+    import hashlib
+
+    import cv2
+
+    root = tmp_path / "cards"
+    (root / "cam1").mkdir(parents=True)
+    rng = np.random.default_rng(15)
+    cv2.imwrite(str(root / "cam1" / "a.jpg"), rng.integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    sha = hashlib.sha256((root / "cam1" / "a.jpg").read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)  # not the camera root: relative image paths must not be read from here
+    row = {"decision": "uncertain", "upper": 0.8, "lower": 0.6, "threshold_method": "t", "model_id": MODEL,
+           "gallery_version": 1, "source_root": str(root)}
+    with Gallery(lab_env.tmp / "a.db") as g, lab_env.client("cam-a") as c:
+        c.pull(g)
+        g.add_sightings([{**row, "image": "cam1/a.jpg", "box": (5, 5, 100, 100), "source_sha256": sha,
+                          "vector": lab_env.centres[0]},
+                         {**row, "image": "cam1/gone.jpg", "box": (5, 5, 100, 100), "source_sha256": "0" * 64,
+                          "vector": lab_env.centres[1]},
+                         {**row, "image": "cam1/a.jpg", "box": (1, 1, 50, 50)}])  # no vector recorded
+        rep = c.push(g)
+    assert (rep.accepted, rep.no_crop, rep.no_vector) == (3, 1, 1)
+    crops = sorted(r[3] is not None for r in lab_sightings(lab_env.lab))
+    assert crops == [False, True, True]
+
+
+def _wrong_logins(url: str, n: int, forwarded) -> list[int]:
+    codes = []
+    for i in range(n):
+        h = {"Authorization": "Bearer frd_cam-a_" + "y" * 43}
+        if forwarded is not None:
+            h["X-Forwarded-For"] = forwarded(i)
+        codes.append(httpx.get(f"{url}/v1/me", headers=h).status_code)
+    return codes
+
+
+def test_failed_login_limit_keys_on_the_peer_unless_a_proxy_is_trusted(sqlite_url, tmp_path):
+    """40 wrong tokens, each claiming another X-Forwarded-For, once all got 401: the limit trusted the header
+    on a direct connection. Now it keys on the TCP peer; a configured proxy's header is believed."""
+    env = _make_lab(sqlite_url, tmp_path, np.random.default_rng(16))
+    try:
+        codes = _wrong_logins(env.server.url, 40, lambda i: f"203.0.113.{i}")
+        assert codes.count(429) >= 5 and set(codes) == {401, 429}
+        env.server.stop()
+        env.server.extra = ["--trusted-proxy", "127.0.0.1"]
+        env.server.start()
+        codes = _wrong_logins(env.server.url, 40, lambda i: f"203.0.113.{i}")
+        assert codes == [401] * 40  # forty clients behind the proxy, one guess each
+        codes = _wrong_logins(env.server.url, 40, lambda i: f"198.51.100.{i}, 203.0.113.7")
+        assert codes.count(429) >= 5  # one client (the proxy's own entry), whatever it put in front
     finally:
         env.server.stop()

@@ -17,6 +17,7 @@ from fieldreid.gallery.store import default_who
 from fieldreid.server import schema as s
 from fieldreid.server.auth import DEVICE_ID_RE, PROJECT_ID_RE, hash_token, new_token
 from fieldreid.server.db import LabDB, LabError, NotFound, now
+from fieldreid.server.fields import species_problem
 
 
 def create_project(lab: LabDB, project_id: str, model_id: str, dim: int) -> None:
@@ -85,6 +86,10 @@ def import_gallery(lab: LabDB, project_id: str, path: str | Path, species: list[
 
     report: dict = {}
     with Gallery(path, create=False) as g:
+        bad = [p for p in (species_problem(sp) for sp in g.species() if not species or sp in species) if p]
+        if bad:  # the lab serves a gallery per species name: a name outside the pattern could never be pulled
+            raise LabError(f"{path}: {'; '.join(bad[:5])}. Nothing was imported; import the other species with "
+                           "--species, or rename the identities' species in the gallery first.")
         with lab.read() as con:
             proj = lab.project(con, project_id)
         if g.model_id is not None and (g.model_id != proj.model_id or g.dim != proj.dim):

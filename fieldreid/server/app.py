@@ -10,17 +10,25 @@ Endpoints (all need ``Authorization: Bearer <device token>``):
   Devices never take their trust from this endpoint.
 
 Answers: 401 bad / revoked token, 404 a project the device is not in (existence is not revealed),
-413 body over the limit, 422 malformed chunk, 429 rate-limited (``Retry-After``), 409 version conflict.
+413 body over the limit, 422 a chunk with an invalid field (refused whole, with the reason), 429
+rate-limited (``Retry-After``), 409 version conflict or an idempotency key reused for other sightings.
 TLS is the reverse proxy's job (see README): run this on 127.0.0.1 behind nginx / Caddy.
+
+Client addresses (the failed-login limit is per address) are the TCP peer's. ``X-Forwarded-For`` is
+believed only from a configured trusted proxy (``--trusted-proxy`` / ``$FIELDREID_TRUSTED_PROXIES``), and
+then only as far as the chain passes through trusted proxies: anyone else could send a new address with
+every guess.
 """
 
 from __future__ import annotations
 
-import re
+import ipaddress
+import os
 
 from fieldreid.errors import missing_extra
 from fieldreid.server.auth import PROJECT_ID_RE, RateLimiter, hash_token
 from fieldreid.server.db import LabDB, LabError, NotFound
+from fieldreid.server.fields import SPECIES_RE
 from fieldreid.server.ingest import BadChunk, ingest_chunk
 from fieldreid.server.signing import unpackb
 
@@ -33,16 +41,61 @@ except ImportError as exc:  # pragma: no cover
 
 MAX_PUSH_BYTES = 16 * 1024 * 1024
 MAX_OTHER_BYTES = 64 * 1024
-SPECIES_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,63}$")
 BUNDLE_TYPE = "application/vnd.fieldreid.bundle+msgpack"
+TRUSTED_PROXIES_ENV = "FIELDREID_TRUSTED_PROXIES"
+
+
+def parse_networks(items) -> tuple:
+    """IP addresses or networks (``127.0.0.1``, ``10.0.0.0/8``), given as a list or one comma/space list."""
+    if isinstance(items, str):
+        items = [items]
+    out = []
+    for item in items or []:
+        for part in str(item).replace(",", " ").split():
+            try:
+                out.append(ipaddress.ip_network(part, strict=False))
+            except ValueError as exc:
+                raise LabError(f"Trusted proxy {part!r} is not an IP address or network ({exc}).") from exc
+    return tuple(out)
+
+
+def _ip(text: str):
+    try:
+        return ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple) -> str:
+    """The address a request comes from: the TCP peer, unless the peer is a trusted proxy; then the
+    ``X-Forwarded-For`` chain is walked from the right (the proxy's own append) past trusted proxies, and
+    the first address not in them is the client. Unparseable entries stop the walk at the last trusted hop."""
+    def is_trusted(text: str) -> bool:
+        ip = _ip(text)
+        return ip is not None and any(ip in net for net in trusted)
+
+    if not trusted or not forwarded_for or not is_trusted(peer):
+        return peer
+    client = peer
+    for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+        if _ip(hop) is None:
+            return client
+        client = hop
+        if not is_trusted(hop):
+            return hop
+    return client
 
 
 class Limits:
     def __init__(self, rate: float = 50.0, burst: float = 200.0, auth_failures_per_min: float = 30.0,
-                 max_push_bytes: int = MAX_PUSH_BYTES) -> None:
+                 max_push_bytes: int = MAX_PUSH_BYTES, trusted_proxies=None) -> None:
         self.requests = RateLimiter(rate, burst)
         self.auth_failures = RateLimiter(auth_failures_per_min / 60.0, auth_failures_per_min)
         self.max_push_bytes = max_push_bytes
+        if trusted_proxies is None:
+            trusted_proxies = os.environ.get(TRUSTED_PROXIES_ENV, "")
+        #: proxies whose X-Forwarded-For is believed (none by default: the TCP peer is the client)
+        self.trusted_proxies = parse_networks(trusted_proxies)
 
 
 def create_app(lab: LabDB, limits: Limits | None = None) -> FastAPI:
@@ -63,7 +116,8 @@ def create_app(lab: LabDB, limits: Limits | None = None) -> FastAPI:
         return await call_next(request)
 
     def device(request: Request, authorization: str | None = Header(default=None)) -> str:
-        client = request.client.host if request.client else "?"
+        peer = request.client.host if request.client else "?"
+        client = client_address(peer, request.headers.get("x-forwarded-for"), limits.trusted_proxies)
         token = ""
         if authorization and authorization[:7].lower() == "bearer ":
             token = authorization[7:].strip()
@@ -94,8 +148,11 @@ def create_app(lab: LabDB, limits: Limits | None = None) -> FastAPI:
             projects = {}
             for p in lab.device_projects(con, device_id):
                 proj = lab.project(con, p)
+                # a gallery whose name is outside the pattern cannot be served: listing it would send every
+                # device after a bundle it can never get (one made before names were checked, say)
                 projects[p] = {"model_id": proj.model_id, "dim": proj.dim,
-                               "galleries": {g.species: g.version for g in lab.galleries(con, p)}}
+                               "galleries": {g.species: g.version for g in lab.galleries(con, p)
+                                             if SPECIES_RE.match(g.species)}}
         return {"device": device_id, "projects": projects, "key_id": lab.key.key_id}
 
     @app.get("/v1/public-key")
@@ -143,5 +200,6 @@ def serve(db: str | None, data_dir: str | None, host: str = "127.0.0.1", port: i
     except ImportError as exc:  # pragma: no cover
         raise missing_extra("uvicorn", "server", "the lab server") from exc
     lab = LabDB(db, data_dir)
+    # uvicorn's own proxy-header handling stays off: the app decides (client_address) from the TCP peer
     uvicorn.run(create_app(lab, limits), host=host, port=port, log_level=log_level, access_log=False,
-                proxy_headers=True, forwarded_allow_ips="127.0.0.1", server_header=False)
+                proxy_headers=False, server_header=False)

@@ -25,6 +25,7 @@ from pathlib import Path
 from fieldreid.errors import FieldreidError, missing_extra
 from fieldreid.fsutil import atomic_write_bytes
 from fieldreid.server import schema as s
+from fieldreid.server.fields import species_problem
 from fieldreid.server.signing import LabKey
 
 try:
@@ -76,6 +77,15 @@ def _setup_sqlite(engine) -> None:
         conn.exec_driver_sql("BEGIN " + conn.get_execution_options().get("sqlite_begin", "IMMEDIATE"))
 
 
+def _migrate(con: sa.Connection, version: int) -> None:
+    """Inside a write: bring an older lab database up to :data:`schema.SCHEMA_VERSION`."""
+    if version < 2:
+        have = {c["name"] for c in sa.inspect(con).get_columns("push_chunks")}
+        if "fingerprint" not in have:
+            con.execute(sa.text("ALTER TABLE push_chunks ADD COLUMN fingerprint VARCHAR(64)"))
+    con.execute(sa.update(s.meta).where(s.meta.c.key == "schema").values(value=str(s.SCHEMA_VERSION)))
+
+
 class LabDB:
     """The lab's database, signing key and crop store.
 
@@ -108,6 +118,8 @@ class LabDB:
                     con.execute(s.meta.insert().values(key="schema", value=str(s.SCHEMA_VERSION)))
                 elif int(row[0]) > s.SCHEMA_VERSION:
                     raise LabError(f"The lab database was made by a newer fieldreid (schema {row[0]}); upgrade.")
+                elif int(row[0]) < s.SCHEMA_VERSION:
+                    _migrate(con, int(row[0]))
         except sa.exc.OperationalError as exc:
             raise LabError(f"Cannot reach the lab database {self.safe_url}: {exc.orig}") from exc
         self.key = LabKey.load_or_create(self.data_dir / "lab-signing-key.pem")
@@ -157,6 +169,9 @@ class LabDB:
         q = sa.select(s.galleries).where(s.galleries.c.project_id == project_id, s.galleries.c.species == species)
         row = con.execute(q).first()
         if row is None and create:
+            problem = species_problem(species)
+            if problem:  # a gallery name is a URL segment every device pulls: never one outside the pattern
+                raise LabError(f"Cannot create a gallery: {problem}.")
             con.execute(s.galleries.insert().values(project_id=project_id, species=species, version=0, floor=0))
             row = con.execute(q).first()
         if row is None:

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import Table as _Table
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: push_chunks.fingerprint
 metadata = MetaData()
 
 
@@ -170,5 +170,7 @@ push_chunks = Table(
     Column("key", String(64), nullable=False),
     Column("received", String(32), nullable=False),
     Column("response", Text, nullable=False),
+    # sha256 of what the chunk carried: a reused key with other sightings is refused (NULL: before schema 2)
+    Column("fingerprint", String(64)),
     PrimaryKeyConstraint("device_id", "key"),
 )

@@ -7,7 +7,10 @@ a bundle that does not verify under it is rejected before it is even decoded.
 Retries: connection errors, timeouts, 5xx and 429 are retried with exponential back-off (``Retry-After``
 honoured); 401/404/409/413/422 are not (they will not get better by waiting). A push that gives up leaves
 every unacknowledged sighting in the queue for the next run; a re-sent chunk carries the same
-idempotency key, so the lab stores it once.
+idempotency key, so the lab stores it once. A chunk the lab refuses as a whole (409/413/422) is recorded
+with the lab's reason, reported, and not sent again; the other chunks go on. One species gallery that
+cannot be pulled (a name outside the lab's pattern, gone, refused) is reported and skipped: the other
+species are pulled and the push still runs.
 
 Config file (TOML; default ``$FIELDREID_SYNC_CONFIG`` or ``~/.config/fieldreid/sync.toml``, mode 0600)::
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from fieldreid.errors import FieldreidError, missing_extra
 from fieldreid.gallery.store import Gallery
+from fieldreid.server.fields import SPECIES_RE, SPECIES_RULE
 from fieldreid.server.signing import SignatureError, packb, parse_public_key, verify_bundle
 from fieldreid.sync.apply import BundleError, apply_bundle, pulled_version
 from fieldreid.sync.queue import CropFn, EmbedFn, Outbox, crop_from_file, ensure_tables, get_state
@@ -43,6 +47,19 @@ class SyncError(FieldreidError):
 
 class AuthError(SyncError):
     """The lab refused this device's token (wrong, revoked) or the device is not in the project."""
+
+
+class NotFoundError(AuthError):
+    """HTTP 404: a project the device is not in, or a gallery the lab does not serve."""
+
+
+class RefusedError(SyncError):
+    """The lab refused a request for good (HTTP 409, 413, 422, ...): resending it will not help."""
+
+    def __init__(self, message: str, status: int, detail: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 def default_config_path() -> Path:
@@ -111,6 +128,13 @@ class PushReport:
     replayed: int = 0
     bytes_sent: int = 0
     pending: int = 0
+    #: sightings the lab now has that were sent without a JPEG crop / without an embedding
+    no_crop: int = 0
+    no_vector: int = 0
+    #: chunks refused by the lab in this run
+    refused_now: int = 0
+    #: every chunk on record as refused (``{key, sightings, reason}``): kept, not resent
+    refused: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +145,8 @@ class PullReport:
     to_version: int
     bytes: int
     details: dict
+    #: why this species was not pulled (the others were); None when it was
+    error: str | None = None
 
 
 class SyncClient:
@@ -173,9 +199,10 @@ class SyncClient:
                 if resp.status_code == 401:
                     raise AuthError(f"The lab refused this device's token ({detail}). Ask the lab for a new one.")
                 if resp.status_code == 404:
-                    raise AuthError(f"{path}: not found for this device ({detail}); check --project.")
+                    raise NotFoundError(f"{path}: not found for this device ({detail}); check --project.")
                 if resp.status_code not in (429, 500, 502, 503, 504):
-                    raise SyncError(f"The lab answered {resp.status_code} to {method} {path}: {detail}")
+                    raise RefusedError(f"The lab answered {resp.status_code} to {method} {path}: {detail}",
+                                       resp.status_code, detail)
                 last = f"HTTP {resp.status_code}: {detail}"
                 ra = resp.headers.get("Retry-After")
                 if ra and ra.isdigit():
@@ -222,22 +249,35 @@ class SyncClient:
             if species and sp not in species:
                 continue
             current = 0 if full else pulled_version(gallery, project, sp)
+            if not isinstance(sp, str) or not SPECIES_RE.match(sp):
+                reports.append(PullReport(str(sp), "failed", current, current, 0, {}, error=(
+                    f"the lab lists a gallery named {str(sp)[:80]!r}, which is not a valid species name "
+                    f"({SPECIES_RULE}); skipped - ask the lab to rename or delete it")))
+                continue
             if current == lab_version and not full:
                 reports.append(PullReport(sp, "up-to-date", current, current, 0, {}))
                 continue
-            data = self.fetch_bundle(project, sp, current)
-            payload = verify_bundle(data, self.config.lab_key)  # raises SignatureError: nothing applied
             try:
-                details = apply_bundle(gallery, payload, project, sp, device)
-            except BundleError:
-                if current == 0:
-                    raise
-                # a delta that no longer fits (e.g. the local gallery was edited): fall back to a snapshot
-                data = self.fetch_bundle(project, sp, 0)
-                payload = verify_bundle(data, self.config.lab_key)
-                details = apply_bundle(gallery, payload, project, sp, device)
+                data, payload, details = self._pull_one(gallery, project, sp, current, device)
+            except (NotFoundError, RefusedError, BundleError) as exc:  # this gallery only: the others go on
+                reports.append(PullReport(sp, "failed", current, current, 0, {}, error=str(exc)))
+                continue
             reports.append(PullReport(sp, payload["kind"], current, payload["version"], len(data), details))
         return reports
+
+    def _pull_one(self, gallery: Gallery, project: str, sp: str, current: int, device: str):
+        data = self.fetch_bundle(project, sp, current)
+        payload = verify_bundle(data, self.config.lab_key)  # raises SignatureError: nothing applied
+        try:
+            details = apply_bundle(gallery, payload, project, sp, device)
+        except BundleError:
+            if current == 0:
+                raise
+            # a delta that no longer fits (e.g. the local gallery was edited): fall back to a snapshot
+            data = self.fetch_bundle(project, sp, 0)
+            payload = verify_bundle(data, self.config.lab_key)
+            details = apply_bundle(gallery, payload, project, sp, device)
+        return data, payload, details
 
     # ---------------------------------------------------------------- push
     def push(self, gallery: Gallery, collect: bool = True, crop_fn: CropFn | None = crop_from_file,
@@ -257,8 +297,17 @@ class SyncClient:
             wire = {"sightings": body["sightings"],
                     "identities": [{k: v for k, v in d.items() if k != "_ids"} for d in introduced]}
             data = packb(wire)
-            resp = self._request("POST", f"/v1/projects/{project}/sightings", content=data,
-                                 headers={"Idempotency-Key": chunk.key, "Content-Type": "application/msgpack"})
+            try:
+                resp = self._request("POST", f"/v1/projects/{project}/sightings", content=data,
+                                     headers={"Idempotency-Key": chunk.key, "Content-Type": "application/msgpack"})
+            except RefusedError as exc:
+                if exc.status not in (409, 413, 422):
+                    raise
+                # refused as a whole (invalid field, reused key, too large): resending the same chunk would
+                # be refused again, and must not hold back the chunks after it
+                outbox.reject(chunk, f"HTTP {exc.status}: {exc.detail}")
+                report.refused_now += 1
+                continue
             self.bytes_sent += len(data)
             report.bytes_sent += len(data)
             answer = resp.json()
@@ -266,6 +315,8 @@ class SyncClient:
                 on_response(i, chunk.key, answer)
             outbox.ack(chunk, introduced)
             report.chunks += 1
+            report.no_crop += sum(s.get("crop") is None for s in wire["sightings"])
+            report.no_vector += sum(s.get("vector") is None for s in wire["sightings"])
             if answer.get("replayed"):  # stored by an earlier attempt whose answer was lost
                 report.replayed += 1
                 report.duplicates += len(chunk.sighting_ids)
@@ -274,6 +325,7 @@ class SyncClient:
                 report.duplicates += int(answer.get("duplicates", 0))
                 report.rejected.extend(answer.get("rejected", []))
         report.pending = outbox.pending()
+        report.refused = outbox.rejected_chunks()
         return report
 
     def sync(self, gallery: Gallery, pull: bool = True, push: bool = True, **kw) -> tuple[list[PullReport],
@@ -290,4 +342,5 @@ def _detail(resp) -> str:
         return resp.text[:300]
 
 
-__all__ = ["AuthError", "PullReport", "PushReport", "SignatureError", "SyncClient", "SyncConfig", "SyncError"]
+__all__ = ["AuthError", "NotFoundError", "PullReport", "PushReport", "RefusedError", "SignatureError", "SyncClient",
+           "SyncConfig", "SyncError"]

@@ -8,7 +8,9 @@ Tables added next to the gallery's own (all prefixed ``sync_``; the gallery sche
   acknowledges it the blobs are dropped and the row stays as a marker (``chunk = '-'``).
 * ``sync_chunks`` — chunks formed but not yet acknowledged. A chunk's key and members are written
   *before* it is sent, so a retry after a dropped link resends the same sightings under the same key and
-  the server answers from its record instead of storing them twice.
+  the server answers from its record instead of storing them twice. A chunk the lab refused as a whole
+  (HTTP 409/413/422) keeps the lab's reason in ``rejected`` and is not sent again until
+  :meth:`Outbox.retry_rejected`; the other chunks go on.
 * ``sync_field_ids`` — the device's own provisional identities already sent to the lab.
 
 Everything is one SQLite transaction per step on the gallery's connection (WAL, synchronous=FULL).
@@ -38,7 +40,8 @@ _TABLES = [
         key TEXT PRIMARY KEY,
         seq INTEGER NOT NULL,
         n INTEGER NOT NULL,
-        created TEXT NOT NULL DEFAULT (datetime('now')))""",
+        created TEXT NOT NULL DEFAULT (datetime('now')),
+        rejected TEXT)""",
     """CREATE TABLE IF NOT EXISTS sync_field_ids (
         local_id TEXT PRIMARY KEY,
         embedding_ids TEXT NOT NULL)""",
@@ -47,13 +50,17 @@ _TABLES = [
 SENT = "-"  # sync_outbox.chunk of a sighting the lab has acknowledged
 CROP_MAX_SIDE = 256
 CROP_QUALITY = 85
-CropFn = Callable[[str, str], bytes | None]
+#: (image path, box, source content sha256 or None) -> JPEG crop or None
+CropFn = Callable[[str, str, str | None], bytes | None]
 EmbedFn = Callable[[bytes], np.ndarray | None]
 
 
 def ensure_tables(gallery: Gallery) -> None:
     con = gallery._con
     if con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sync_field_ids'").fetchone()[0]:
+        if "rejected" not in {r[1] for r in con.execute("PRAGMA table_info(sync_chunks)")}:
+            with gallery._write() as c:  # a queue made before refused chunks were recorded
+                c.execute("ALTER TABLE sync_chunks ADD COLUMN rejected TEXT")
         return
     with gallery._write() as c:
         for stmt in _TABLES:
@@ -91,13 +98,18 @@ def encode_crop(pixels_bgr: np.ndarray, max_side: int = CROP_MAX_SIDE, quality: 
     return data
 
 
-def crop_from_file(image: str, box: str) -> bytes | None:
-    """The sighting's crop read back from its camera image (None if the file is gone or unreadable)."""
+def crop_from_file(image: str, box: str, sha256: str | None = None) -> bytes | None:
+    """The sighting's crop read back from its camera image (None if the file is gone or unreadable, or
+    holds another picture than the one the sighting was made from: its content hash differs)."""
+    import hashlib
+
     from fieldreid.errors import FieldreidError
     from fieldreid.imageio import read_image
 
     try:
-        frame = read_image(image, reduction=1)
+        frame = read_image(image, reduction=1, keep_data=sha256 is not None)
+        if sha256 is not None and (frame.data is None or hashlib.sha256(frame.data).hexdigest() != sha256):
+            return None
         b = parse_box(box)
         if b is None:
             return encode_crop(frame.pixels)
@@ -106,6 +118,16 @@ def crop_from_file(image: str, box: str) -> bytes | None:
         return encode_crop(square_crop(frame.pixels, b, margin=0.0))
     except (FieldreidError, OSError, ValueError):
         return None
+
+
+def image_path(image: str, root: str | None) -> str:
+    """Where a sighting's image is now: a relative path is relative to the folder that produced it (a watch
+    camera root), never to the current directory."""
+    from pathlib import Path
+
+    if root and not Path(image).is_absolute():
+        return str(Path(root) / image)
+    return image
 
 
 @dataclass
@@ -143,24 +165,30 @@ class Outbox:
 
     def collect(self, crop_fn: CropFn | None = crop_from_file, embed_fn: EmbedFn | None = None,
                 batch: int = 200) -> int:
-        """Queue every sighting recorded since the last call. The embedding is the gallery's own vector
-        for that image and box when it has one (provisional animals), else ``embed_fn(crop)``, else none."""
+        """Queue every sighting recorded since the last call.
+
+        The crop is read from the sighting's image - a relative path under the folder that produced it
+        (``source_root``: the watch camera root), checked against the image's content hash when known.
+        The embedding is the sighting's own query vector, else the gallery's vector for that image and box
+        (provisional animals), else ``embed_fn(crop)``, else none."""
         added = 0
         while True:
             mark = int(get_state(self.gallery, "queued_upto", "0"))
-            rows = self._con.execute("SELECT id, image, box FROM sightings WHERE id > ? ORDER BY id LIMIT ?",
-                                     (mark, batch)).fetchall()
+            rows = self._con.execute("SELECT id, image, box, source_root, source_sha256, vector FROM sightings "
+                                     "WHERE id > ? ORDER BY id LIMIT ?", (mark, batch)).fetchall()
             if not rows:
                 return added
             items = []
-            for sid, image, box in rows:
+            for sid, image, box, root, sha, own in rows:
                 if self._con.execute("SELECT 1 FROM sync_outbox WHERE sighting_id = ?", (sid,)).fetchone():
                     continue
-                crop = crop_fn(image, box) if crop_fn else None
+                crop = crop_fn(image_path(image, root), box, sha) if crop_fn else None
                 vec = None
-                hit = self._con.execute("SELECT vector, dtype FROM embeddings WHERE source = ? AND box = ? LIMIT 1",
-                                        (image, box)).fetchone()
-                if hit is not None:
+                hit = None if own is not None else self._con.execute(
+                    "SELECT vector, dtype FROM embeddings WHERE source = ? AND box = ? LIMIT 1", (image, box)).fetchone()
+                if own is not None:
+                    vec = np.frombuffer(own, "<f4")
+                elif hit is not None:
                     vec = np.frombuffer(hit[0], "<f2" if hit[1] == "float16" else "<f4").astype("<f4")
                 elif embed_fn is not None and crop is not None:
                     vec = embed_fn(crop)
@@ -174,8 +202,24 @@ class Outbox:
             added += len(items)
 
     def pending(self) -> int:
+        """Sightings not yet acknowledged by the lab (those in refused chunks included)."""
         return int(self._con.execute("SELECT count(*) FROM sync_outbox WHERE chunk IS NULL OR chunk != ?",
                                      (SENT,)).fetchone()[0])
+
+    def reject(self, chunk: Chunk, reason: str) -> None:
+        """The lab refused this chunk as a whole: keep it, with the reason, and stop sending it."""
+        with self.gallery._write() as con:
+            con.execute("UPDATE sync_chunks SET rejected = ? WHERE key = ?", (reason[:2000] or "refused", chunk.key))
+
+    def rejected_chunks(self) -> list[dict]:
+        """Chunks the lab refused: ``{key, sightings, reason}``, oldest first."""
+        return [{"key": k, "sightings": n, "reason": r} for k, n, r in self._con.execute(
+            "SELECT key, n, rejected FROM sync_chunks WHERE rejected IS NOT NULL ORDER BY seq")]
+
+    def retry_rejected(self) -> int:
+        """Send the refused chunks again on the next push (after the lab or this device was fixed)."""
+        with self.gallery._write() as con:
+            return con.execute("UPDATE sync_chunks SET rejected = NULL WHERE rejected IS NOT NULL").rowcount
 
     def sent(self) -> int:
         return int(self._con.execute("SELECT count(*) FROM sync_outbox WHERE chunk = ?", (SENT,)).fetchone()[0])
@@ -201,7 +245,7 @@ class Outbox:
                     con.execute("INSERT INTO sync_chunks (key, seq, n) VALUES (?, ?, ?)", (key, seq, len(g)))
                     con.executemany("UPDATE sync_outbox SET chunk = ? WHERE sighting_id = ?", [(key, s) for s in g])
         out = []
-        for (key,) in self._con.execute("SELECT key FROM sync_chunks ORDER BY seq").fetchall():
+        for (key,) in self._con.execute("SELECT key FROM sync_chunks WHERE rejected IS NULL ORDER BY seq").fetchall():
             ids = [r[0] for r in self._con.execute("SELECT sighting_id FROM sync_outbox WHERE chunk = ? ORDER BY "
                                                    "sighting_id", (key,))]
             out.append(Chunk(key, ids))

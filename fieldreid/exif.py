@@ -119,6 +119,18 @@ def local_mtime(mtime: float) -> tuple[str, str]:
     return local.replace(tzinfo=None).isoformat(timespec="seconds"), f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
 
 
+def header_exif(im) -> object | None:
+    """The EXIF of an open PIL image, read without decoding its pixels; None when it has none there.
+
+    PIL's PNG ``getexif()`` decodes the whole image to look for an ``eXIf`` chunk after the pixel data,
+    which turns a 500 KB PNG of 13,000 x 13,000 pixels into a 500 MB allocation before any size check;
+    only the chunks before the pixel data are used here (where cameras and editors write it).
+    """
+    if im.format == "PNG" and "exif" not in im.info:
+        return None
+    return im.getexif()
+
+
 def read_capture_info(data: bytes, mtime: float) -> CaptureInfo:
     """Capture time (fallback order in the module docstring), make/model and GPS; never raises."""
     make = model = None
@@ -128,7 +140,7 @@ def read_capture_info(data: bytes, mtime: float) -> CaptureInfo:
         from PIL import Image
 
         with Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "TIFF", "WEBP"]) as im:
-            exif = im.getexif()
+            exif = header_exif(im)
     except Exception:  # not an image, or a broken EXIF block: fall back to the file time
         exif = None
     if exif is not None:

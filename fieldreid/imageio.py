@@ -4,6 +4,10 @@ Full-resolution camera-trap JPEGs (5-30 MP) cost more to decode than a nano dete
 libjpeg can decode at 1/2, 1/4 or 1/8 size by scaling the DCT (OpenCV's ``IMREAD_REDUCED_*``), which
 skips most of the work, so the detector gets a decode that is just large enough for its input size.
 Crops for the embedder are re-cut from a larger decode only when a box would otherwise be too small.
+
+Hostile files are bounded before they cost anything: only regular files are read (never a FIFO or a
+device), at most ``max_bytes`` of them, and an image's header dimensions are checked against a
+decoded-pixel budget (``max_pixels``, default 100 MP) before the decoder allocates its pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import cv2
 import numpy as np
 
 from fieldreid.errors import ImageReadError
+from fieldreid.exif import header_exif
+from fieldreid.fsutil import DEFAULT_MAX_FILE_BYTES, FileChangedError, FileRefusedError, read_regular_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mts", ".wmv", ".3gp", ".mpg", ".mpeg"}
@@ -25,6 +31,9 @@ JPEG_SUFFIXES = {".jpg", ".jpeg"}
 _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                   8: cv2.IMREAD_REDUCED_COLOR_8}
 _EXIF_ORIENTATION = 0x0112
+#: decoded-pixel budget per image (width x height as stored), checked in the header before decoding;
+#: a JPEG above it is decoded at the DCT reduction that fits, anything else is refused (``--max-pixels``)
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class Frame:
     reduction: int
     orientation: int = 1
     data: bytes | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -80,11 +90,14 @@ def _header(data: bytes, path: Path) -> tuple[tuple[int, int], int]:
         with Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "TIFF", "BMP", "WEBP"]) as im:
             size = im.size
             try:
-                orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+                exif = header_exif(im)  # never decodes pixels (PIL's PNG getexif() would)
+                orientation = int(exif.get(_EXIF_ORIENTATION, 1) or 1) if exif is not None else 1
             except Exception:  # a broken EXIF block must not lose the image
                 orientation = 1
     except UnidentifiedImageError as exc:
         raise ImageReadError(path, "not an image file, or its header is corrupt") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"image too large to decode ({exc})") from exc
     except Exception as exc:
         # Some libraries patch Image.open (ultralytics adds a HEIF fallback) and fail differently.
         raise ImageReadError(path, f"not an image file, or its header is corrupt ({exc})") from exc
@@ -147,12 +160,30 @@ def choose_reduction(size_hw: tuple[int, int], min_side: int | None, is_jpeg: bo
     return r
 
 
+def min_reduction(size_wh: tuple[int, int], max_pixels: int | None, is_jpeg: bool) -> int | None:
+    """The smallest decode reduction whose pixels fit ``max_pixels`` (1 when there is no budget), or None
+    when none does (only JPEGs can be decoded reduced: 1/2, 1/4, 1/8 by DCT scaling)."""
+    w, h = size_wh
+    if not max_pixels or w * h <= max_pixels:
+        return 1
+    if is_jpeg:
+        for r in (2, 4, 8):
+            if -(-w // r) * -(-h // r) <= max_pixels:
+                return r
+    return None
+
+
 def read_image(path: str | Path, min_side: int | None = None, reduction: int | None = None,
-               data: bytes | None = None, keep_data: bool = False) -> Frame:
+               data: bytes | None = None, keep_data: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> Frame:
     """Decode an image upright. With ``min_side``, JPEGs are decoded at the smallest DCT scale that keeps
     the longer side at least ``min_side`` pixels (e.g. 640 for a 640-input detector).
 
-    Raises :class:`ImageReadError` with a reason for empty, truncated, corrupt, non-image and video files.
+    Bounded: only a regular file of at most ``max_bytes`` is read (never a FIFO or device), and the
+    header's dimensions are checked against ``max_pixels`` before anything is decoded - a JPEG above it is
+    decoded at the reduction that fits, any other image is refused. Raises :class:`ImageReadError` with a
+    reason for empty, truncated, corrupt, too large, non-image, non-regular and video files, and for any
+    error of the decoders (OpenCV, PIL), so one file can never stop a run.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -160,9 +191,11 @@ def read_image(path: str | Path, min_side: int | None = None, reduction: int | N
         raise ImageReadError(path, "video files are not processed (extract frames first)")
     if data is None:
         try:
-            data = path.read_bytes()
+            data, _ = read_regular_file(path, max_bytes)
         except FileNotFoundError as exc:
             raise ImageReadError(path, "file disappeared before it could be read") from exc
+        except (FileRefusedError, FileChangedError) as exc:
+            raise ImageReadError(path, getattr(exc, "reason", None) or str(exc)) from exc
         except OSError as exc:
             raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from exc
     if len(data) == 0:
@@ -173,18 +206,35 @@ def read_image(path: str | Path, min_side: int | None = None, reduction: int | N
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker; still being copied?)")
     upright = (w, h) if orientation < 5 else (h, w)
     size_hw = (upright[1], upright[0])
+    floor = min_reduction((w, h), max_pixels, is_jpeg)
+    if floor is None:
+        raise ImageReadError(path, f"image too large: {w} x {h} = {w * h / 1e6:.0f} MP is over the decoded-pixel "
+                                   f"budget of {max_pixels / 1e6:g} MP per image (--max-pixels); not decoded")
     r = reduction if reduction is not None else choose_reduction(size_hw, min_side, is_jpeg)
     if r not in _REDUCED_FLAGS:
         raise ValueError(f"reduction must be 1, 2, 4 or 8, got {r}")
+    r = max(r, floor)
     buf = np.frombuffer(data, dtype=np.uint8)
-    pixels = cv2.imdecode(buf, _REDUCED_FLAGS[r] | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is None:
-        raise ImageReadError(path, "corrupt image data (the decoder rejected it)")
-    if pixels.ndim == 2:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
-    pixels = apply_orientation(pixels, orientation)
+    try:
+        pixels = cv2.imdecode(buf, _REDUCED_FLAGS[r] | cv2.IMREAD_IGNORE_ORIENTATION)
+        if pixels is None:
+            raise ImageReadError(path, "corrupt image data (the decoder rejected it)")
+        if pixels.ndim == 2:
+            pixels = cv2.cvtColor(pixels, cv2.COLOR_GRAY2BGR)
+        elif pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ImageReadError(path, f"unexpected pixel layout {pixels.shape} from the decoder")
+        pixels = apply_orientation(pixels, orientation)
+    except cv2.error as exc:
+        raise ImageReadError(path, f"the decoder failed ({_first_line(exc)})") from exc
+    except MemoryError as exc:
+        raise ImageReadError(path, "image too large to decode in the memory available") from exc
     return Frame(path=path, pixels=np.ascontiguousarray(pixels), size=size_hw, reduction=r,
-                 orientation=orientation, data=data if keep_data else None)
+                 orientation=orientation, data=data if keep_data else None, max_pixels=max_pixels)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
 
 
 def reduction_for_boxes(frame: Frame, boxes_xyxy: np.ndarray, min_side: int) -> int:
@@ -195,7 +245,9 @@ def reduction_for_boxes(frame: Frame, boxes_xyxy: np.ndarray, min_side: int) -> 
         return r
     boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
     shortest = float(max(1.0, np.min(np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))))
-    while r > 1 and shortest / r < min_side:
+    # never finer than the decoded-pixel budget allows (only JPEGs are ever decoded reduced)
+    floor = min_reduction((frame.size[1], frame.size[0]), frame.max_pixels, True) or frame.reduction
+    while r > floor and shortest / r < min_side:
         r //= 2
     return r
 
@@ -208,7 +260,8 @@ def frame_for_boxes(frame: Frame, boxes_xyxy: np.ndarray, min_side: int) -> Fram
     r = reduction_for_boxes(frame, boxes_xyxy, min_side)
     if r == frame.reduction:
         return frame
-    return read_image(frame.path, reduction=r, data=frame.data, keep_data=frame.data is not None)
+    return read_image(frame.path, reduction=r, data=frame.data, keep_data=frame.data is not None,
+                      max_pixels=frame.max_pixels)
 
 
 def to_frame_coords(frame: Frame, boxes_xyxy: np.ndarray) -> np.ndarray:

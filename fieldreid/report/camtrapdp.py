@@ -14,6 +14,8 @@
   score of the matched identity for known/uncertain, else the detector confidence. Scores are cosines,
   not calibrated probabilities; the standard has no better field.
 * timestamps need a UTC offset: EXIF ``OffsetTimeOriginal`` when present, else ``--utc-offset``.
+* file names are the watch's text form (:func:`fieldreid.fsutil.path_text`): a name that is not UTF-8
+  has ``\\xNN`` for each undecodable byte (and ``\\\\`` for a backslash) in ``filePath`` and ``fileName``.
 
 The table schemas below are the Camtrap DP 1.0 field lists (names, types, constraints) transcribed from
 the standard, used by the tests to validate what is written with ``frictionless`` (the official schema
@@ -25,11 +27,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
+from fieldreid.fsutil import path_text, text_path
 from fieldreid.report.outputs import atomic_text
 from fieldreid.watch.state import StateDB
 
@@ -150,7 +154,8 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
     try:
         con = db.con
         given = _read_deployments(deployments_csv)
-        root = Path(db.meta("root") or ".")
+        root = Path(db.meta("root") or ".")  # text form (path_text) of the watched folder
+        root_fs = text_path(str(root))
         embedder = db.meta("embedder") or "embedder"
         detector = db.meta("detector") or "detector"
         pkg = Path(pkg)
@@ -191,7 +196,8 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
                     "SELECT sha256, path, camera, captured, utc_offset, make, model, time_source FROM images "
                     "ORDER BY camera, captured, path"):
                 exif = {k: v for k, v in (("Make", make), ("Model", model), ("timeSource", tsrc)) if v}
-                file_path = os.path.relpath(root / path, pkg.resolve()) if root.is_absolute() else path
+                file_path = (path_text(os.path.relpath(os.path.join(root_fs, text_path(path)), pkg.resolve()))
+                             if root.is_absolute() else path)
                 w.writerow([sha[:20], cam, "activityDetection", _stamp(captured, off, offset), Path(file_path).as_posix(),
                             "false", Path(path).name, MEDIATYPES.get(Path(path).suffix.lower(), "image/jpeg"),
                             json.dumps(exif) if exif else "", "", ""])
@@ -238,7 +244,7 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
                            "mediatype": "text/csv", "encoding": "utf-8", "schema": f"{BASE}/{t}-table-schema.json"}
                           for t in ("deployments", "media", "observations")],
             "profile": PROFILE,
-            "name": "fieldreid-" + (root.name or "watch").lower().replace(" ", "-"),
+            "name": "fieldreid-" + (re.sub(r"[^a-z0-9._-]+", "-", root.name.lower()).strip("-") or "watch"),
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"fieldreid:{root}")),
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "title": title or f"fieldreid watch of {root.name}",

@@ -6,6 +6,11 @@
 * ``images.csv`` — one row per file: state, failure reason, capture time and its source, camera, event.
 * ``sightings.csv`` — one row per animal detection with its (event-fused) decision.
 
+File names are the text form of :func:`fieldreid.fsutil.path_text`, as the results database stores them:
+a name that is not valid UTF-8 (a damaged FAT card) keeps its readable part and gets ``\\xNN`` for each
+undecodable byte, ``\\\\`` for a backslash, so every output is valid UTF-8 and the name can be turned
+back into the bytes on disk (:func:`fieldreid.fsutil.text_path`).
+
 Each file is written to a temp file beside it, fsynced and renamed over the old one, row by row from a
 database cursor, so a folder of 100k images never needs its results in memory, and a crash or a full
 disk leaves the previous good file in place.

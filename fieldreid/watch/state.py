@@ -22,6 +22,7 @@ not yet applied) → ``closed`` (provisional identities and gallery sightings wr
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
-from fieldreid.fsutil import OutputWriteError
+from fieldreid.fsutil import FolderLock, OutputWriteError, folder_write_problem, path_text
 
 APPLICATION_ID = 0x46525752  # "FRWR": fieldreid watch results
 STATUSES = ("pending", "done", "failed", "duplicate")
@@ -125,8 +126,24 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and ("disk is full" in str(exc) or "disk I/O" in str(exc))
 
 
+def _is_read_only(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return True
+    return isinstance(exc, sqlite3.Error) and "readonly" in str(exc)
+
+
+def _read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 def write_error(path: Path, exc: BaseException) -> OutputWriteError:
     hint = " The disk is full: free space and run again." if _is_disk_full(exc) else ""
+    if not hint and _is_read_only(exc):
+        hint = (" The output folder or file is not writable (a card remounted read-only after errors, or a "
+                "permission change): a permission problem, not damaged results.")
     return OutputWriteError(f"Cannot write the results database {path}: {exc}.{hint} The last committed batch "
                             "is intact; nothing of the failed batch was recorded, so a restart redoes it.")
 
@@ -134,35 +151,79 @@ def write_error(path: Path, exc: BaseException) -> OutputWriteError:
 class StateDB:
     """The results database. Writes go through :meth:`transaction` (one ``BEGIN IMMEDIATE`` each).
 
-    ``readonly=True`` opens a second connection for the scanner thread or the report command.
+    ``readonly=True`` opens a second connection for the scanner thread or the report command. The writer
+    holds ``OUT/.lock`` (:class:`~fieldreid.fsutil.FolderLock`) from open to :meth:`close`: a second writer
+    on the same folder is refused with a message naming the first (pid, host, start time), and a folder
+    it cannot write into is reported as a permission problem, never as a damaged database.
     """
 
     def __init__(self, path: str | Path, readonly: bool = False, synchronous: str = "FULL") -> None:
         self.path = Path(path)
+        self._lock: FolderLock | None = None
         if readonly:
             if not self.path.exists():
                 raise StateError(f"No results database at {self.path}; run `fieldreid watch` first.")
             uri = f"{self.path.resolve().as_uri()}?mode=ro"
         else:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise write_error(self.path, exc) from exc
+            self._lock = FolderLock(self.path.parent)  # one writer per output folder; permission errors say so
             uri = f"{self.path.resolve().as_uri()}?mode=rwc"
         try:
-            self.con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StateError(f"Cannot open results database {self.path}: {exc}.") from exc
-        self.con.row_factory = None
-        try:
-            self._prepare(readonly, synchronous)
-        except sqlite3.DatabaseError as exc:
-            self.con.close()
-            raise StateError(f"{self.path} is corrupt or not a fieldreid results database ({exc}). Move it aside "
-                             "and run again (the images will be processed afresh).") from exc
+            try:
+                self.con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None,
+                                           check_same_thread=False)
+            except sqlite3.Error as exc:
+                self._raise_if_not_writable(readonly, exc)
+                raise StateError(f"Cannot open results database {self.path}: {exc}.") from exc
+            self.con.row_factory = None
+            try:
+                try:
+                    self._prepare(readonly, synchronous)
+                except sqlite3.OperationalError:
+                    if not (readonly and _read_only_mount(self.path.parent)):
+                        raise
+                    # WAL on read-only media (an archived card): SQLite cannot create the -shm index there;
+                    # nothing can write on that mount, so reading it as immutable is exact
+                    self.con.close()
+                    self.con = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None,
+                                               check_same_thread=False)
+                    self._prepare(readonly, synchronous)
+            except sqlite3.DatabaseError as exc:
+                self.con.close()
+                self._raise_if_not_writable(readonly, exc)
+                raise StateError(f"{self.path} is corrupt or not a fieldreid results database ({exc}). Move it "
+                                 "aside and run again (the images will be processed afresh).") from exc
+            except BaseException:
+                self.con.close()
+                raise
         except BaseException:
-            self.con.close()
+            self._release_lock()
             raise
+
+    def _raise_if_not_writable(self, readonly: bool, exc: BaseException) -> None:
+        """A write that failed because the folder or the database files cannot be written: say so."""
+        if readonly:
+            return
+        why = folder_write_problem(self.path.parent)
+        if why is None:
+            for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+                try:
+                    os.close(os.open(p, os.O_RDWR))
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                        why = f"{p.name}: {(err.strerror or str(err)).lower()}"
+                        break
+        if why is not None:
+            raise OutputWriteError(f"Cannot write the results database {path_text(self.path)}: {why}. This is a "
+                                   "permission problem, not damaged results: make the output folder and its files "
+                                   "writable (a read-only mount, or files of another user?) or choose another "
+                                   "--out.") from exc
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _prepare(self, readonly: bool, synchronous: str) -> None:
         con = self.con
@@ -208,7 +269,10 @@ class StateDB:
             raise
 
     def close(self) -> None:
-        self.con.close()
+        try:
+            self.con.close()
+        finally:
+            self._release_lock()
 
     # ---------------------------------------------------------------- meta
     def meta(self, key: str) -> str | None:

@@ -27,10 +27,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[$(EXTRAS)]'
 	touch $@
 
+# The embedder's default open-set thresholds are chosen on the nyala *train* animals (never the test split
+# they are judged on) when the shared data is there; without it the model says it is uncalibrated.
+THRESHOLDS_DATA := $(SHARED)/data/reid/nyala/metadata.csv
 models: install
-	if [ -f $(SHARED)/weights/yolov5n-coco.pt ]; then \
-	  $(VENV)/bin/fieldreid models --yolov5 $(SHARED)/weights/yolov5n-coco.pt; \
-	else $(VENV)/bin/fieldreid models; fi
+	$(VENV)/bin/fieldreid models \
+	  $$( [ -f $(SHARED)/weights/yolov5n-coco.pt ] && echo --yolov5 $(SHARED)/weights/yolov5n-coco.pt ) \
+	  $$( [ -f $(THRESHOLDS_DATA) ] && echo --thresholds-from $(THRESHOLDS_DATA) --split train )
 
 demo: models
 	$(VENV)/bin/fieldreid doctor

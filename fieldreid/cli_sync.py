@@ -14,6 +14,7 @@ import typer
 
 from fieldreid.cli_common import err, out
 from fieldreid.cli_common import friendly as _friendly
+from fieldreid.errors import FieldreidError
 
 DbOpt = Annotated[str | None, typer.Option("--db", envvar="FIELDREID_LAB_DB", help="Lab database: a SQLite "
                                            "path or URL, or postgresql://user@host/db (default: "
@@ -45,6 +46,10 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
     rate: Annotated[float, typer.Option(help="Requests per second allowed per device (burst: 4x).")] = 50.0,
     max_push_mb: Annotated[float, typer.Option(help="Largest push chunk accepted, MiB.")] = 16.0,
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        "--trusted-proxy", help="Address or network of a reverse proxy whose X-Forwarded-For is believed "
+                                "(repeatable; default $FIELDREID_TRUSTED_PROXIES, else none: rate limits key on "
+                                "the TCP peer).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the lab HTTP API that devices sync with."""
@@ -54,16 +59,19 @@ def serve_cmd(
         err.print(f"[yellow]warning:[/] listening on {host}: the API speaks plain HTTP; put a TLS reverse proxy "
                   "in front (README: Lab server).")
     serve(db, str(data_dir) if data_dir else None, host, port,
-          Limits(rate=rate, burst=4 * rate, max_push_bytes=int(max_push_mb * 1024 * 1024)), log_level)
+          Limits(rate=rate, burst=4 * rate, max_push_bytes=int(max_push_mb * 1024 * 1024),
+                 trusted_proxies=trusted_proxy or None), log_level)
 
 
 def sync_cmd(
-    gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Device gallery file.")],
+    gallery: Annotated[Path | None, typer.Option("--gallery", "-g", help="Device gallery file (default: gallery in "
+                                                                         "the config file). Created from the lab's "
+                                                                         "signed snapshot on the first sync.")] = None,
     server: Annotated[str | None, typer.Option(help="Lab URL, e.g. https://lab.example.org (default: config "
                                                     "file).")] = None,
-    config: Annotated[Path | None, typer.Option(help="Sync config (TOML; default $FIELDREID_SYNC_CONFIG or "
-                                                     "~/.config/fieldreid/sync.toml). The token comes from "
-                                                     "$FIELDREID_TOKEN or this file.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Device config (TOML; default $FIELDREID_CONFIG or "
+                                                     "~/.config/fieldreid/config.toml, written by `fieldreid init`). "
+                                                     "The token comes from $FIELDREID_TOKEN or this file.")] = None,
     lab_key: Annotated[Path | None, typer.Option(help="File holding the lab's public key (default: config "
                                                       "file).")] = None,
     project: Annotated[str | None, typer.Option(help="Project (default: the device's only one).")] = None,
@@ -73,36 +81,93 @@ def sync_cmd(
     crops: Annotated[bool, typer.Option("--crops/--no-crops", help="Attach a JPEG crop to each new sighting "
                                                                     "(read from its image).")] = True,
     chunk: Annotated[int, typer.Option(help="Sightings per push chunk.")] = 64,
+    retry_refused: Annotated[bool, typer.Option("--retry-refused", help="Send again the chunks the lab refused "
+                                                                        "(after the cause was fixed).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Pull the lab's galleries (signed; delta or snapshot) and push this device's sightings (resumable)."""
+    from fieldreid.config import DeviceConfig
     from fieldreid.gallery.store import Gallery
     from fieldreid.sync.client import SyncClient, SyncConfig
     from fieldreid.sync.queue import crop_from_file
 
+    device = DeviceConfig.load(config)
+    gallery = device.require(gallery, "gallery", "--gallery", "device gallery")
     cfg = SyncConfig.load(config, server=server, lab_key=lab_key, project=project, chunk_sightings=chunk)
     for w in cfg.warnings:
         err.print(f"[yellow]warning:[/] {w}")
     report: dict = {}
+    created = None
+    if not Path(gallery).exists():
+        if not pull:
+            raise FieldreidError(f"No gallery at {gallery}: run `fieldreid sync` without --no-pull to create it "
+                                 "from the lab's gallery.")
+        from fieldreid.sync.bootstrap import create_from_lab
+
+        with SyncClient(cfg) as boot:
+            created = create_from_lab(gallery, boot)
+            report["created"] = str(gallery)
+            boot_bytes = boot.bytes_received
+        err.print(f"created {gallery} from the lab's signed gallery", highlight=False)
     with Gallery(gallery, create=False) as g, SyncClient(cfg) as client:
+        if created is not None:
+            client.bytes_received += boot_bytes
         if pull:
-            pulls = client.pull(g, full=full)
+            pulls = created if created is not None else client.pull(g, full=full)
             report["pull"] = [{"species": r.species, "kind": r.kind, "from": r.from_version, "to": r.to_version,
-                               "bytes": r.bytes} for r in pulls]
+                               "bytes": r.bytes, **({"error": r.error} if r.error else {})} for r in pulls]
             for r in pulls:
+                if r.error:
+                    err.print(f"[yellow]pull {r.species} failed[/] (the other species were pulled): {r.error}",
+                              highlight=False)
+                    continue
                 err.print(f"pull {r.species}: {r.kind} v{r.from_version} → v{r.to_version} ({r.bytes} bytes)")
+            if any(r.error is None and r.details.get("changed") for r in pulls):
+                _suggest(g, device, report)
         if push:
+            if retry_refused:
+                from fieldreid.sync.queue import Outbox
+
+                Outbox(g).retry_rejected()
             p = client.push(g, crop_fn=crop_from_file if crops else None)
             report["push"] = {"queued": p.queued, "chunks": p.chunks, "accepted": p.accepted,
                               "duplicates": p.duplicates, "rejected": p.rejected, "bytes": p.bytes_sent,
-                              "pending": p.pending}
+                              "pending": p.pending, "without_crop": p.no_crop, "without_vector": p.no_vector,
+                              "refused_chunks": p.refused}
             err.print(f"push: {p.accepted} sightings stored, {p.duplicates} already at the lab, "
                       f"{len(p.rejected)} rejected, {p.chunks} chunks, {p.bytes_sent} bytes; {p.pending} pending")
+            if p.no_crop or p.no_vector:
+                err.print(f"[yellow]note:[/] {p.no_crop} of the sightings sent had no crop (image gone, changed "
+                          f"or unreadable) and {p.no_vector} no embedding")
             for r in p.rejected[:20]:
                 err.print(f"  [yellow]rejected[/] {r.get('uid')}: {r.get('reason')}")
+            for c in p.refused[:20]:
+                err.print(f"  [yellow]refused by the lab[/], kept and not resent: chunk {c['key']} "
+                          f"({c['sightings']} sightings): {c['reason']}", highlight=False)
         report["bytes_sent"], report["bytes_received"] = client.bytes_sent, client.bytes_received
     if as_json:
         out.print_json(json.dumps(report))
+
+
+def _suggest(g, device, report: dict) -> None:
+    """After a pull: which lab identity each of this device's provisional animals probably is."""
+    from fieldreid.gallery.suggest import suggest_matches
+    from fieldreid.sync.bootstrap import device_model_thresholds
+
+    embedder = device.path_of("embedder")
+    if embedder is None:
+        from fieldreid.defaults import models_dir
+
+        embedder = models_dir() / "embedder.onnx"
+    found = suggest_matches(g, device_model_thresholds(g, embedder))
+    report["suggestions"] = [{"identity": s.identity_id, "candidate": s.candidate_id, "species": s.candidate_species,
+                              "score": round(s.score, 6), "decision": s.decision} for s in found]
+    for s in found[:20]:
+        err.print(f"your {s.identity_id} looks like lab animal {s.candidate_id} ({s.decision}, score {s.score:.3f}): "
+                  f"`fieldreid gallery merge {s.identity_id} --into {s.candidate_id} -g {g.path}` if it is",
+                  highlight=False)
+    if len(found) > 20:
+        err.print(f"... and {len(found) - 20} more: `fieldreid gallery list -g {g.path}`", highlight=False)
 
 
 # ------------------------------------------------------------------------------ server admin

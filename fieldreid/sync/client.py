@@ -12,7 +12,8 @@ with the lab's reason, reported, and not sent again; the other chunks go on. One
 cannot be pulled (a name outside the lab's pattern, gone, refused) is reported and skipped: the other
 species are pulled and the push still runs.
 
-Config file (TOML; default ``$FIELDREID_SYNC_CONFIG`` or ``~/.config/fieldreid/sync.toml``, mode 0600)::
+Config file: the device configuration (:mod:`fieldreid.config`; TOML, default ``$FIELDREID_CONFIG`` or
+``~/.config/fieldreid/config.toml``, mode 0600; ``fieldreid init`` writes it), sync's keys::
 
     server = "https://lab.example.org"
     project = "kenya-2025"
@@ -63,7 +64,10 @@ class RefusedError(SyncError):
 
 
 def default_config_path() -> Path:
-    return Path(os.environ.get(CONFIG_ENV) or Path.home() / ".config" / "fieldreid" / "sync.toml")
+    """The device configuration file (:mod:`fieldreid.config`): sync reads the same file as watch."""
+    from fieldreid.config import default_config_path as device_config_path
+
+    return device_config_path()
 
 
 @dataclass
@@ -104,7 +108,8 @@ class SyncConfig:
         if lab_key:
             key_text = Path(lab_key).read_text(encoding="utf-8") if Path(str(lab_key)).is_file() else str(lab_key)
         elif data.get("lab_public_key_file"):
-            key_text = Path(data["lab_public_key_file"]).read_text(encoding="utf-8")
+            key_file = Path(data["lab_public_key_file"]).expanduser()
+            key_text = (key_file if key_file.is_absolute() else path.parent / key_file).read_text(encoding="utf-8")
         elif data.get("lab_public_key"):
             key_text = data["lab_public_key"]
         else:

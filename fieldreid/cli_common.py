@@ -24,7 +24,9 @@ F = TypeVar("F", bound=Callable)
 BackendOpt = Annotated[str, typer.Option(help="auto | onnxruntime | tensorrt | torch")]
 EmbedderOpt = Annotated[Path | None, typer.Option(help="Embedder ONNX / plan (default: engines/default).")]
 DetectorOpt = Annotated[Path | None, typer.Option(help="Detector ONNX / plan (default: engines/default).")]
-CropsOpt = Annotated[bool, typer.Option("--crops", help="Images are already animal crops: skip the detector.")]
+CropsOpt = Annotated[bool, typer.Option("--crops", help="Images are labelled animal crops: the detector finds the "
+                                                       "animal's box in each (the whole image if none), so they are "
+                                                       "cut exactly as watch cuts camera frames.")]
 
 
 def friendly(fn: F) -> F:
@@ -50,15 +52,38 @@ def progress_bar(total: int, label: str) -> Progress:
                     console=err, disable=total < 20 and not err.is_terminal, transient=False)
 
 
+def configured_model(kind: str) -> Path | None:
+    """The ``detector`` / ``embedder`` the device config names (:mod:`fieldreid.config`), if any."""
+    from fieldreid.config import DeviceConfig
+
+    return DeviceConfig.load().path_of(kind)
+
+
 def open_embedder(path: Path | None, backend: str):
     from fieldreid.defaults import default_model
     from fieldreid.embed.runtime import Embedder
 
-    return Embedder(path or default_model("embedder"), backend=backend)
+    return Embedder(path or configured_model("embedder") or default_model("embedder"), backend=backend)
 
 
 def open_detector(path: Path | None, backend: str, conf: float, iou: float = 0.45):
     from fieldreid.defaults import default_model
     from fieldreid.detect import Detector
 
-    return Detector(path or default_model("detector"), backend=backend, conf=conf, iou=iou)
+    return Detector(path or configured_model("detector") or default_model("detector"), backend=backend, conf=conf,
+                    iou=iou)
+
+
+def open_crop_detector(path: Path | None, backend: str, conf: float):
+    """The detector that finds the animal in ``--crops`` images (fieldreid.crop): the given or configured one,
+    else the default one if it exists; without any, None and a note (each crop is then its own box)."""
+    from fieldreid.errors import ModelError
+
+    try:
+        return open_detector(path, backend, conf)
+    except ModelError:
+        if path is not None:
+            raise
+        err.print("[yellow]note:[/] no detector (run `make models` or pass --detector): each crop is embedded "
+                  "whole, which matches `watch` only where the animal fills the photo", highlight=False)
+        return None

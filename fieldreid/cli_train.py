@@ -16,9 +16,30 @@ InitOpt = Annotated[Path | None, typer.Option(help="Start from this fieldreid ch
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (plus OUT.resume for --resume).")]
 
 
+DetectorOpt = Annotated[Path | None, typer.Option(help="Detector that finds the animal's box in each training "
+                                                     "crop, so crops are cut as watch cuts them (default: the "
+                                                     "configured or default detector, if any).")]
+
+
+def _detector(path: Path | None) -> str | None:
+    """The crop rule's detector (fieldreid.crop) for training data, or None (each image is its own box)."""
+    from fieldreid.cli_common import configured_model
+    from fieldreid.defaults import default_model
+    from fieldreid.errors import ModelError
+
+    if path is not None:
+        return str(path)
+    try:
+        return str(configured_model("detector") or default_model("detector"))
+    except ModelError:
+        err.print("[yellow]note:[/] no detector: each training image is used whole (pass --detector to cut "
+                  "crops as watch does)", highlight=False)
+        return None
+
+
 def _common(metadata: Path, split: str, backbone: str, init: Path | None, image_size: int | None, epochs: int,
             batch: int, lr: float, warmup: float, decay: float, freeze_stages: int, cache_views: int,
-            seed: int, name: str | None, device: str, threads: int | None) -> dict:
+            seed: int, name: str | None, device: str, threads: int | None, detector: Path | None = None) -> dict:
     if threads:
         import torch
 
@@ -26,7 +47,7 @@ def _common(metadata: Path, split: str, backbone: str, init: Path | None, image_
     return dict(metadata=str(metadata), split=split, backbone=backbone, init=str(init) if init else None,
                 image_size=image_size, epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=warmup,
                 lr_decay=decay, freeze_stages=freeze_stages, cache_views=cache_views, seed=seed, name=name,
-                device=device)
+                device=device, detector=_detector(detector))
 
 
 class _Bar:
@@ -85,13 +106,14 @@ def train_cmd(
     name: Annotated[str | None, typer.Option(help="Tag in the model_id (default: the dataset folder).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    detector: DetectorOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.resume.")] = False,
 ) -> None:
     """Fine-tune an embedder: GeM + BN neck, sub-center ArcFace (k=3) with class-frequency margins."""
     from fieldreid.train.trainer import TrainConfig, train
 
     cfg = TrainConfig(**_common(metadata, split, backbone, init, image_size, epochs, batch, lr, warmup, decay,
-                                freeze_stages, cache_views, seed, name, device, threads),
+                                freeze_stages, cache_views, seed, name, device, threads, detector),
                       arcface_k=arcface_k, arcface_scale=arcface_scale, margin_min=margin_min,
                       margin_max=margin_max, cache_dir=str(out.parent / ".fieldreid-cache"))
     with _Bar("train") as bar:
@@ -124,13 +146,14 @@ def distill_cmd(
     name: str | None = None,
     device: str = "auto",
     threads: int | None = None,
+    detector: DetectorOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.resume.")] = False,
 ) -> None:
     """Distil a teacher's embedding space into a student (cosine + relational terms + ArcFace)."""
     from fieldreid.train.distill import DistillConfig, distill
 
     cfg = DistillConfig(**_common(metadata, split, student, init, image_size, epochs, batch, lr, warmup, decay,
-                                  freeze_stages, cache_views, seed, name, device, threads),
+                                  freeze_stages, cache_views, seed, name, device, threads, detector),
                         teacher=str(teacher), teacher_arch=teacher_arch, teacher_size=teacher_size,
                         cos_weight=cos_weight, rel_weight=rel_weight,
                         cache_dir=str(out.parent / ".fieldreid-cache"))

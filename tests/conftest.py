@@ -20,6 +20,8 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "False")
 os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".cache" / "ultralytics"))
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the yolov5 reference checkpoint is a pickle
+# A device configuration in the user's home must not steer any test (tests pass --config explicitly).
+os.environ["FIELDREID_CONFIG"] = str(ROOT / ".cache" / "tests" / "no-device-config.toml")
 
 
 @pytest.fixture(autouse=True)

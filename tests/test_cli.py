@@ -81,12 +81,14 @@ def test_embed_writes_vectors_per_animal(camtrap, yolov5n_onnx, default_embedder
     assert {"error_img.JPG", "error_vid.mp4"} <= set(z["failures"][:, 0])
 
 
-def test_embed_crops_skips_detector(default_embedder_onnx, zebra, tmp_path):
+def test_embed_crops_gives_one_vector_per_image(default_embedder_onnx, zebra, tmp_path):
     files = sorted(zebra.rglob("*.jpg"))[:6]
     out = tmp_path / "v.npz"
+    # the crop rule: the detector (the default one, when built) finds each crop's animal, else it is whole
     fieldreid("embed", *map(str, files), "--crops", "--embedder", str(default_embedder_onnx), "--out", str(out))
     z = np.load(out)
-    assert z["vectors"].shape == (len(files), z["vectors"].shape[1])
+    assert z["vectors"].shape == (len(files), z["vectors"].shape[1]) and len(z["boxes"]) == len(files)
+    assert ((z["boxes"][:, 2:] > 0) & (z["boxes"][:, 2:] <= 1)).all()
 
 
 def test_missing_default_model_is_a_clear_error(tmp_path, camtrap):
@@ -98,6 +100,8 @@ def test_missing_default_model_is_a_clear_error(tmp_path, camtrap):
 
 
 def test_doctor_reports_backends(tmp_path):
-    proc = fieldreid("doctor", env_extra={"FIELDREID_MODELS": str(tmp_path)})
+    # a table lays itself out to the width: give it room, so neither $COLUMNS nor the temp path's length
+    # (shown in the models rows) can fold "backend onnxruntime" over two lines
+    proc = fieldreid("doctor", env_extra={"FIELDREID_MODELS": str(tmp_path), "COLUMNS": "1000"})
     assert "backend onnxruntime" in proc.stdout and "backend tensorrt" in proc.stdout
     assert "missing" in proc.stdout  # no default models in an empty folder

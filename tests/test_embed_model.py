@@ -25,12 +25,13 @@ def _real_image_paths(n_each: int = 15) -> list[str]:
 def _centre_tensor(path: str, spec: PreprocessSpec) -> torch.Tensor:
     import cv2
 
-    from fieldreid.embed.runtime import preprocess_images, square_crop
+    from fieldreid.crop import cut
+    from fieldreid.embed.runtime import preprocess_images
 
     img = cv2.imread(path)
     h, w = img.shape[:2]
     s = min(h, w)
-    crop = square_crop(img, ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2), margin=0.0)
+    crop = cut(img, ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2), margin=0.0)
     return torch.from_numpy(preprocess_images([crop], spec)[0])
 
 

@@ -47,7 +47,8 @@ class BackboneInfo:
 
 
 def _spec(size: int, mean=_IMAGENET_MEAN, std=_IMAGENET_STD) -> PreprocessSpec:
-    # Re-id crops are already square (see runtime.square_crop): a plain resize, no centre crop (crop_pct).
+    # Re-id crops (fieldreid.crop: the box plus a margin) are resized whole: no centre crop (crop_pct), which
+    # would cut off the margin and the ends of a long animal.
     return PreprocessSpec(size=(size, size), mean=tuple(mean), std=tuple(std), color="RGB")
 
 

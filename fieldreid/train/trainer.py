@@ -77,6 +77,9 @@ class TrainConfig:
     cache_dir: str | None = None
     augment: bool = True
     max_side: int = 512
+    #: detector whose animal box cuts each labelled crop (fieldreid.crop, as enrolment and watch cut them);
+    #: None = the whole image is the box
+    detector: str | None = None
     seed: int = 0
     name: str | None = None
     device: str = "auto"
@@ -506,7 +509,12 @@ def _prepare(cfg, data: LabelledImages | None):
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
         raise InputError("Need epochs >= 1, batch size >= 2 and lr > 0.")
     if data is None:
-        data = LabelledImages.from_metadata(cfg.metadata, split=cfg.split, max_side=cfg.max_side)
+        detector = None
+        if cfg.detector:
+            from fieldreid.detect import Detector
+
+            detector = Detector(cfg.detector)
+        data = LabelledImages.from_metadata(cfg.metadata, split=cfg.split, max_side=cfg.max_side, detector=detector)
     if data.num_classes < 2:
         raise InputError(f"{cfg.metadata} [{cfg.split}] has {data.num_classes} identity; training needs >= 2.")
     return data

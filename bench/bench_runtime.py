@@ -28,9 +28,10 @@ os.environ.setdefault("YOLO_CONFIG_DIR", str(ROOT / ".cache" / "ultralytics"))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fieldreid.crop import cut  # noqa: E402
 from fieldreid.defaults import default_model  # noqa: E402
 from fieldreid.detect import Detector  # noqa: E402
-from fieldreid.embed.runtime import Embedder, square_crop  # noqa: E402
+from fieldreid.embed.runtime import Embedder  # noqa: E402
 from fieldreid.imageio import iter_files, read_image  # noqa: E402
 
 THREADS = 2
@@ -157,7 +158,7 @@ def real_crops(shared: Path, n: int) -> list[np.ndarray]:
     for r in rows:
         img = read_image(meta.parent / r["path"]).pixels
         h, w = img.shape[:2]
-        crops.append(square_crop(img, (0.0, 0.0, float(w), float(h)), margin=0.0))
+        crops.append(cut(img, (0.0, 0.0, float(w), float(h))))  # the crop rule's whole-image box
     return crops
 
 

@@ -145,9 +145,9 @@ def naive_route(yolov5_pt: Path, conf: float):
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
     import yolov5
 
+    from fieldreid.crop import cut
     from fieldreid.detect.classes import md_category
     from fieldreid.embed.model import build_default_embedder
-    from fieldreid.embed.runtime import square_crop
 
     torch.set_num_threads(THREADS)
     det = yolov5.load(str(yolov5_pt), device="cpu")
@@ -166,7 +166,7 @@ def naive_route(yolov5_pt: Path, conf: float):
             return 0
         img = cv2.imread(str(p))
         for b in keep:
-            c = square_crop(img, tuple(float(v) for v in b[:4]))
+            c = cut(img, tuple(float(v) for v in b[:4]))  # the crop rule (fieldreid.crop)
             x = TF.resize(torch.from_numpy(np.ascontiguousarray(c[:, :, ::-1])).permute(2, 0, 1).float(), [h, w],
                           antialias=True)
             with torch.inference_mode():

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fieldreid import __version__
-from fieldreid.cli_common import BackendOpt, err, out
+from fieldreid.cli_common import BackendOpt, CropsOpt, err, out
 from fieldreid.cli_common import friendly as _friendly
 from fieldreid.cli_common import open_detector as _open_detector
 from fieldreid.cli_common import open_embedder as _open_embedder
@@ -65,6 +65,16 @@ def doctor() -> None:
     for kind, name in (("detector", DETECTOR_NAME), ("embedder", EMBEDDER_NAME)):
         p = mdir / name
         table.add_row(f"default {kind}", f"[green]{p}[/]" if p.exists() else f"[red]missing[/] ({p}; run make models)")
+    emb_path = mdir / EMBEDDER_NAME
+    if emb_path.exists():
+        from fieldreid.embed.thresholds import describe, read_thresholds_info
+
+        try:
+            info = read_thresholds_info(emb_path)
+        except FieldreidError:
+            info = None
+        table.add_row("embedder thresholds", escape(f"{info['upper']:.4f} ({describe(info)})") if info else
+                      "[yellow]uncalibrated[/] (make models with ../shared/data, or fieldreid calibrate --into-model)")
     out.print(table)
 
 
@@ -119,16 +129,18 @@ def detect(
 def embed(
     paths: Annotated[list[Path], typer.Argument(help="Images or folders (walked recursively).")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="NPZ file to write.")] = Path("vectors.npz"),
-    crops: Annotated[bool, typer.Option("--crops", help="Images are already animal crops: skip the detector.")] = False,
+    crops: CropsOpt = False,
     embedder: Annotated[Path | None, typer.Option(help="Embedder ONNX / plan (default: engines/default).")] = None,
     detector: Annotated[Path | None, typer.Option(help="Detector ONNX / plan (default: engines/default).")] = None,
     conf: Annotated[float, typer.Option(help="Embed animal boxes at or above this confidence.")] = 0.2,
     batch: Annotated[int, typer.Option(help="Images per batch.")] = 4,
     backend: BackendOpt = "auto",
 ) -> None:
-    """Embed animals: one L2-normalised vector per animal box (or per image with --crops)."""
+    """Embed animals: one L2-normalised vector per animal box (one per image with --crops)."""
+    from fieldreid.cli_common import open_crop_detector
     from fieldreid.fsutil import atomic_write_bytes
     from fieldreid.megadetector import relative_name
+    from fieldreid.pipeline import Pipeline
 
     files = _collect(paths)
     emb = _open_embedder(embedder, backend)
@@ -137,43 +149,20 @@ def embed(
     boxes: list[np.ndarray] = []
     confs: list[float] = []
     failures: list[tuple[str, str]] = []
-    if crops:
-        from fieldreid.pipeline import ImageResult, _batched, _decode
-
-        side = int(min(emb.preprocess_spec.size))
-        with _progress(len(files), "embed") as progress:
-            task = progress.add_task("embed", total=len(files))
-            for chunk in _batched(files, max(batch, 16)):
-                frames = []
-                for item in _decode(chunk, side, False):
-                    if isinstance(item, ImageResult):
-                        failures.append((relative_name(item.path, paths), item.failure))
-                    else:
-                        frames.append(item)
-                if frames:
-                    vectors.append(emb.embed([f.pixels for f in frames]))
-                    for f in frames:
-                        names.append(relative_name(f.path, paths))
-                        boxes.append(np.array([0, 0, 1, 1], np.float32))
-                        confs.append(1.0)
-                progress.advance(task, len(chunk))
-    else:
-        from fieldreid.pipeline import Pipeline
-
-        pipe = Pipeline(_open_detector(detector, backend, conf, 0.45), emb, batch_size=batch,
-                        min_crop_conf=conf)
-        for res in _run_pipeline(files, pipe, "embed"):
-            name = relative_name(res.path, paths)
-            if res.failure:
-                failures.append((name, res.failure))
-                continue
-            h, w = res.size
-            for row, i in enumerate(res.animal_index):
-                x1, y1, x2, y2 = res.detections.xyxy[i]
-                vectors.append(res.embeddings[row:row + 1])
-                names.append(name)
-                boxes.append(np.array([x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h], np.float32))
-                confs.append(float(res.detections.confidence[i]))
+    # one crop rule (fieldreid.crop): a labelled crop's animal is found by the detector too, else it is whole
+    det = open_crop_detector(detector, backend, conf) if crops else _open_detector(detector, backend, conf, 0.45)
+    pipe = Pipeline(det, emb, batch_size=batch, min_crop_conf=conf, select="crop" if crops else "all")
+    for res in _run_pipeline(files, pipe, "embed"):
+        name = relative_name(res.path, paths)
+        if res.failure:
+            failures.append((name, res.failure))
+            continue
+        h, w = res.size
+        for row, (x1, y1, x2, y2) in enumerate(res.boxes):
+            vectors.append(res.embeddings[row:row + 1])
+            names.append(name)
+            boxes.append(np.array([x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h], np.float32))
+            confs.append(1.0 if res.whole_image else float(res.detections.confidence[res.animal_index[row]]))
     mat = np.concatenate(vectors) if vectors else np.zeros((0, emb.dim), np.float32)
     buf = io.BytesIO()
     np.savez(buf, vectors=mat.astype(np.float32), files=np.array(names, dtype=str),
@@ -188,11 +177,16 @@ def embed(
 @app.command("export")
 @_friendly
 def export_cmd(
-    model: Annotated[Path, typer.Argument(help="A detector checkpoint (YOLOv5 / ultralytics .pt), a fieldreid "
-                                              "embedder checkpoint (.pt) or an ONNX model.")],
-    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output ONNX path.")] = None,
+    model: Annotated[Path | None, typer.Argument(help="A detector checkpoint (YOLOv5 / ultralytics .pt), a fieldreid "
+                                                     "embedder checkpoint (.pt) or an ONNX model (default: the "
+                                                     "embedder in the device config, else the default embedder).")
+                     ] = None,
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output ONNX (a .onnx path or a folder): the "
+                                                   "FP32 ONNX from a checkpoint, the INT8 ONNX from an ONNX. Plans "
+                                                   "go beside the ONNX they are built from.")] = None,
     kind: Annotated[str, typer.Option(help="auto | yolov5 | ultralytics | embedder")] = "auto",
-    imgsz: Annotated[int, typer.Option(help="Detector input size.")] = 640,
+    imgsz: Annotated[int | None, typer.Option(help="Detector input size when converting a checkpoint "
+                                                  "(default: the profile's, else 640).")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also build a TensorRT FP16 plan (needs TensorRT + GPU).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 QDQ ONNX calibrated on --calib, gated against FP32; "
                                                       "plus a TensorRT INT8 plan where TensorRT is installed.")] = False,
@@ -203,21 +197,33 @@ def export_cmd(
     calib_count: Annotated[int | None, typer.Option(help="Crops to calibrate on (default: profile, else 256).")
                            ] = None,
     calib_method: Annotated[str | None, typer.Option(help="minmax | entropy | percentile")] = None,
-    val: Annotated[Path | None, typer.Option(help="Labelled validation set for the INT8 gate (metadata.csv or "
-                                                  "folder; default: --calib).")] = None,
+    val: Annotated[Path | None, typer.Option(help="Validation set for the INT8 gate (metadata.csv or folder; "
+                                                  "calibration files are removed from it). Default: a held-out "
+                                                  "part of --calib, split by name hash.")] = None,
     val_split: Annotated[str | None, typer.Option(help="Rows of a --val metadata.csv.")] = None,
     profile: Annotated[str | None, typer.Option(help="Export profile: a name in export/ or a .toml path.")] = None,
     min_cosine: Annotated[float | None, typer.Option(help="INT8 gate: mean embedding cosine to FP32.")] = None,
+    min_cosine_p05: Annotated[float | None, typer.Option(help="INT8 gate: 5th-percentile embedding cosine to FP32 "
+                                                              "(default: profile, else 0.95).")] = None,
     max_top1_drop: Annotated[float | None, typer.Option(help="INT8 gate: allowed one-vs-all top-1 drop.")] = None,
     fallback: Annotated[bool, typer.Option(help="On a failed gate, retry with sensitive layers in FP32.")] = True,
 ) -> None:
     """Checkpoint -> ONNX (FP32, dynamic batch, metadata, parity gate, manifest); INT8 QDQ; TensorRT plans."""
+    from fieldreid.config import DeviceConfig
     from fieldreid.export_cmd import ExportOptions, run_export
 
+    device = DeviceConfig.load()  # a configured device: `fieldreid export --int8` works on its own embedder
+    if model is None:
+        from fieldreid.defaults import default_model
+
+        model = device.path_of("embedder") or default_model("embedder")
+    if int8:
+        calib = device.require(calib, "calib", "--calib", "calibration crops for INT8 (a folder of real animal "
+                               "crops or a metadata.csv)")
     opts = ExportOptions(out=out_path, kind=kind, imgsz=imgsz, fp16=fp16, int8=int8, fp32_plan=fp32, calib=calib,
                          calib_split=calib_split, calib_count=calib_count, calib_method=calib_method, val=val,
                          val_split=val_split, profile=profile, min_cosine=min_cosine, max_top1_drop=max_top1_drop,
-                         fallback=fallback)
+                         fallback=fallback, min_cosine_p05=min_cosine_p05)
     res = run_export(model, opts, log=lambda s: err.print(escape(s)))
     for path in res.written:
         err.print(f"wrote {path}")
@@ -231,20 +237,34 @@ def models(
     yolov5: Annotated[Path | None, typer.Option(help="YOLOv5/MegaDetector checkpoint to convert as the default "
                                                      "detector.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the files exist.")] = False,
+    thresholds_from: Annotated[Path | None, typer.Option(
+        help="Labelled metadata.csv of identities the embedder was not trained on (animal crops): choose the "
+             "embedder's open-set thresholds on it and write them into its metadata. Without it the model "
+             "stays uncalibrated.")] = None,
+    split: Annotated[str | None, typer.Option(help="Rows of --thresholds-from to use (e.g. train; never the "
+                                                   "split you evaluate on).")] = None,
 ) -> None:
     """Write the default embedder (EfficientNet-Lite0, ImageNet) and detector into engines/default."""
+    from fieldreid.defaults import EMBEDDER_NAME, models_dir
     from fieldreid.export_cmd import build_defaults
 
     for path in build_defaults(yolov5, force=force):
         err.print(f"default model: {path}")
+    if thresholds_from is not None:
+        from fieldreid.embed.thresholds import ensure_model_thresholds
+
+        ensure_model_thresholds(models_dir() / EMBEDDER_NAME, thresholds_from, split, force=force,
+                                log=lambda s: err.print(escape(s), highlight=False))
 
 
 def _register_subcommands() -> None:
+    from fieldreid.cli_config import register as _register_config
     from fieldreid.cli_gallery import register
     from fieldreid.cli_sync import register as _register_sync
     from fieldreid.cli_watch import register as _register_watch
 
     register(app)
+    _register_config(app)
     _register_sync(app)
     _register_watch(app)
     from fieldreid.cli_train import register as _register_train

@@ -14,10 +14,12 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fieldreid.cli_common import BackendOpt, CropsOpt, DetectorOpt, EmbedderOpt, err, out
 from fieldreid.cli_common import friendly as _friendly
+from fieldreid.cli_common import open_crop_detector as _open_crop_detector
 from fieldreid.cli_common import open_detector as _open_detector
 from fieldreid.cli_common import open_embedder as _open_embedder
 from fieldreid.cli_common import progress_bar as _progress
@@ -47,17 +49,18 @@ def _print_failures(failures: list[tuple[str, str]], limit: int = 50) -> None:
 
 
 def _embed_labelled(metadata: Path, split: str | None, crops: bool, embedder: Path | None,
-                    detector: Path | None, backend: str, conf: float, batch: int):
+                    detector: Path | None, backend: str, conf: float, batch: int, whole_frame_fallback: bool = False):
     from fieldreid.gallery.enroll import embed_items, read_metadata
 
     items = read_metadata(metadata, split)
     if not items:
         raise InputError(f"No labelled rows in {metadata}{f' (split {split})' if split else ''}.")
     emb = _open_embedder(embedder, backend)
-    det = None if crops else _open_detector(detector, backend, conf)
+    det = _open_crop_detector(detector, backend, conf) if crops else _open_detector(detector, backend, conf)
     with _progress(len(items), "embed") as progress:
         task = progress.add_task("embed", total=len(items))
-        res = embed_items(items, emb, det, crops, batch, lambda n: progress.update(task, completed=n))
+        res = embed_items(items, emb, det, crops, batch, lambda n: progress.update(task, completed=n),
+                          whole_frame_fallback=whole_frame_fallback, min_conf=conf)
     _print_failures(res.failures)
     if len(res.items) == 0:
         raise InputError(f"None of the {len(items)} images in {metadata} could be embedded.")
@@ -90,7 +93,7 @@ def enroll_cmd(
 
     items = load_source(source, split, species)
     emb = _open_embedder(embedder, backend)
-    det = None if crops else _open_detector(detector, backend, conf)
+    det = _open_crop_detector(detector, backend, conf) if crops else _open_detector(detector, backend, conf)
     with Gallery(gallery, storage=storage, who=who) as g:
         n_re = 0
         if reembed and g.model_id is not None and g.model_id != emb.model_id:
@@ -112,6 +115,8 @@ def enroll_cmd(
     err.print(f"{report.added} embeddings added, {report.already_present} already present, "
               f"{len(report.failures)} failed; {report.identities_created} new identities "
               f"({total_ids} in {gallery}, model {report.model_id})")
+    if report.whole_image:
+        err.print(f"{report.whole_image} crop(s) embedded whole: the detector found no animal box in them")
 
 
 def identify_cmd(
@@ -133,7 +138,7 @@ def identify_cmd(
     backend: BackendOpt = "auto",
 ) -> None:
     """Identify animals: known / new / uncertain per crop, with score, runner-up and top-k candidates."""
-    from fieldreid.fsutil import atomic_write_json, atomic_write_text
+    from fieldreid.fsutil import atomic_write_json, atomic_write_text, path_text
     from fieldreid.gallery.enroll import Item, embed_items, source_key
     from fieldreid.gallery.openset import Identifier
     from fieldreid.gallery.store import Gallery
@@ -147,18 +152,22 @@ def identify_cmd(
     with Gallery(gallery, create=False) as g:
         emb = _open_embedder(embedder, backend)
         g.check_model(emb.model_id, emb.dim)
-        ident = Identifier(g, species=species, create_provisional=new_identities, record=record, k=k)
+        ident = Identifier(g, species=species, create_provisional=new_identities, record=record, k=k,
+                           model_thresholds=emb.thresholds)
         decisions, failures = [], []
         with _progress(len(files), "identify") as progress:
             task = progress.add_task("identify", total=len(files))
             if crops:
+                det = _open_crop_detector(detector, backend, conf)
                 for a in range(0, len(files), 64):
                     chunk = [Item(f, None, species or "") for f in files[a:a + 64]]
-                    res = embed_items(chunk, emb, None, True, batch)
+                    res = embed_items(chunk, emb, det, True, batch, min_conf=conf)
                     failures.extend(res.failures)
                     if res.items:
                         decisions += ident.identify(res.vectors, emb.model_id,
-                                                    sources=[source_key(it.path) for it in res.items])
+                                                    sources=[source_key(it.path) for it in res.items],
+                                                    boxes=res.boxes,
+                                                    source_sha256=[_content_sha256(it.path) for it in res.items])
                     progress.update(task, completed=a + len(chunk))
             else:
                 from fieldreid.pipeline import Pipeline
@@ -167,14 +176,17 @@ def identify_cmd(
                 for r in pipe.run(files):
                     progress.advance(task)
                     if r.failure:
-                        failures.append((str(r.path), r.failure))
+                        failures.append((path_text(r.path), r.failure))
                         continue
                     if len(r.animal_index):
                         boxes = [r.detections.xyxy[i].tolist() for i in r.animal_index]
                         decisions += ident.identify(r.embeddings, emb.model_id,
-                                                    sources=[source_key(r.path)] * len(boxes), boxes=boxes)
+                                                    sources=[source_key(r.path)] * len(boxes), boxes=boxes,
+                                                    source_sha256=[_content_sha256(r.path)] * len(boxes))
         if out_path.suffix.lower() == ".json":
-            atomic_write_json(out_path, {"gallery": str(g.path), "model_id": emb.model_id,
+            from fieldreid.crop import CROP_RULE
+
+            atomic_write_json(out_path, {"gallery": str(g.path), "model_id": emb.model_id, "crop_rule": CROP_RULE,
                                          "decisions": [_json_safe(d.to_dict()) for d in decisions],
                                          "failures": [{"file": f, "reason": r} for f, r in failures]})
         else:
@@ -186,7 +198,23 @@ def identify_cmd(
         err.print("[yellow]note:[/] thresholds are uncalibrated defaults "
                   f"(upper {decisions[0].upper}, lower {decisions[0].lower}); run `fieldreid calibrate` on "
                   "labelled images of your population.")
+    elif any(d.threshold_source == "model" for d in decisions):
+        d = next(d for d in decisions if d.threshold_source == "model")
+        err.print(f"[yellow]note:[/] no thresholds calibrated for this population yet: using the embedder's own "
+                  f"({escape(d.threshold_method)}: upper {d.upper:.3f}); `fieldreid calibrate` fits them to your "
+                  "animals.",
+                  highlight=False)
     _print_failures(failures)
+
+
+def _content_sha256(path: Path) -> str | None:
+    """The file's content hash: a sighting of the same photo and box is recorded once (None if unreadable)."""
+    from fieldreid.engines.manifest import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
 
 
 def _json_safe(d: dict) -> dict:
@@ -194,8 +222,8 @@ def _json_safe(d: dict) -> dict:
 
 
 CSV_COLUMNS = ["file", "box", "decision", "identity", "score", "runner_up", "runner_up_score", "upper", "lower",
-               "calibrated", "threshold_method", "species", "model_id", "gallery_version", "top5", "sighting_id",
-               "error"]
+               "calibrated", "threshold_method", "threshold_source", "species", "model_id", "gallery_version", "top5",
+               "sighting_id", "error"]
 
 
 def _decisions_csv(decisions, failures) -> str:
@@ -208,7 +236,8 @@ def _decisions_csv(decisions, failures) -> str:
                     "decision": d.decision, "identity": d.identity or "", "score": fmt(d.score),
                     "runner_up": d.runner_up or "", "runner_up_score": fmt(d.runner_up_score),
                     "upper": d.upper, "lower": d.lower, "calibrated": d.calibrated,
-                    "threshold_method": d.threshold_method, "species": d.species, "model_id": d.model_id,
+                    "threshold_method": d.threshold_method, "threshold_source": d.threshold_source,
+                    "species": d.species, "model_id": d.model_id,
                     "gallery_version": d.gallery_version,
                     "top5": ";".join(f"{i}:{s:.4f}" for i, s in d.top[:5]), "sighting_id": d.sighting_id or "",
                     "error": ""})
@@ -223,10 +252,10 @@ def eval_cmd(
     crops: CropsOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Also write the JSON here.")] = None,
-    lower: Annotated[float | None, typer.Option(help="Open-set lower threshold (default: the gallery default).")
-                     ] = None,
-    upper: Annotated[float | None, typer.Option(help="Open-set upper threshold (default: the gallery default).")
-                     ] = None,
+    lower: Annotated[float | None, typer.Option(help="Open-set lower threshold (default: the embedder's own "
+                                                     "thresholds, else the uncalibrated defaults).")] = None,
+    upper: Annotated[float | None, typer.Option(help="Open-set upper threshold (default: the embedder's own "
+                                                     "thresholds, else the uncalibrated defaults).")] = None,
     seed: SeedOpt = 0,
     unknown_fraction: UnknownOpt = 0.3,
     enrol_fraction: EnrolOpt = 0.5,
@@ -239,14 +268,25 @@ def eval_cmd(
     """Evaluate an embedder: one-vs-all top-1/5/10 + mAP (MiewID) and open-set BAKS/BAUS (AnimalCLEF)."""
     from fieldreid.evaluation import evaluate
     from fieldreid.fsutil import atomic_write_json
-    from fieldreid.gallery.openset import DEFAULT_LOWER, DEFAULT_UPPER
+    from fieldreid.gallery.openset import Thresholds
 
-    emb, res = _embed_labelled(metadata, split, crops, embedder, detector, backend, conf, batch)
-    lo = lower if lower is not None else (upper if upper is not None else DEFAULT_LOWER)
-    up = upper if upper is not None else (lower if lower is not None else DEFAULT_UPPER)
+    emb, res = _embed_labelled(metadata, split, crops, embedder, detector, backend, conf, batch,
+                               whole_frame_fallback=True)
+    th = emb.thresholds or Thresholds()  # what decisions use before a gallery is calibrated
+    source = {"model": f"the model's ({th.method})", "default": "uncalibrated defaults"}[th.source]
+    if lower is not None or upper is not None:
+        source = "given"
+    lo = lower if lower is not None else (upper if upper is not None else th.lower)
+    up = upper if upper is not None else (lower if lower is not None else th.upper)
+    from fieldreid.crop import CROP_RULE
+
     labels = [it.identity for it in res.items]
-    result = {"metadata": str(metadata), "split": split, "model_id": emb.model_id, "n_images_failed":
-              len(res.failures), **evaluate(res.vectors, labels, lower=lo, upper=up, seed=seed,
+    # what the metrics cover: every labelled image that could be read; one without an animal box is
+    # evaluated on the whole image (the crop rule's fallback), never dropped
+    result = {"metadata": str(metadata), "split": split, "model_id": emb.model_id, "crop_rule": CROP_RULE,
+              "n_images_labelled": len(res.items) + len(res.failures), "n_images_evaluated": len(res.items),
+              "n_images_whole_image": res.n_whole_image, "n_images_failed":
+              len(res.failures), "thresholds_source": source, **evaluate(res.vectors, labels, lower=lo, upper=up, seed=seed,
                                            unknown_fraction=unknown_fraction, enrol_fraction=enrol_fraction)}
     if out_path is not None:
         atomic_write_json(out_path, result)
@@ -258,11 +298,15 @@ def eval_cmd(
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("images / identities", f"{ova['n_images']} / {ova['n_identities']}")
+    t.add_row("images evaluated of labelled (whole image: no animal box / unreadable)",
+              f"{result['n_images_evaluated']} of {result['n_images_labelled']} ({result['n_images_whole_image']} / "
+              f"{result['n_images_failed']})")
     t.add_row("one-vs-all queries (single-image ids left out)", f"{ova['n_queries']} ({ova['n_excluded_single_image']})")
     for key in ("top1", "top5", "top10", "mAP"):
         t.add_row(f"one-vs-all {key}", f"{ova[key]:.3f}")
     t.add_row("open set: gallery / known q / unknown q",
               f"{osr['n_gallery_images']} / {osr['n_known_queries']} / {osr['n_unknown_queries']}")
+    t.add_row("thresholds used by decisions", escape(result["thresholds_source"]))
     for name, m in (("at thresholds", osr.get("at_thresholds")), ("best single threshold", osr["best"])):
         if m:
             t.add_row(f"{name} (lower {m['lower']:.3f}, upper {m['upper']:.3f})",
@@ -272,9 +316,14 @@ def eval_cmd(
 
 def calibrate_cmd(
     metadata: Annotated[Path, typer.Argument(help="metadata.csv with identity labels of your population.")],
-    gallery: GalleryOpt,
+    gallery: Annotated[Path | None, typer.Option("--gallery", "-g", help="Gallery file to store the thresholds "
+                                                                         "in, per species.")] = None,
     split: SplitOpt = None,
     crops: CropsOpt = False,
+    into_model: Annotated[bool, typer.Option("--into-model", help="Instead of a gallery, write one pair of "
+                                                                  "thresholds into the embedder ONNX's metadata: "
+                                                                  "its defaults wherever no gallery is calibrated. "
+                                                                  "Use identities it was not trained on.")] = False,
     target_far: Annotated[float | None, typer.Option(help="Highest acceptable rate of unknown animals called "
                                                           "known; scores between the thresholds become "
                                                           "'uncertain'. Default: maximise sqrt(BAKS·BAUS).")] = None,
@@ -293,6 +342,14 @@ def calibrate_cmd(
     from fieldreid.evaluation import calibrate
     from fieldreid.gallery.store import Gallery
 
+    if into_model:
+        if gallery is not None:
+            raise InputError("Give either --gallery (thresholds for a population) or --into-model, not both.")
+        _calibrate_model(metadata, split, crops, embedder, detector, backend, conf, batch, seed, repeats)
+        return
+    if gallery is None:
+        raise InputError("Missing option '--gallery': the gallery to store the thresholds in (or --into-model to "
+                         "write them into the embedder).")
     with Gallery(gallery, create=False, who=who) as g:
         emb, res = _embed_labelled(metadata, split, crops, embedder, detector, backend, conf, batch)
         g.check_model(emb.model_id, emb.dim)
@@ -316,6 +373,28 @@ def calibrate_cmd(
     if not stored:
         raise InputError("No species had enough identities (3 or more) to calibrate; nothing was stored.")
     out.print(t)
+
+
+def _calibrate_model(metadata: Path, split: str | None, crops: bool, embedder: Path | None, detector: Path | None,
+                     backend: str, conf: float, batch: int, seed: int, repeats: int) -> None:
+    from fieldreid.cli_common import configured_model
+    from fieldreid.defaults import default_model
+    from fieldreid.embed.thresholds import choose_model_thresholds, describe, write_model_thresholds
+
+    path = embedder or configured_model("embedder") or default_model("embedder")
+    if path.suffix.lower() != ".onnx":
+        raise InputError(f"--into-model writes ONNX metadata: {path} is not an .onnx file (build TensorRT plans "
+                         "after the thresholds are in the ONNX).")
+    emb = _open_embedder(path, backend)
+    det = _open_crop_detector(detector, backend, conf) if crops else _open_detector(detector, backend, conf)
+    with _progress(0, "embed") as progress:
+        task = progress.add_task("embed", total=None)
+        info = choose_model_thresholds(emb, metadata, split, crops, det, batch, seed, repeats,
+                                       lambda n: progress.update(task, completed=n))
+    emb.close()
+    write_model_thresholds(path, info)
+    out.print(f"{path}: upper {info['upper']:.4f}, lower {info['lower']:.4f} ({describe(info)}; open-set GM "
+              f"{info['geometric_mean']:.3f} on that data)", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------ gallery sub-app
@@ -354,15 +433,21 @@ def list_cmd(gallery: GalleryOpt,
              status: Annotated[str | None, typer.Option(help="confirmed | provisional")] = None) -> None:
     """List identities with their embedding and sighting counts."""
     from fieldreid.gallery.store import Gallery
+    from fieldreid.gallery.suggest import suggestions
 
     with Gallery(gallery, create=False) as g:
         rows = g.identities(species, status)
+        sugg = suggestions(g)
     t = Table(title=f"{len(rows)} identities in {gallery}", title_justify="left")
-    for col in ("id", "name", "species", "status", "origin", "embeddings", "sightings", "updated"):
+    cols = ["id", "name", "species", "status", "origin", "embeddings", "sightings", "updated"]
+    for col in cols + (["suggested match"] if sugg else []):
         t.add_column(col)
     for i in rows:
-        t.add_row(i.id, i.name or "", i.species, i.status, i.origin, str(i.n_embeddings), str(i.n_sightings),
-                  i.updated)
+        cells = [i.id, i.name or "", i.species, i.status, i.origin, str(i.n_embeddings), str(i.n_sightings), i.updated]
+        if sugg:
+            sg = sugg.get(i.id)
+            cells.append(f"{sg.candidate_id} ({sg.decision}, {sg.score:.3f})" if sg else "")
+        t.add_row(*cells)
     out.print(t)
 
 
@@ -372,14 +457,20 @@ def show_cmd(identity: Annotated[str, typer.Argument(help="Identity id.")], gall
              sightings: Annotated[int, typer.Option(help="Most recent sightings to list.")] = 10) -> None:
     """One identity: its embeddings (ids for `split`), recent sightings and change history."""
     from fieldreid.gallery.store import Gallery
+    from fieldreid.gallery.suggest import suggestions
 
     with Gallery(gallery, create=False) as g:
         i = g.get_identity(identity)
         embs = g.embeddings(identity)
         sig = [s for s in g.sightings(identity)][-sightings:] if sightings else []
         log = g.log(20, identity)
+        sg = suggestions(g, identity).get(identity)
     out.print(f"[bold]{i.id}[/] {i.name or ''} — {i.species}, {i.status}, {i.origin}; created {i.created}, "
               f"updated {i.updated}", highlight=False)
+    if sg is not None:
+        out.print(f"suggested match: {sg.candidate_id} ({sg.candidate_species}), {sg.decision}, score "
+                  f"{sg.score:.3f} (thresholds {sg.lower:.3f}/{sg.upper:.3f}); accept with `fieldreid gallery merge "
+                  f"{i.id} --into {sg.candidate_id}`", highlight=False)
     t = Table(title=f"{len(embs)} embeddings", title_justify="left")
     for col in ("embedding id", "source", "box", "model", "created"):
         t.add_column(col, overflow="fold")

@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 
 from fieldreid.cli_common import (
-    BackendOpt,
     DetectorOpt,
     EmbedderOpt,
     err,
@@ -26,13 +25,20 @@ def _log(msg: str) -> None:
 
 def watch(
     folder: Annotated[Path, typer.Argument(help="Folder to watch; each sub-folder is a camera (deployment).")],
-    gallery: Annotated[Path, typer.Option("--gallery", "-g", help="Identity gallery (.db); created if missing.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: results.db, detections.json, CSVs.")],
+    gallery: Annotated[Path | None, typer.Option("--gallery", "-g", help="Identity gallery (.db); created if missing "
+                                                                         "(default: gallery in the device config).")
+                       ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder: results.db, detections.json, CSVs "
+                                                                 "(default: out in the device config).")] = None,
     once: Annotated[bool, typer.Option("--once", help="Process what is there, close all events and exit (cron, "
                                                       "tests).")] = False,
     detector: DetectorOpt = None,
     embedder: EmbedderOpt = None,
-    backend: BackendOpt = "auto",
+    backend: Annotated[str | None, typer.Option(help="auto | onnxruntime | tensorrt | torch (default: backend in "
+                                                     "the device config, else auto)")] = None,
+    config: Annotated[Path | None, typer.Option(help="Device config (default $FIELDREID_CONFIG or "
+                                                     "~/.config/fieldreid/config.toml; `fieldreid init` writes it).")
+                      ] = None,
     conf: Annotated[float, typer.Option(help="Detector confidence threshold (boxes kept and animals embedded).")] = 0.2,
     batch: Annotated[int, typer.Option(help="Images per batch (= per committed transaction).")] = 8,
     gap: Annotated[float, typer.Option(help="Seconds between two images of one camera that still make one event.")
@@ -45,20 +51,35 @@ def watch(
                                               "unchanged this long, then recorded as failed.")] = 120.0,
     rescan: Annotated[float, typer.Option(help="Full rescan interval in seconds (SD cards, FUSE and network mounts "
                                                "send no file events).")] = 60.0,
-    link: Annotated[float, typer.Option(help="Cosine above which detections of one event are the same animal.")
-                    ] = 0.75,
+    link: Annotated[float, typer.Option(help="Cosine a detection needs to continue a track whose box it follows "
+                                             "closely; where position cannot tell animals apart, the gallery's "
+                                             "upper threshold applies if higher.")] = 0.75,
     species: Annotated[str | None, typer.Option(help="Restrict matching to this species.")] = None,
     threads: Annotated[int | None, typer.Option(help="Inference threads (default: the backend's).")] = None,
+    max_file_mb: Annotated[float, typer.Option(help="Files larger than this (MiB) are not read: recorded as failed."
+                                               )] = 100.0,
+    max_pixels: Annotated[float, typer.Option(help="Decoded-pixel budget per image, checked in the header before "
+                                                   "decoding: a larger JPEG is decoded reduced (1/2..1/8) to fit, "
+                                                   "any other image is recorded as failed. 100e6 = 100 MP.")
+                          ] = 100e6,
 ) -> None:
     """Process a camera-trap folder exactly once per image, then keep watching it for new images.
 
     Ctrl-C or SIGTERM finishes the current batch, writes the outputs and exits 0; a restart (also after a
     crash or kill -9) resumes where it stopped, with nothing lost and nothing counted twice.
     """
+    from fieldreid.config import DeviceConfig
     from fieldreid.watch import WatchConfig, Watcher
 
+    device = DeviceConfig.load(config)
+    gallery = device.require(gallery, "gallery", "--gallery", "identity gallery")
+    out = device.require(out, "out", "--out", "output folder")
+    detector, embedder = device.choose(detector, "detector"), device.choose(embedder, "embedder")
+    backend = device.choose(backend, "backend") or "auto"
     if batch < 1:
         raise FieldreidError("--batch must be at least 1.")
+    if max_file_mb <= 0 or max_pixels < 1:
+        raise FieldreidError("--max-file-mb and --max-pixels must be positive.")
     opts = {"threads": threads} if threads else {}
     if opts:
         from fieldreid.defaults import default_model
@@ -73,7 +94,8 @@ def watch(
     if not folder.is_dir() and once:
         raise FieldreidError(f"{folder} is not a folder (card not mounted?).")
     cfg = WatchConfig(root=folder, out=out, gallery=gallery, batch=batch, conf=conf, gap=gap, idle_close=idle_close,
-                      settle=settle, grace=grace, rescan=rescan, link_threshold=link, species=species)
+                      settle=settle, grace=grace, rescan=rescan, link_threshold=link, species=species,
+                      max_file_bytes=int(max_file_mb * 2**20), max_pixels=int(max_pixels))
     with Watcher(cfg, det, emb, log=_log) as w:
         if not once:
             _log(f"watching {folder} → {out} (rescan every {rescan:g} s; Ctrl-C to stop)")

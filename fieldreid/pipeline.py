@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fieldreid.errors import ImageReadError
-from fieldreid.imageio import Frame, frame_for_boxes, read_image, to_frame_coords
+from fieldreid.imageio import Frame, read_image
 from fieldreid.types import Detections
 
 
@@ -32,6 +33,11 @@ class ImageResult:
     embeddings: np.ndarray | None = None
     animal_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     crops: list[np.ndarray] | None = None
+    #: (N, 4) full-resolution box of each embedding row (``crops`` and ``embeddings`` follow it)
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    #: True when the one embedding is of the whole image (``select="crop"``, or ``whole_if_none``, with no
+    #: animal box found); ``animal_index`` is empty then
+    whole_image: bool = False
 
 
 def _decode(paths: list[Path], min_side: int | None, keep_data: bool) -> list[Frame | ImageResult]:
@@ -43,10 +49,23 @@ def _decode(paths: list[Path], min_side: int | None, keep_data: bool) -> list[Fr
             out.append(ImageResult(path=p, failure=exc.reason))
         except MemoryError:
             out.append(ImageResult(path=p, failure="image too large to decode in memory"))
+        except Exception as exc:  # any other decoder failure concerns this file only
+            out.append(ImageResult(path=p, failure=f"the decoder failed ({type(exc).__name__}: {exc})"[:300]))
     return out
 
 
-def _prefetch(batches: Iterable[list[Path]], fn: Callable[[list[Path]], list], depth: int = 1) -> Iterator[list]:
+#: how often a consumer waiting for the reader thread looks at its stop request (only while waiting)
+STOP_POLL_S = 0.2
+#: after a stop request, how long the consumer waits for a reader thread to finish before leaving it
+#: (a daemon thread stuck in a read the kernel will not interrupt must not keep the process alive)
+STOP_GRACE_S = 1.0
+
+
+def _prefetch(batches: Iterable[list[Path]], fn: Callable[[list[Path]], list], depth: int = 1,
+              stop_requested: threading.Event | None = None) -> Iterator[list]:
+    """``fn`` of each batch, computed one batch ahead in a thread. With ``stop_requested``: once it is set
+    the iteration ends within :data:`STOP_POLL_S`, even while the thread is blocked (a read that hangs)."""
+    requested = stop_requested
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -66,7 +85,15 @@ def _prefetch(batches: Iterable[list[Path]], fn: Callable[[list[Path]], list], d
     t.start()
     try:
         while True:
-            item = q.get()
+            if requested is None:
+                item = q.get()
+            else:
+                try:
+                    item = q.get(timeout=STOP_POLL_S)
+                except queue.Empty:
+                    if requested.is_set():
+                        return
+                    continue
             if item is done:
                 break
             if isinstance(item, BaseException):
@@ -74,7 +101,10 @@ def _prefetch(batches: Iterable[list[Path]], fn: Callable[[list[Path]], list], d
             yield item
     finally:
         stop.set()
+        give_up = time.monotonic() + STOP_GRACE_S if requested is not None and requested.is_set() else None
         while t.is_alive():  # unblock a worker waiting on a full queue
+            if give_up is not None and time.monotonic() > give_up:
+                break  # stuck in a read: it is a daemon thread and checks `stop` before its next batch
             try:
                 q.get_nowait()
             except queue.Empty:
@@ -93,7 +123,15 @@ def _batched(items: Iterable[Path], n: int) -> Iterator[list[Path]]:
 
 
 class Pipeline:
-    """Detector plus optional embedder over a stream of image paths.
+    """Detector plus optional embedder over a stream of image paths; crops by :mod:`fieldreid.crop`.
+
+    ``select`` says which boxes are embedded: ``"all"`` animal boxes at or above ``min_crop_conf`` (camera
+    frames: ``watch``, ``identify``); ``"crop"``, the animal of a labelled crop: the most confident animal
+    box covering :data:`~fieldreid.crop.MIN_COVER` of the image (:func:`fieldreid.crop.choose_animal`),
+    else the whole image; ``"best"``, the animal of a labelled frame: the same box, else the most confident
+    animal box of any size (``whole_if_none``: else the whole image, as ``eval`` does). So a photo enrolled
+    as a crop or as a frame gives the same box whenever one covers a quarter of it. Without a detector every
+    image is its own box (``"crop"`` only).
 
     >>> pipe = Pipeline(Detector(default_model("detector")), Embedder(default_model("embedder")))  # doctest: +SKIP
     >>> for result in pipe.run(paths):                                                          # doctest: +SKIP
@@ -102,9 +140,18 @@ class Pipeline:
 
     def __init__(self, detector, embedder=None, batch_size: int = 4, reduced_decode: bool = True,
                  embed_categories: tuple[int, ...] = (1,), min_crop_conf: float = 0.0,
-                 keep_crops: bool = False, prefetch: bool = True) -> None:
+                 keep_crops: bool = False, prefetch: bool = True, select: str = "all",
+                 whole_if_none: bool = False, crop_side: int | None = None) -> None:
+        if select not in ("all", "best", "crop"):
+            raise ValueError(f"select must be all, best or crop, got {select!r}")
+        if detector is None and select != "crop":
+            raise ValueError("Without a detector only select='crop' (the whole image as the box) is possible.")
         self.detector = detector
         self.embedder = embedder
+        self.select = select
+        self.whole_if_none = whole_if_none or select == "crop"
+        # crops are cut for the embedder (its input side), or, without one, at crop_side (keep_crops)
+        self.crop_side = int(min(embedder.preprocess_spec.size)) if embedder is not None else crop_side
         self.batch_size = max(1, batch_size)
         self.reduced_decode = reduced_decode
         self.embed_categories = embed_categories
@@ -114,11 +161,13 @@ class Pipeline:
 
     @property
     def detector_min_side(self) -> int | None:
+        if self.detector is None:  # only crops are cut: decode small, crop.crops() decodes what each needs
+            return self.crop_side if self.reduced_decode else None
         return int(max(self.detector.input_size)) if self.reduced_decode else None
 
     def run(self, paths: Iterable[Path]) -> Iterator[ImageResult]:
         min_side = self.detector_min_side
-        keep = self.embedder is not None
+        keep = self.crop_side is not None
 
         def decode(batch: list[Path]) -> list:
             return _decode(batch, min_side, keep)
@@ -130,33 +179,51 @@ class Pipeline:
 
     def _process(self, items: list[Frame | ImageResult]) -> list[ImageResult]:
         frames = [it for it in items if isinstance(it, Frame)]
-        dets = self.detector.detect([f.pixels for f in frames]) if frames else []
+        if self.detector is None:
+            dets = [Detections.empty() for _ in frames]
+        else:
+            dets = self.detector.detect([f.pixels for f in frames]) if frames else []
         by_frame: dict[int, ImageResult] = {}
+        cut: list[tuple[ImageResult, list[np.ndarray]]] = []
         for frame, det in zip(frames, dets, strict=True):
             sy, sx = frame.scale
             full = Detections(det.xyxy * np.array([sx, sy, sx, sy], np.float32), det.confidence, det.class_id,
                               det.category)
             res = ImageResult(path=frame.path, size=frame.size, detections=full)
-            if self.embedder is not None:
-                self._embed(frame, res)
+            if self.crop_side is not None:
+                cut.append((res, self._crops(frame, res)))
             by_frame[id(frame)] = res
+        if self.embedder is not None and cut:
+            # one embedder call for the crops of the whole batch (a labelled image has one crop: batch 1 is slow)
+            vectors = self.embedder.embed([c for _, cs in cut for c in cs])
+            start = 0
+            for res, cs in cut:
+                res.embeddings = vectors[start:start + len(cs)]
+                start += len(cs)
         return [by_frame[id(it)] if isinstance(it, Frame) else it for it in items]
 
-    def _embed(self, frame: Frame, res: ImageResult) -> None:
-        from fieldreid.embed.runtime import square_crop
+    def _crops(self, frame: Frame, res: ImageResult) -> list[np.ndarray]:
+        """Choose the boxes to embed (``select``) and cut them by the crop rule; sets ``animal_index``,
+        ``boxes``, ``whole_image`` and (``keep_crops``) ``crops``."""
+        from fieldreid.crop import MIN_COVER, choose_animal, crops, whole_box
 
         det = res.detections
         assert det is not None
-        keep = np.isin(det.category, self.embed_categories) & (det.confidence >= self.min_crop_conf)
-        idx = np.flatnonzero(keep)
+        if self.select == "all":
+            keep = np.isin(det.category, self.embed_categories) & (det.confidence >= self.min_crop_conf)
+            idx = np.flatnonzero(keep)
+        else:
+            best = choose_animal(det.confidence, det.category, det.xyxy, frame.size, self.min_crop_conf, MIN_COVER)
+            if best is None and self.select == "best":  # a frame's animal may be small: any animal box then
+                best = choose_animal(det.confidence, det.category, det.xyxy, frame.size, self.min_crop_conf)
+            idx = np.zeros(0, np.int64) if best is None else np.array([best], np.int64)
         res.animal_index = idx
-        if len(idx) == 0:
-            res.embeddings = np.zeros((0, self.embedder.dim), np.float32)
-            return
-        side = int(min(self.embedder.preprocess_spec.size))
-        src = frame_for_boxes(frame, det.xyxy[idx], side)
-        boxes = to_frame_coords(src, det.xyxy[idx])
-        crops = [square_crop(src.pixels, tuple(float(v) for v in b)) for b in boxes]
-        res.embeddings = self.embedder.embed(crops)
+        boxes = det.xyxy[idx]
+        if len(idx) == 0 and self.whole_if_none:
+            boxes = np.array([whole_box(frame.size)], np.float32)
+            res.whole_image = True
+        res.boxes = boxes
+        cut = crops(frame, boxes, self.crop_side) if len(boxes) else []
         if self.keep_crops:
-            res.crops = crops
+            res.crops = cut
+        return cut

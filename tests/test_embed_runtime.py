@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from conftest import CAMTRAP, DATA, ROOT
 
-from fieldreid.embed.runtime import Embedder, preprocess_images, resize_image, square_crop
+from fieldreid.crop import cut
+from fieldreid.embed.runtime import Embedder, preprocess_images, resize_image
 from fieldreid.errors import InputError, ModelError
 from fieldreid.types import PreprocessSpec
 
@@ -33,7 +34,7 @@ def real_crops() -> list[np.ndarray]:
     for path in sorted(glob.glob(str(DATA / "reid" / "nyala" / "images" / "test" / "*" / "*.jpg")))[:10]:
         img = cv2.imread(path)
         h, w = img.shape[:2]
-        crops.append(square_crop(img, (0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)))
+        crops.append(cut(img, (0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)))
     boxes = CAMTRAP / "animl-southwest" / "megadetector_v5a_boxes.csv"
     if boxes.is_file():
         for row in csv.DictReader(boxes.open()):
@@ -44,7 +45,7 @@ def real_crops() -> list[np.ndarray]:
                 continue
             H, W = img.shape[:2]
             x, y, bw, bh = (float(row[k]) for k in ("bbox1", "bbox2", "bbox3", "bbox4"))
-            crops.append(square_crop(img, (x * W, y * H, (x + bw) * W, (y + bh) * H)))
+            crops.append(cut(img, (x * W, y * H, (x + bw) * W, (y + bh) * H)))
     if len(crops) < 10:
         pytest.skip("real images not found under ../shared/data")
     return crops
@@ -190,20 +191,3 @@ def test_preprocess_colour_and_normalisation():
     lb = preprocess_images([np.full((2, 4, 3), 255, np.uint8)],
                            PreprocessSpec(size=(4, 4), mean=(0,) * 3, std=(1,) * 3, resize="letterbox", pad_value=0))
     np.testing.assert_allclose(lb[0, 0, :, 0], [0, 1, 1, 0])
-
-
-def test_square_crop():
-    img = np.arange(100 * 200 * 3, dtype=np.uint32).reshape(100, 200, 3).astype(np.uint8)
-    c = square_crop(img, (50, 40, 90, 60), margin=0.0)  # 40 x 20 box -> 40 x 40 square about the centre
-    assert c.shape == (40, 40, 3)
-    np.testing.assert_array_equal(c, img[30:70, 50:90])
-    m = square_crop(img, (50, 40, 90, 60), margin=0.1)
-    assert m.shape == (48, 48, 3)
-    edge = square_crop(img, (0, 0, 60, 20), margin=0.0, border="constant", pad_value=7)  # runs off the top/left
-    assert edge.shape == (60, 60, 3) and (edge[:20] == 7).all()
-    np.testing.assert_array_equal(edge[20:40], img[0:20, 0:60])
-    rep = square_crop(img, (0, 0, 60, 20), margin=0.0)
-    np.testing.assert_array_equal(rep[0], img[0, 0:60])  # replicated first row
-    for bad in [(10, 10, 10, 20), (300, 0, 400, 50), (0, 0, float("nan"), 5)]:
-        with pytest.raises(InputError):
-            square_crop(img, bad)

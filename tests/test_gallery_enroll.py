@@ -137,7 +137,11 @@ def test_enrol_whole_images_takes_the_most_confident_animal(tmp_path, embedders)
         assert rep.added == 1
         [row] = g.embeddings()
         assert row.box == "52.0,52.0,92.0,92.0"
-        pure = emb.embed([np.full((40, 40, 3), COLOURS[1], np.uint8)])[0]
-        assert float(g.load_vectors().matrix[0] @ pure) > 0.999
+        from fieldreid.crop import cut
+
+        rule = emb.embed([cut(img, (52, 52, 92, 92))])[0]  # the most confident box, cut by the crop rule
+        other = emb.embed([cut(img, (0, 0, 40, 40))])[0]
+        stored = g.load_vectors().matrix[0]
+        assert float(stored @ rule) > 0.9999 and float(stored @ other) < float(stored @ rule)
         with pytest.raises(InputError, match="detector"):
             enroll(tmp_path / "metadata.csv", g, emb)

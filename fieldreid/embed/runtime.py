@@ -1,7 +1,7 @@
 """Field-side embedder: numpy + OpenCV + an inference engine (ONNX Runtime, TensorRT). Never imports torch.
 
 >>> emb = Embedder("engines/default/embedder.onnx")               # doctest: +SKIP
->>> crops = [square_crop(frame, box) for box in detections.xyxy]  # doctest: +SKIP
+>>> crops = fieldreid.crop.crops(frame, detections.xyxy, 224)     # the one crop rule   # doctest: +SKIP
 >>> vectors = emb.embed(crops)          # (N, D) float32, unit L2 norm   # doctest: +SKIP
 
 Preprocessing is read from the model's metadata (``fieldreid.preprocess``), never retyped. Training code
@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from fieldreid.engines import load_engine
@@ -109,43 +108,6 @@ def preprocess_images(images: Sequence[np.ndarray], spec: PreprocessSpec) -> np.
     return out
 
 
-def square_crop(image: np.ndarray, box_xyxy: Sequence[float], margin: float = 0.1,
-                border: str = "replicate", pad_value: int | tuple[int, int, int] = 0) -> np.ndarray:
-    """Cut a square crop around a box, the animal centred; parts outside the image are padded.
-
-    The box grows by ``margin`` x its width (height) on the left and right (top and bottom), then its shorter
-    side is extended to the longer one about the same centre. Where the square leaves the image, the
-    missing pixels are ``border="replicate"`` (edge pixels repeated) or ``"constant"`` (``pad_value``) so
-    the crop stays square and the animal is not stretched by the resize that follows.
-    """
-    image = _check_image(image, 0)
-    if border not in ("replicate", "constant"):
-        raise InputError(f"border must be 'replicate' or 'constant', got {border!r}.")
-    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
-    bw, bh = x2 - x1, y2 - y1
-    if not (np.isfinite([x1, y1, x2, y2]).all() and bw > 0 and bh > 0):
-        raise InputError(f"Box {tuple(box_xyxy)} is empty or not finite; expected x1 < x2 and y1 < y2.")
-    ih, iw = image.shape[:2]
-    if x2 <= 0 or y2 <= 0 or x1 >= iw or y1 >= ih:
-        raise InputError(f"Box {tuple(box_xyxy)} lies outside the {iw}x{ih} image.")
-    side = max(bw * (1 + 2 * margin), bh * (1 + 2 * margin))
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    side_px = max(1, int(round(side)))
-    left = int(np.floor(cx - side_px / 2))
-    top = int(np.floor(cy - side_px / 2))
-    right, bottom = left + side_px, top + side_px
-    sx1, sy1, sx2, sy2 = max(0, left), max(0, top), min(iw, right), min(ih, bottom)
-    crop = image[sy1:sy2, sx1:sx2]
-    pads = (sy1 - top, bottom - sy2, sx1 - left, right - sx2)
-    if any(pads):
-        if border == "replicate":
-            crop = cv2.copyMakeBorder(crop, *pads, cv2.BORDER_REPLICATE)
-        else:
-            value = (pad_value,) * 3 if isinstance(pad_value, int) else tuple(pad_value)
-            crop = cv2.copyMakeBorder(crop, *pads, cv2.BORDER_CONSTANT, value=value)
-    return np.ascontiguousarray(crop)
-
-
 class Embedder:
     """Crops -> L2-normalised embeddings with an exported model (ONNX, TensorRT plan, or torch checkpoint).
 
@@ -172,6 +134,10 @@ class Embedder:
                 raise ModelError(f"{self.path} is a fieldreid '{kind}' model, not an embedder.")
             self.model_id: str = meta["fieldreid.model_id"]
             self.preprocess_spec: PreprocessSpec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
+            from fieldreid.embed.thresholds import model_thresholds
+
+            #: open-set thresholds chosen for this model on identities it was not trained on (None: uncalibrated)
+            self.thresholds = model_thresholds(meta)
             names = self.engine.output_names
             self._output = "embedding" if "embedding" in names else names[0]
             self.dim: int = self._find_dim(meta)

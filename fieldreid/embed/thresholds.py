@@ -74,6 +74,7 @@ def choose_model_thresholds(embedder, metadata: str | Path, split: str | None, c
     """Embed the labelled images of ``metadata`` (rows of ``split``) and choose open-set thresholds on them
     with :func:`fieldreid.evaluation.calibrate` (threshold maximising sqrt(BAKS · BAUS), pooled over
     ``repeats`` simulated splits). Use identities the embedder was not trained on."""
+    from fieldreid.crop import CROP_RULE
     from fieldreid.engines.manifest import sha256_file
     from fieldreid.evaluation import calibrate
     from fieldreid.gallery.enroll import embed_items, read_metadata
@@ -88,6 +89,7 @@ def choose_model_thresholds(embedder, metadata: str | Path, split: str | None, c
     return {"upper": round(cal.upper, 6), "lower": round(cal.lower, 6), "method": cal.method,
             "data": _data_label(metadata), "data_sha256": sha256_file(metadata), "split": split,
             "identities": cal.n_identities, "images": len(res.items), "crops": bool(crops),
+            "crop_rule": CROP_RULE, "detector": getattr(detector, "model_id", None) if detector else None,
             "model_id": embedder.model_id, "geometric_mean": round(cal.geometric_mean, 4),
             "BAKS": round(cal.BAKS, 4), "BAUS": round(cal.BAUS, 4), "seed": seed, "repeats": cal.repeats}
 
@@ -137,6 +139,8 @@ def ensure_model_thresholds(onnx_path: str | Path, metadata: str | Path, split: 
                             force: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Choose and write thresholds into ``onnx_path`` unless it already carries some chosen on the same
     data (same metadata file content and split) for the same model, or ``force``. Returns the entry."""
+    from fieldreid.crop import CROP_RULE
+    from fieldreid.defaults import DETECTOR_NAME
     from fieldreid.embed.runtime import Embedder
     from fieldreid.engines.manifest import sha256_file
 
@@ -144,19 +148,30 @@ def ensure_model_thresholds(onnx_path: str | Path, metadata: str | Path, split: 
     if not metadata.is_file():
         raise InputError(f"{metadata} does not exist: thresholds need a labelled metadata.csv.")
     emb = Embedder(onnx_path, backend="onnxruntime")
+    # the crops are cut as the field cuts them (fieldreid.crop): by the detector beside the embedder, if any
+    det_path = Path(onnx_path).parent / DETECTOR_NAME
+    detector = None
+    if crops and det_path.is_file():
+        from fieldreid.detect import Detector
+
+        detector = Detector(det_path, backend="onnxruntime")
     try:
         have = read_thresholds_info(onnx_path)
         if (not force and have and have.get("data_sha256") == sha256_file(metadata) and have.get("split") == split
-                and have.get("model_id") == emb.model_id and have.get("crops") == bool(crops)):
+                and have.get("model_id") == emb.model_id and have.get("crops") == bool(crops)
+                and have.get("crop_rule") == CROP_RULE
+                and have.get("detector") == (detector.model_id if detector else None)):
             if log:
                 log(f"{onnx_path} already carries thresholds from {describe(have)}")
             return have
         if log:
             log(f"choosing open-set thresholds for {emb.model_id} on {metadata}"
                 f"{f' (split {split})' if split else ''} ...")
-        info = choose_model_thresholds(emb, metadata, split, crops=crops)
+        info = choose_model_thresholds(emb, metadata, split, crops=crops, detector=detector)
     finally:
         emb.close()
+        if detector is not None:
+            detector.close()
     write_model_thresholds(onnx_path, info)
     if log:
         log(f"{onnx_path}: upper = lower = {info['upper']:.4f} ({describe(info)}; open-set GM on that data "

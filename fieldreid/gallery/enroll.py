@@ -6,8 +6,11 @@ A *source* is either
   split[, orientation]`` with ``path`` relative to the CSV's folder (``split`` selects rows), or
 * a folder with one sub-folder per identity (``root/<identity>/*.jpg``).
 
-With ``crops=True`` each image is already an animal crop and is embedded whole; otherwise the detector runs
-and the highest-confidence animal box of each image is embedded (an image with no animal is reported).
+Every image is cut by the one crop rule (:mod:`fieldreid.crop`), as ``watch`` cuts camera frames. With
+``crops=True`` each image is already an animal crop: the detector finds the animal's box in it (the whole
+image when it finds none, or without a detector); otherwise the same box, else the highest-confidence
+animal box of each image is embedded (an image with no animal is reported). The box is recorded with the
+embedding ('' = whole image).
 A source image already in the gallery for this embedder is skipped without being decoded, so re-running an
 interrupted enrolment only does the remaining work.
 """
@@ -21,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fieldreid.crop import CROP_RULE
 from fieldreid.errors import FieldreidError, ImageReadError, InputError
+from fieldreid.fsutil import path_text, text_path
 from fieldreid.gallery.openset import FALLBACK_SPECIES
 from fieldreid.gallery.store import GalleryError, parse_box
 
@@ -101,70 +106,63 @@ def load_source(source: str | Path, split: str | None = None, species: str | Non
 
 @dataclass
 class EmbeddedItems:
-    """Embeddings of the items that could be read, with the box used (None = whole image)."""
+    """Embeddings of the items that could be read, with the box used (None = whole image).
+
+    ``n_whole_image``: how many of them were embedded whole because no animal box was found (a labelled
+    crop always is then; a labelled frame only with ``whole_frame_fallback``)."""
 
     items: list[Item]
     vectors: np.ndarray
     boxes: list[tuple[float, float, float, float] | None]
     failures: list[tuple[str, str]] = field(default_factory=list)
+    n_whole_image: int = 0
 
 
 def embed_items(items: Sequence[Item], embedder, detector=None, crops: bool = False, batch_size: int = 16,
-                on_progress: ProgressFn | None = None) -> EmbeddedItems:
-    """Embed each item (whole crop, or its best animal box); unreadable or animal-less images are reported."""
+                on_progress: ProgressFn | None = None, whole_frame_fallback: bool = False,
+                min_conf: float = 0.0) -> EmbeddedItems:
+    """Embed each item's animal, cut by the one crop rule (:mod:`fieldreid.crop`).
+
+    ``crops=True``: each image is a labelled animal crop; the detector (when given) finds the animal's box
+    in it, else the whole image is the box. ``crops=False``: each image is a labelled frame; the same box
+    is embedded, else its most confident animal box of any size, and an image without one is reported as a
+    failure, or embedded whole with ``whole_frame_fallback`` (``eval``). See
+    :class:`fieldreid.pipeline.Pipeline` (``select``). Unreadable images are reported, never fatal.
+    """
+    if not crops and detector is None:
+        raise InputError("Whole images need a detector to find the animal; pass one, or crops=True for crops.")
+    from fieldreid.pipeline import Pipeline
+
     kept: list[Item] = []
     boxes: list = []
     vectors: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
-    if crops:
-        from fieldreid.imageio import read_image
-
-        side = int(min(embedder.preprocess_spec.size))
-        for a in range(0, len(items), batch_size):
-            chunk, pixels = [], []
-            for it in items[a:a + batch_size]:
-                try:
-                    pixels.append(read_image(it.path, min_side=side).pixels)
-                    chunk.append(it)
-                except ImageReadError as exc:
-                    failures.append((str(it.path), str(exc)))
-                except MemoryError:
-                    failures.append((str(it.path), f"{it.path.name}: image too large to decode in memory"))
-            if pixels:
-                vectors.append(embedder.embed(pixels))
-                kept.extend(chunk)
-                boxes.extend([None] * len(chunk))
-            if on_progress:
-                on_progress(min(a + batch_size, len(items)))
-    else:
-        if detector is None:
-            raise InputError("Whole images need a detector to find the animal; pass one, or crops=True for crops.")
-        from fieldreid.pipeline import Pipeline
-
-        by_path: dict[Path, list[Item]] = {}
-        for it in items:
-            by_path.setdefault(it.path, []).append(it)
-        pipe = Pipeline(detector, embedder, batch_size=max(1, min(batch_size, 8)))
-        done = 0
-        for res in pipe.run(list(by_path)):
-            its = by_path[res.path]
-            done += len(its)
-            if on_progress:
-                on_progress(done)
-            if res.failure:
-                failures.extend((str(it.path), res.failure) for it in its)
-                continue
-            if len(res.animal_index) == 0:
-                failures.extend((str(it.path), f"{res.path.name}: no animal detected") for it in its)
-                continue
-            best = int(np.argmax(res.detections.confidence[res.animal_index]))
-            box = tuple(float(v) for v in res.detections.xyxy[res.animal_index[best]])
-            for it in its:
-                vectors.append(res.embeddings[best:best + 1])
-                kept.append(it)
-                boxes.append(box)
+    n_whole = 0
+    by_path: dict[Path, list[Item]] = {}
+    for it in items:
+        by_path.setdefault(it.path, []).append(it)
+    pipe = Pipeline(detector, embedder, batch_size=max(1, min(batch_size, 8)), min_crop_conf=min_conf,
+                    select="crop" if crops else "best", whole_if_none=whole_frame_fallback)
+    done = 0
+    for res in pipe.run(list(by_path)):
+        its = by_path[res.path]
+        done += len(its)
+        if on_progress:
+            on_progress(done)
+        if res.failure:
+            failures.extend((path_text(it.path), f"{res.path.name}: {res.failure}") for it in its)
+            continue
+        if res.embeddings is None or len(res.embeddings) == 0:
+            failures.extend((path_text(it.path), f"{res.path.name}: no animal detected") for it in its)
+            continue
+        box = None if res.whole_image else tuple(float(v) for v in res.boxes[0])
+        n_whole += len(its) * res.whole_image
+        for it in its:
+            vectors.append(res.embeddings[:1])
+            kept.append(it)
+            boxes.append(box)
     mat = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
-    return EmbeddedItems(kept, mat.astype(np.float32), boxes, failures)
+    return EmbeddedItems(kept, mat.astype(np.float32), boxes, failures, n_whole)
 
 
 @dataclass
@@ -175,11 +173,13 @@ class EnrollReport:
     identities_created: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     reembedded: int = 0
+    whole_image: int = 0  # crops embedded whole: the detector found no animal box in them
 
 
 def source_key(path: Path) -> str:
-    """How a source image is recorded: its absolute path (re-embedding reads it back from there)."""
-    return str(Path(path).resolve())
+    """How a source image is recorded: its absolute path (re-embedding reads it back from there), in the
+    text form of :func:`fieldreid.fsutil.path_text` (a name that is not UTF-8 gets ``\\xNN`` escapes)."""
+    return path_text(Path(path).resolve())
 
 
 def enroll(source: str | Path | Sequence[Item], gallery, embedder, detector=None, split: str | None = None,
@@ -204,11 +204,12 @@ def enroll(source: str | Path | Sequence[Item], gallery, embedder, detector=None
         emb = embed_items(part, embedder, detector, crops, batch_size,
                           (lambda n, a=a: on_progress(a + n)) if on_progress else None)
         report.failures.extend(emb.failures)
+        report.whole_image += emb.n_whole_image
         if emb.items:
             added, present = gallery.add_embeddings(
                 [it.identity for it in emb.items], emb.vectors, embedder.model_id,
                 [source_key(it.path) for it in emb.items], emb.boxes, [it.species for it in emb.items],
-                status="confirmed", origin=origin)
+                status="confirmed", origin=origin, crop_rule=CROP_RULE)
             report.added += added
             report.already_present += present
     report.identities_created = len({i.id for i in gallery.identities()} - before)
@@ -223,7 +224,7 @@ def reembed(gallery, embedder, drop_missing: bool = False, batch_size: int = 16,
     cannot be read are listed; unless ``drop_missing``, nothing changes then (their identities would lose
     embeddings). Returns (re-embedded rows, failures).
     """
-    from fieldreid.embed.runtime import square_crop
+    from fieldreid.crop import crops, whole_box
     from fieldreid.imageio import read_image
 
     rows = gallery.embeddings()
@@ -233,19 +234,17 @@ def reembed(gallery, embedder, drop_missing: bool = False, batch_size: int = 16,
     ok_ids: list[int] = []
     vectors: list[np.ndarray] = []
     failures: list[tuple[str, str]] = []
-    cache: dict[str, np.ndarray] = {}
+    cache: dict = {}
     for a in range(0, len(rows), batch_size):
         pixels, ids = [], []
         for r in rows[a:a + batch_size]:
             box = parse_box(r.box)
             try:
-                if box is None:
-                    px = read_image(r.source, min_side=side).pixels
-                else:
-                    if r.source not in cache:
-                        cache.clear()
-                        cache[r.source] = read_image(r.source).pixels
-                    px = square_crop(cache[r.source], box)
+                if r.source not in cache:
+                    cache.clear()
+                    cache[r.source] = read_image(text_path(r.source), min_side=side, keep_data=True)
+                frame = cache[r.source]
+                [px] = crops(frame, [box if box is not None else whole_box(frame.size)], side)
             except (ImageReadError, FieldreidError) as exc:
                 failures.append((r.source, str(exc)))
                 continue

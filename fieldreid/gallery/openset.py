@@ -9,9 +9,12 @@ For the best-matching identity's score ``s`` and the thresholds of its species a
 * otherwise → **uncertain**: ``identity`` names the best candidate for a person to review; nothing is
   created.
 
-Thresholds come from ``fieldreid calibrate`` (stored per species and model in the gallery). Until then
-the defaults below apply and every decision says ``calibrated: False``: cosine scores depend on the
-embedder, so an uncalibrated decision is a guess and is flagged as one.
+Thresholds come from, in this order: ``fieldreid calibrate`` for the population (stored per species and
+model in the gallery: source ``gallery``); the embedder's own thresholds, chosen when it was built on
+identities it was not trained on and carried in its metadata (source ``model``, see
+:mod:`fieldreid.embed.thresholds`); else the defaults below (source ``default``), and then every decision
+says ``calibrated: False``: cosine scores depend on the embedder, so an uncalibrated decision is a guess
+and is flagged as one. Each decision records its source and the method that chose its thresholds.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 from fieldreid.errors import InputError
 from fieldreid.gallery.search import Searcher
+from fieldreid.gallery.store import UNKNOWN_SPECIES
 
 #: Used while a gallery has no calibrated thresholds for a species/model. Chosen for fine-tuned re-ID
 #: embedders (AnimalCLEF 2025 entries report best single thresholds of 0.6-0.7); ImageNet features score
@@ -30,7 +34,7 @@ from fieldreid.gallery.search import Searcher
 DEFAULT_UPPER = 0.70
 DEFAULT_LOWER = 0.55
 DEFAULT_METHOD = "default (uncalibrated)"
-FALLBACK_SPECIES = "animal"
+FALLBACK_SPECIES = UNKNOWN_SPECIES  # "animal": the species could not be told
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Thresholds:
     lower: float = DEFAULT_LOWER
     method: str = DEFAULT_METHOD
     calibrated: bool = False
+    source: str = "default"  # gallery (calibrated for the population) | model (the embedder's) | default
 
     def __post_init__(self) -> None:
         if self.lower > self.upper:
@@ -51,11 +56,12 @@ class Thresholds:
         return "known" if score >= self.upper else "uncertain"
 
 
-def thresholds_for(gallery, species: str, model_id: str) -> Thresholds:
+def thresholds_for(gallery, species: str, model_id: str, model: Thresholds | None = None) -> Thresholds:
+    """The gallery's calibrated thresholds for (species, model), else the model's own, else the defaults."""
     stored = gallery.thresholds(species, model_id)
     if stored is None:
-        return Thresholds()
-    return Thresholds(stored.upper, stored.lower, stored.method, True)
+        return model if model is not None else Thresholds()
+    return Thresholds(stored.upper, stored.lower, stored.method, True, "gallery")
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Decision:
     top: list[tuple[str, float]] = field(default_factory=list)
     created_identity: bool = False
     sighting_id: int | None = None
+    threshold_source: str = "default"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,17 +105,21 @@ class Identifier:
     """
 
     def __init__(self, gallery, searcher: Searcher | None = None, species: str | None = None,
-                 create_provisional: bool = True, record: bool = True, k: int = 5) -> None:
+                 create_provisional: bool = True, record: bool = True, k: int = 5,
+                 model_thresholds: Thresholds | None = None) -> None:
         self.gallery = gallery
+        self.model_thresholds = model_thresholds  # the embedder's own (Embedder.thresholds), if it has any
         self.searcher = searcher or Searcher(gallery)
         self.species = species
         self.create_provisional = create_provisional
         self.record = record
         self.k = max(2, k)
 
-    def _species_for(self, best: str | None) -> str:
-        if self.species:
-            return self.species
+    def _species_for(self, best: str | None, species: str | None = None) -> str:
+        """The decision's species: the one given, else that of the identity the match was found in (the
+        search then covered every species in the gallery), else the gallery's only species, else 'animal'."""
+        if species or self.species:
+            return species or self.species
         if best is not None:
             sp = self.searcher.species_of(best)
             if sp:
@@ -118,7 +129,14 @@ class Identifier:
 
     def identify(self, vectors: np.ndarray, model_id: str, sources: Sequence[str] | None = None,
                  boxes: Sequence[Sequence[float] | None] | None = None, captured: Sequence[str | None] | None = None,
-                 camera: Sequence[str | None] | None = None) -> list[Decision]:
+                 camera: Sequence[str | None] | None = None,
+                 source_sha256: Sequence[str | None] | None = None, species: str | None = None) -> list[Decision]:
+        """Decide each vector; recorded sightings carry their vector and, with ``source_sha256`` (the source
+        file's content hash), are unique by (source content, box): identifying a photo again records nothing new.
+
+        ``species`` (e.g. the camera's) restricts this call's search to that species, overriding the
+        identifier's own; with neither, every species in the gallery is searched and each decision carries
+        the species of the identity it was matched to."""
         vec = np.asarray(vectors, dtype=np.float32)
         if vec.ndim == 1:
             vec = vec[None, :]
@@ -127,21 +145,22 @@ class Identifier:
         boxes = list(boxes) if boxes is not None else [None] * n
         captured = list(captured) if captured is not None else [None] * n
         camera = list(camera) if camera is not None else [None] * n
-        if not (len(sources) == len(boxes) == len(captured) == len(camera) == n):
-            raise InputError("identify needs one source, box, capture time and camera per vector.")
+        if not (len(sources) == len(boxes) == len(captured) == len(camera) == n) or (
+                source_sha256 is not None and len(source_sha256) != n):
+            raise InputError("identify needs one source, box, capture time, camera (and hash) per vector.")
         self.gallery.check_model(model_id, vec.shape[1])
         out: list[Decision] = []
         for i in range(n):
-            [res] = self.searcher.search(vec[i], k=self.k, species=self.species)
+            [res] = self.searcher.search(vec[i], k=self.k, species=species or self.species)
             best, second = res.best, res.runner_up
             version = self.searcher.version  # the gallery state this decision was made against
-            species = self._species_for(best[0] if best else None)
-            th = thresholds_for(self.gallery, species, model_id)
+            sp = self._species_for(best[0] if best else None, species)
+            th = thresholds_for(self.gallery, sp, model_id, self.model_thresholds)
             decision = th.decide(best[1] if best else None)
             identity = best[0] if best and decision != "new" else None
             created = False
             if decision == "new" and self.create_provisional:
-                identity = self.gallery.add_provisional(species, vec[i], model_id, sources[i] or f"crop-{i}",
+                identity = self.gallery.add_provisional(sp, vec[i], model_id, sources[i] or f"crop-{i}",
                                                         boxes[i])
                 created = True
             box = tuple(float(v) for v in boxes[i]) if boxes[i] is not None else None
@@ -149,15 +168,16 @@ class Identifier:
                 decision=decision, identity=identity, score=best[1] if best else None,
                 runner_up=second[0] if second else None, runner_up_score=second[1] if second else None,
                 upper=th.upper, lower=th.lower, calibrated=th.calibrated, threshold_method=th.method,
-                model_id=model_id, gallery_version=version, species=species, source=sources[i],
-                box=box, top=res.top(5), created_identity=created))
+                model_id=model_id, gallery_version=version, species=sp, source=sources[i],
+                box=box, top=res.top(5), created_identity=created, threshold_source=th.source))
         if self.record and out:
             ids = self.gallery.add_sightings([{
                 "image": d.source, "box": d.box, "captured": captured[j], "camera": camera[j],
                 "decision": d.decision, "identity_id": d.identity, "score": d.score, "runner_up_id": d.runner_up,
                 "runner_up_score": d.runner_up_score, "upper": d.upper, "lower": d.lower,
                 "threshold_method": d.threshold_method, "model_id": d.model_id,
-                "gallery_version": d.gallery_version} for j, d in enumerate(out)])
+                "gallery_version": d.gallery_version, "vector": vec[j],
+                "source_sha256": source_sha256[j] if source_sha256 is not None else None} for j, d in enumerate(out)])
             for d, sid in zip(out, ids, strict=True):
                 d.sighting_id = sid
         return out

@@ -18,7 +18,13 @@ Why SQLite, and how it is set up:
 * **opening is read-only until the file is known good**: the 100-byte SQLite header is checked by hand
   (magic, page size, page count against the file size) before SQLite touches the file, then
   ``PRAGMA quick_check`` runs; a truncated or corrupt file raises :class:`GalleryError` with the file's
-  bytes unchanged. Keep galleries on a local disk: WAL needs working file locks (not NFS/SMB).
+  bytes unchanged. A main file shorter than its header says, next to a write-ahead log (a checkpoint cut
+  short by a full disk), is judged by SQLite's own recovery on a read-only connection first: its pages
+  are in the log. Keep galleries on a local disk: WAL needs working file locks (not NFS/SMB).
+* **a full disk is a full disk**: a write that fails for lack of space (or an I/O error) raises
+  :class:`DiskFullError` / :class:`GalleryError` saying so; SQLite has kept the last commit, nothing changed.
+* **sightings are unique by (source content SHA-256, box)** (schema 2): recording the same photo again
+  returns the first sighting.
 
 Versions: ``meta.version`` increases on every change that can alter a decision (enrol, provisional
 identity, rename/merge/split/confirm/delete, thresholds); sightings do not bump it. ``meta.structure``
@@ -68,6 +74,8 @@ QUICK_CHECK_MAX_BYTES = 256 * 1024 * 1024
 STATUSES = ("confirmed", "provisional")
 ORIGINS = ("lab", "field")
 DECISIONS = ("known", "new", "uncertain")
+#: the species of an animal whose species nobody could tell (what a generic detector says)
+UNKNOWN_SPECIES = "animal"
 
 _V1 = [
     """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
@@ -128,8 +136,35 @@ _V1 = [
     f"PRAGMA application_id = {APPLICATION_ID}",
 ]
 
-#: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[list[str]] = [_V1]
+
+
+def _dedupe_sightings(con: sqlite3.Connection) -> None:
+    """v2: sightings recorded twice before they had a unique key (one folder processed into two output
+    folders, an ``identify`` run repeated) - same image, box, capture time, camera and model - keep the
+    first. A copy already handed to a push chunk stays (the lab may hold it); unsent queue rows go with
+    their sighting."""
+    queue = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sync_outbox'").fetchone()
+    keep_sent = " AND id NOT IN (SELECT sighting_id FROM sync_outbox WHERE chunk IS NOT NULL)" if queue else ""
+    con.execute("DELETE FROM sightings WHERE id NOT IN (SELECT min(id) FROM sightings GROUP BY image, box, "
+                f"coalesce(captured, ''), coalesce(camera, ''), model_id){keep_sent}")
+    if queue:
+        con.execute("DELETE FROM sync_outbox WHERE sighting_id NOT IN (SELECT id FROM sightings)")
+
+
+_V2: list = [
+    # the source image's content hash: a sighting is unique by (source content, box) from now on
+    "ALTER TABLE sightings ADD COLUMN source_sha256 TEXT",
+    # the folder a relative ``image`` path is relative to (a watch camera root), so the crop can be read back
+    "ALTER TABLE sightings ADD COLUMN source_root TEXT",
+    # the query embedding (float32) the decision was made from; sync pushes it with the sighting
+    "ALTER TABLE sightings ADD COLUMN vector BLOB",
+    _dedupe_sightings,
+    "CREATE UNIQUE INDEX sightings_source_box ON sightings(source_sha256, box)",
+]
+
+#: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``: SQL statements or
+#: callables taking the connection, all in one transaction. Append, never edit.
+MIGRATIONS: list[list] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -227,8 +262,71 @@ class VectorBlock:
     matrix: np.ndarray
 
 
-def _check_header(path: Path) -> None:
-    """Refuse files that are not whole SQLite databases, without letting SQLite write anything."""
+SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY = 13, 10, 8  # primary result codes
+#: an I/O error on a file system with less free space than this is reported as a full disk
+LOW_SPACE_BYTES = 1024 * 1024
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+class DiskFullError(GalleryError):
+    """A gallery write failed because the disk is full; the gallery is as it was before the write."""
+
+
+def free_bytes(path: Path) -> int | None:
+    """Bytes available to this user on the file system holding ``path`` (None if unknown)."""
+    try:
+        st = os.statvfs(path if path.is_dir() else path.parent)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def storage_error(path: Path, exc: BaseException, doing: str = "write") -> GalleryError | None:
+    """A clear error for a SQLite failure caused by the storage (full disk, I/O error, read-only file
+    system); None when ``exc`` is something else. Only for failures where SQLite kept the last commit."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    msg = str(exc).lower()
+    free = free_bytes(path)
+    if primary == SQLITE_FULL or "disk is full" in msg or (
+            (primary == SQLITE_IOERR or "disk i/o error" in msg) and free is not None and free < LOW_SPACE_BYTES):
+        room = f"{free} bytes free" if free is not None else "no space"
+        return DiskFullError(f"Cannot {doing} gallery {path}: the disk is full ({room}). Nothing was changed: the "
+                             "gallery holds its last saved state. Free some space and run the command again.")
+    if primary == SQLITE_IOERR or "disk i/o error" in msg:
+        return GalleryError(f"Cannot {doing} gallery {path}: the disk reported an I/O error ({exc}). Nothing was "
+                            "changed; check the disk (dmesg), then run the command again.")
+    if primary == SQLITE_READONLY or "readonly database" in msg:
+        return GalleryError(f"Cannot {doing} gallery {path}: the file or its folder is read-only ({exc}). Give "
+                            "this user write permission on the file and its folder (SQLite writes -wal and "
+                            "-shm files next to it).")
+    return None
+
+
+def _wal_frames(path: Path, page_size: int) -> bool:
+    """True if ``path``'s write-ahead log holds at least one frame for pages of this size: the main file's
+    own header is then not the whole story (a checkpoint may not have finished)."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        with wal.open("rb") as fh:
+            head = fh.read(32)
+        size = wal.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 32:
+        return False
+    magic, _version, wal_page = struct.unpack(">III", head[:12])
+    return magic in WAL_MAGIC and wal_page == page_size and size >= 32 + 24 + page_size
+
+
+def _check_header(path: Path) -> bool:
+    """Refuse files that are not whole SQLite databases, without letting SQLite write anything.
+
+    Returns True when the main file alone looks short but a write-ahead log sits next to it: its pages
+    may live in the log (a checkpoint cut short by a full disk), so SQLite's own recovery must judge it.
+    """
     size = path.stat().st_size
     if size == 0:
         return  # SQLite's own convention: an empty file is a new, empty database
@@ -248,8 +346,34 @@ def _check_header(path: Path) -> None:
     n_pages, change_counter, valid_for = (struct.unpack(">I", head[o:o + 4])[0] for o in (28, 24, 92))
     expected = n_pages * page_size if n_pages and change_counter == valid_for else 0
     if size % page_size or size < expected:
+        if _wal_frames(path, page_size):
+            return True
         raise GalleryError(f"{path} is truncated or damaged ({size} bytes, expected {expected or 'whole pages'}). "
                            "Nothing was changed; restore it from a backup or sync it again from the lab.")
+    return False
+
+
+def _check_with_wal(path: Path, timeout: float) -> None:
+    """A main file that looks short, with a write-ahead log: let SQLite read it through the log on a
+    read-only connection (which never checkpoints into the file) and refuse it only if that fails."""
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
+    except sqlite3.Error as exc:
+        raise storage_error(path, exc, "open") or GalleryError(
+            f"Cannot open gallery {path}: {exc}. Nothing was changed.") from exc
+    try:
+        rows = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.Error as exc:
+        err = storage_error(path, exc, "open")
+        if err is not None:
+            raise err from exc
+        rows = [str(exc)]
+    finally:
+        con.close()
+    if rows != ["ok"]:
+        detail = "; ".join(str(r) for r in rows[:3])
+        raise GalleryError(f"{path} is damaged even with its write-ahead log ({detail}). Nothing was changed; "
+                           "restore it from a backup or sync it again from the lab.")
 
 
 class Gallery:
@@ -272,7 +396,8 @@ class Gallery:
         if existed:
             if not self.path.is_file():
                 raise GalleryError(f"{self.path} is not a file; pass the gallery's .db file with --gallery.")
-            _check_header(self.path)
+            if _check_header(self.path):
+                _check_with_wal(self.path, timeout)
         elif not create:
             raise GalleryError(f"No gallery at {self.path}. Create one with `fieldreid enroll SOURCE --gallery "
                                f"{self.path}`.")
@@ -283,7 +408,8 @@ class Gallery:
             self._con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True,
                                         timeout=timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise GalleryError(f"Cannot open gallery {self.path}: {exc}.") from exc
+            raise storage_error(self.path, exc, "open") or GalleryError(
+                f"Cannot open gallery {self.path}: {exc}.") from exc
         try:
             self._open(existed, storage, synchronous.upper(), check)
         except BaseException:
@@ -298,8 +424,9 @@ class Gallery:
             user_version = con.execute("PRAGMA user_version").fetchone()[0]
             n_tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         except sqlite3.DatabaseError as exc:
-            raise GalleryError(f"{self.path} is corrupt or not a gallery ({exc}). Nothing was changed; restore it "
-                               "from a backup.") from exc
+            raise storage_error(self.path, exc, "open") or GalleryError(
+                f"{self.path} is corrupt or not a gallery ({exc}). Nothing was changed; restore it from a "
+                "backup.") from exc
         if (n_tables or user_version) and app_id != APPLICATION_ID:
             raise GalleryError(f"{self.path} is a SQLite database but not a fieldreid gallery. Nothing was changed; "
                                "check the --gallery path.")
@@ -317,7 +444,8 @@ class Gallery:
             con.execute("PRAGMA foreign_keys=ON")
             self._migrate(storage)
         except sqlite3.DatabaseError as exc:
-            raise GalleryError(f"Cannot prepare gallery {self.path}: {exc}.") from exc
+            raise storage_error(self.path, exc, "open") or GalleryError(
+                f"Cannot prepare gallery {self.path}: {exc}.") from exc
 
     def _quick_check(self) -> None:
         try:
@@ -343,7 +471,10 @@ class Gallery:
             current = con.execute("PRAGMA user_version").fetchone()[0]  # re-read under the write lock
             for version in range(current, SCHEMA_VERSION):
                 for stmt in MIGRATIONS[version]:
-                    con.execute(stmt)
+                    if callable(stmt):
+                        stmt(con)
+                    else:
+                        con.execute(stmt)
                 if version == 0:
                     now = _now()
                     con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
@@ -353,8 +484,17 @@ class Gallery:
                 con.execute(f"PRAGMA user_version = {version + 1}")
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        """Undo the open transaction, if SQLite has not already: after a failed COMMIT (full disk, I/O
+        error) SQLite rolls back by itself, and a second ROLLBACK would raise and hide the cause."""
+        if self._con.in_transaction:
+            try:
+                self._con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the first error is the one to report; an uncommitted transaction never becomes visible
 
     def close(self) -> None:
         self._con.close()
@@ -374,6 +514,9 @@ class Gallery:
         try:
             con.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
+            err = storage_error(self.path, exc)
+            if err is not None:
+                raise err from exc
             raise GalleryError(f"Gallery {self.path} is locked by another process for too long ({exc}). Try again "
                                "when the other command has finished.") from exc
         try:
@@ -388,8 +531,11 @@ class Gallery:
                 con.execute("INSERT INTO changes (action, who, at, details, gallery_version) VALUES (?, ?, ?, ?, ?)",
                             (action, self.who, _now(), json.dumps(details or {}, sort_keys=True), version))
             con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
+        except BaseException as exc:
+            self._rollback()
+            err = storage_error(self.path, exc)
+            if err is not None:
+                raise err from exc
             raise
 
     def _meta(self, key: str) -> str | None:
@@ -565,10 +711,11 @@ class Gallery:
     def add_embeddings(self, identity_ids: Sequence[str], vectors: np.ndarray, model_id: str,
                        sources: Sequence[str], boxes: Sequence[Sequence[float] | str | None] | None = None,
                        species: Sequence[str] | str | None = None, status: str = "confirmed",
-                       origin: str = "lab") -> tuple[int, int]:
+                       origin: str = "lab", crop_rule: str | None = None) -> tuple[int, int]:
         """Enrol vectors in one transaction; missing identities are created (``species`` needed then).
 
         Re-enrolling the same (model, source, box) is a no-op. Returns (added, already_present).
+        ``crop_rule`` (:data:`fieldreid.crop.CROP_RULE`) is recorded in the change log with the enrolment.
         """
         vec = self._vectors(vectors, model_id)
         n = vec.shape[0]
@@ -584,7 +731,7 @@ class Gallery:
         added = 0
         new_ids: set[str] = set()
         now = _now()
-        details = {"model_id": model_id, "n": n}
+        details = {"model_id": model_id, "n": n, **({"crop_rule": crop_rule} if crop_rule else {})}
         with self._write("enrol", details) as con:
             self._claim_model(model_id, vec.shape[1])
             for i in range(n):
@@ -692,24 +839,52 @@ class Gallery:
 
     # ------------------------------------------------------------------ sightings
     def add_sightings(self, rows: Sequence[dict]) -> list[int]:
-        """Record decisions with full provenance (keys as in the ``sightings`` table). Not a 'change'."""
+        """Record decisions with full provenance (keys as in the ``sightings`` table). Not a 'change'.
+
+        ``source_sha256`` (the source image's content hash) makes a sighting unique by (source content,
+        box): recording it again - the same photo processed twice, into another output folder or by another
+        command - stores nothing and returns the first sighting's id. ``source_root`` is the folder a
+        relative ``image`` path is relative to; ``vector`` the query embedding (stored as float32).
+        """
         cols = ("image", "box", "captured", "camera", "decision", "identity_id", "score", "runner_up_id",
-                "runner_up_score", "upper", "lower", "threshold_method", "model_id", "gallery_version")
+                "runner_up_score", "upper", "lower", "threshold_method", "model_id", "gallery_version",
+                "source_sha256", "source_root", "vector")
         ids = []
         now = _now()
+        sql = (f"INSERT INTO sightings ({', '.join(cols)}, created) VALUES ({', '.join('?' * len(cols))}, ?) "
+               "ON CONFLICT (source_sha256, box) DO NOTHING")
         with self._write() as con:
             for r in rows:
                 if r.get("decision") not in DECISIONS:
                     raise InputError(f"decision must be one of {DECISIONS}, got {r.get('decision')!r}")
                 vals = [r.get(c) for c in cols]
                 vals[1] = vals[1] if isinstance(vals[1], str) else box_key(vals[1])
-                cur = con.execute(f"INSERT INTO sightings ({', '.join(cols)}, created) VALUES "
-                                  f"({', '.join('?' * len(cols))}, ?)", (*vals, now))
-                ids.append(int(cur.lastrowid))
+                sha = vals[14]
+                if sha is not None and (not isinstance(sha, str) or len(sha) != 64
+                                        or sha.strip("0123456789abcdef")):
+                    raise InputError(f"source_sha256 must be 64 lower-case hex digits, got {sha!r}")
+                if vals[16] is not None:
+                    vec = np.asarray(vals[16], dtype="<f4").reshape(-1)
+                    if vec.size == 0 or not np.all(np.isfinite(vec)):
+                        raise InputError("A sighting's vector must be non-empty and finite.")
+                    vals[16] = vec.tobytes()
+                cur = con.execute(sql, (*vals, now))
+                if cur.rowcount == 1:
+                    ids.append(int(cur.lastrowid))
+                else:  # this photo and box are already recorded: the first record stands
+                    ids.append(int(con.execute("SELECT id FROM sightings WHERE source_sha256 = ? AND box = ?",
+                                               (sha, vals[1])).fetchone()[0]))
         return ids
 
+    def sighting_vector(self, sighting_id: int) -> np.ndarray | None:
+        """The query embedding a sighting was decided from (None when it was recorded without one)."""
+        row = self._con.execute("SELECT vector FROM sightings WHERE id = ?", (int(sighting_id),)).fetchone()
+        return None if row is None or row[0] is None else np.frombuffer(row[0], "<f4").copy()
+
     def sightings(self, identity_id: str | None = None, limit: int | None = None) -> list[dict]:
-        sql = "SELECT * FROM sightings"
+        """Recorded sightings, oldest first (every column but the vector: see :meth:`sighting_vector`)."""
+        names = [r[1] for r in self._con.execute("PRAGMA table_info(sightings)") if r[1] != "vector"]
+        sql = f"SELECT {', '.join(names)} FROM sightings"
         args: list = []
         if identity_id is not None:
             sql += " WHERE identity_id = ?"
@@ -746,7 +921,8 @@ class Gallery:
     def merge(self, sources: Sequence[str], target: str) -> int:
         """Move every embedding and sighting of ``sources`` to ``target`` and delete the sources.
 
-        Returns the number of embeddings moved. Species must agree.
+        Returns the number of embeddings moved. Species must agree, except that an animal filed under
+        ``animal`` (a device that could not tell the species) may join an identity of any species.
         """
         tgt = self._identity_row(target)
         srcs = [s for s in dict.fromkeys(sources) if s != target]
@@ -754,7 +930,7 @@ class Gallery:
             raise InputError("merge needs at least one source identity other than the target.")
         for s in srcs:
             row = self._identity_row(s)
-            if row[2] != tgt[2]:
+            if row[2] != tgt[2] and row[2] != UNKNOWN_SPECIES:
                 raise GalleryError(f"Cannot merge '{s}' ({row[2]}) into '{target}' ({tgt[2]}): different species.")
         details: dict = {"sources": srcs, "target": target}
         with self._write("merge", details, structural=True) as con:

@@ -33,16 +33,13 @@ def _img(blob: bytes | None, alt: str) -> str:
 
 
 def _thumb_from_file(path: Path, box: str) -> bytes | None:
-    from fieldreid.embed.runtime import square_crop
+    from fieldreid.crop import crops, whole_box
     from fieldreid.imageio import encode_jpeg, read_image
 
     try:
-        frame = read_image(path, min_side=THUMB * 2)
-        img = frame.pixels
-        if box:
-            sy, sx = frame.scale
-            x1, y1, x2, y2 = (float(v) for v in box.split(","))
-            img = square_crop(img, (x1 / sx, y1 / sy, x2 / sx, y2 / sy))
+        frame = read_image(path, min_side=THUMB * 2, keep_data=True)
+        b = tuple(float(v) for v in box.split(",")) if box else whole_box(frame.size)
+        [img] = crops(frame, [b], THUMB)  # the crop the embedding was made from (fieldreid.crop), picture-sized
         return encode_jpeg(img, THUMB, quality=80)
     except Exception:  # a missing or unreadable source only costs the picture
         return None

@@ -103,19 +103,18 @@ def crop_from_file(image: str, box: str, sha256: str | None = None) -> bytes | N
     holds another picture than the one the sighting was made from: its content hash differs)."""
     import hashlib
 
+    from fieldreid.crop import crops, whole_box
     from fieldreid.errors import FieldreidError
     from fieldreid.imageio import read_image
 
     try:
-        frame = read_image(image, reduction=1, keep_data=sha256 is not None)
+        frame = read_image(image, min_side=CROP_MAX_SIDE, keep_data=True)
         if sha256 is not None and (frame.data is None or hashlib.sha256(frame.data).hexdigest() != sha256):
             return None
         b = parse_box(box)
-        if b is None:
-            return encode_crop(frame.pixels)
-        from fieldreid.embed.runtime import square_crop
-
-        return encode_crop(square_crop(frame.pixels, b, margin=0.0))
+        # the crop the sighting's embedding was made from (fieldreid.crop), at the size it is sent
+        [pixels] = crops(frame, [b if b is not None else whole_box(frame.size)], CROP_MAX_SIDE)
+        return encode_crop(pixels)
     except (FieldreidError, OSError, ValueError):
         return None
 

@@ -1,10 +1,11 @@
 """Labelled crops for training: ``metadata.csv`` rows -> decoded images -> augmented, preprocessed batches.
 
-Images are decoded once (EXIF-upright, :func:`fieldreid.imageio.read_image`) and kept in memory as BGR
-uint8, shrunk so their longer side is at most ``max_side``: re-id sets are small and a 2-core CPU must not
-spend its time in the JPEG decoder every epoch. Each batch goes through the **field preprocessing**
-(:func:`fieldreid.embed.runtime.preprocess_images` with the model's :class:`PreprocessSpec`), so lab and
-device see the same tensors for the same crop.
+Images are decoded once (EXIF-upright, :func:`fieldreid.imageio.read_image`), cut by the **one crop rule**
+(:mod:`fieldreid.crop`: with a detector, the animal's box in each labelled crop plus the margin; without
+one, the whole image is the box) and kept in memory as BGR uint8, shrunk so their longer side is at most
+``max_side``: re-id sets are small and a 2-core CPU must not spend its time in the JPEG decoder every
+epoch. Each batch goes through the **field preprocessing** (:func:`fieldreid.embed.runtime.preprocess_images`
+with the model's :class:`PreprocessSpec`), so lab and device see the same tensors for the same crop.
 
 MiewID-style augmentation (its appendix: sharpening, CLAHE, shift 25 %, scale 20 %, rotation 15 degrees,
 colour jitter), each drawn independently per image:
@@ -31,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fieldreid.errors import FieldreidError, ImageReadError, InputError
+from fieldreid.errors import FieldreidError, InputError
 from fieldreid.types import PreprocessSpec
 
 
@@ -111,20 +112,18 @@ class LabelledImages:
 
     @classmethod
     def from_metadata(cls, metadata: str | Path, split: str | None = "train", max_side: int | None = 512,
-                      progress=None) -> LabelledImages:
-        """Decode every labelled row of ``metadata`` (``split`` selects rows; unreadable files are an error)."""
+                      progress=None, detector=None) -> LabelledImages:
+        """Decode every labelled row of ``metadata`` (``split`` selects rows; unreadable files are an error)
+        and cut each by the crop rule, the animal's box found by ``detector`` (else the whole image)."""
         from fieldreid.gallery.enroll import read_metadata
-        from fieldreid.imageio import read_image
 
         items = read_metadata(metadata, split=split)
         if not items:
             raise InputError(f"{metadata} has no labelled rows{f' in split {split!r}' if split else ''}.")
         images, failures = [], []
-        for it in items:
-            try:
-                px = read_image(it.path, min_side=max_side).pixels
-            except ImageReadError as exc:
-                failures.append(f"{it.path}: {exc}")
+        for it, px in zip(items, _rule_crops([it.path for it in items], detector, max_side or 512), strict=True):
+            if isinstance(px, str):
+                failures.append(f"{it.path}: {px}")
                 continue
             if max_side and max(px.shape[:2]) > max_side:
                 s = max_side / max(px.shape[:2])
@@ -158,6 +157,18 @@ class LabelledImages:
         if rng is not None and cfg is not None:
             imgs = [augment(im, rng, cfg) for im in imgs]
         return preprocess_images(imgs, spec), self.labels[np.asarray(indices, np.int64)]
+
+
+def _rule_crops(paths: Sequence[Path], detector, side: int) -> list[np.ndarray | str]:
+    """The crop-rule crop of each labelled image (a failure reason instead where it cannot be read), cut
+    with pixels for ``side`` (fieldreid.crop.crops), as enrolment and ``watch`` cut them."""
+    from fieldreid.pipeline import Pipeline
+
+    out: dict[Path, np.ndarray | str] = {}
+    unique = list(dict.fromkeys(Path(p) for p in paths))
+    for res in Pipeline(detector, None, batch_size=8, select="crop", keep_crops=True, crop_side=side).run(unique):
+        out[res.path] = res.failure if res.failure else res.crops[0]
+    return [out[Path(p)] for p in paths]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

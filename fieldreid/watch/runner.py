@@ -30,7 +30,7 @@ within ``settle`` seconds, or truncated/empty/undecodable while younger than ``g
 from __future__ import annotations
 
 import hashlib
-import os
+import os  # noqa: F401  (tests reach os.fsync through this module)
 import signal
 import sqlite3
 import sys
@@ -42,17 +42,35 @@ from pathlib import Path
 
 import numpy as np
 
+from fieldreid.crop import CROP_RULE
 from fieldreid.errors import FieldreidError, ImageReadError
 from fieldreid.exif import CaptureInfo, read_capture_info
+from fieldreid.fsutil import (
+    DEFAULT_MAX_FILE_BYTES,
+    FileChangedError,
+    FileRefusedError,
+    ReadInterrupted,
+    path_text,
+    read_regular_file,
+)
 from fieldreid.gallery.openset import Decision, Identifier
 from fieldreid.gallery.store import Gallery, box_key
-from fieldreid.imageio import VIDEO_SUFFIXES, Frame, encode_jpeg, read_image
+from fieldreid.imageio import DEFAULT_MAX_PIXELS, VIDEO_SUFFIXES, Frame, encode_jpeg, read_image
 from fieldreid.pipeline import Pipeline, _prefetch
-from fieldreid.watch.events import DEFAULT_GAP_S, DEFAULT_LINK_THRESHOLD, Sighting, link_tracks
-from fieldreid.watch.scanner import WANTED, Candidate, FolderGoneError, ScanStats, camera_of, scan
+from fieldreid.watch.events import (
+    DEFAULT_GAP_S,
+    DEFAULT_LINK_THRESHOLD,
+    LinkRules,
+    Sighting,
+    exclusive_identities,
+    link_tracks,
+)
+from fieldreid.watch.scanner import Candidate, FolderGoneError, ScanStats, candidate_at, scan
 from fieldreid.watch.state import StateDB
 
 RESULTS_DB = "results.db"
+#: a camera folder (or the watched folder, for all its cameras) may name its animals' species in this file
+SPECIES_FILE = ".fieldreid-species"
 EMBED_DTYPE = "<f2"  # float16 on disk: half the size, cosine changes < 1e-3 (unit vectors)
 MAX_DIRTY = 10_000  # more inotify paths than this between passes: do a full scan instead
 
@@ -77,6 +95,8 @@ class WatchConfig:
     species: str | None = None
     thumb_size: int = 96
     write_outputs: bool = True
+    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -114,6 +134,23 @@ def _chunks(items: Iterable[Candidate], n: int) -> Iterator[list[Candidate]]:
         yield batch
 
 
+def camera_species(root: Path, camera: str) -> str | None:
+    """The species named by ``ROOT/CAMERA/.fieldreid-species`` or, failing that, ``ROOT/.fieldreid-species``
+    (its first non-empty line), or None. Read when an event is decided, so a file added later counts."""
+    root = Path(root)
+    for folder in ((root / camera) if camera and (root / camera).is_dir() else None, root):
+        if folder is None:
+            continue
+        try:
+            text = (folder / SPECIES_FILE).read_text(encoding="utf-8", errors="replace")
+        except OSError:  # absent (the usual case) or unreadable: no species from here
+            continue
+        for line in text.splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                return line.strip()
+    return None
+
+
 def _default_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -131,11 +168,20 @@ class Watcher:
         self.out = Path(cfg.out)
         self.log = log or _default_log
         self.detector, self.embedder = detector, embedder
-        self.state = StateDB(self.out / RESULTS_DB)
-        self.reader = StateDB(self.out / RESULTS_DB, readonly=True)
-        self.gallery = Gallery(cfg.gallery)
-        self.gallery.check_model(embedder.model_id, embedder.dim)
-        self.identifier = Identifier(self.gallery, species=cfg.species, create_provisional=False, record=False)
+        self.state = StateDB(self.out / RESULTS_DB)  # holds OUT/.lock until close()
+        opened: list = [self.state]
+        try:
+            self.reader = StateDB(self.out / RESULTS_DB, readonly=True)
+            opened.append(self.reader)
+            self.gallery = Gallery(cfg.gallery)
+            opened.append(self.gallery)
+            self.gallery.check_model(embedder.model_id, embedder.dim)
+        except BaseException:
+            for db in reversed(opened):  # release the output folder's lock now, not at garbage collection
+                db.close()
+            raise
+        self.identifier = Identifier(self.gallery, species=cfg.species, create_provisional=False, record=False,
+                                     model_thresholds=getattr(embedder, "thresholds", None))
         self.pipe = Pipeline(detector, embedder, batch_size=cfg.batch, keep_crops=True, min_crop_conf=cfg.conf,
                              prefetch=False)
         self.stop_event = threading.Event()
@@ -150,13 +196,16 @@ class Watcher:
         self._n_session = 0
         self._queue = 0
         self._observer = None
+        self.wakeups = 0  # times the watch loop woke from its wait: an idle watcher must (almost) never wake
         with self.state.transaction() as con:
-            self.state.set_meta(con, "root", str(self.root.resolve()))
+            self.state.set_meta(con, "root", path_text(self.root.resolve()))
             self.state.set_meta(con, "gallery", str(Path(cfg.gallery).resolve()))
             self.state.set_meta(con, "detector", str(getattr(detector, "model_id", "detector")))
             self.state.set_meta(con, "embedder", embedder.model_id)
             self.state.set_meta(con, "conf", str(cfg.conf))
             self.state.set_meta(con, "gap", str(cfg.gap))
+            self.state.set_meta(con, "crop_rule", CROP_RULE)
+        self._species_warned: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -180,9 +229,19 @@ class Watcher:
 
     # ------------------------------------------------------------------ reading (reader thread)
     def _load(self, c: Candidate) -> Loaded:
+        if c.refused:  # a link, FIFO or device: never opened
+            return Loaded(c, "failed", c.refused)
+        if c.path.suffix.lower() in VIDEO_SUFFIXES:
+            return Loaded(c, "failed", "video files are not processed (extract frames first)")
         try:
-            data = c.path.read_bytes()
-            st = os.stat(c.path)
+            data, st = read_regular_file(c.path, self.cfg.max_file_bytes, follow_symlinks=False,
+                                         identity=c.identity, stop=self.stop_event)
+        except FileRefusedError as exc:
+            return Loaded(c, "failed", exc.reason)
+        except FileChangedError:
+            return Loaded(c, "pending", "file replaced by another while being read (still being copied?)")
+        except ReadInterrupted:
+            return Loaded(c, "pending", "reading was interrupted by a stop request")
         except FileNotFoundError:
             return Loaded(c, "failed", "file disappeared before it could be read")
         except OSError as exc:
@@ -192,15 +251,16 @@ class Watcher:
         sha = hashlib.sha256(data).hexdigest()
         capture = read_capture_info(data, st.st_mtime)
         try:
-            frame = read_image(c.path, min_side=self.pipe.detector_min_side, data=data, keep_data=True)
+            frame = read_image(c.path, min_side=self.pipe.detector_min_side, data=data, keep_data=True,
+                               max_pixels=self.cfg.max_pixels)
         except ImageReadError as exc:
             young = time.time() - st.st_mtime < self.cfg.grace
             if young and c.path.suffix.lower() not in VIDEO_SUFFIXES:
                 return Loaded(c, "pending", f"{exc.reason}; retrying until the file has been unchanged for "
                                             f"{self.cfg.grace:g} s", sha)
             return Loaded(c, "failed", exc.reason, sha)
-        except MemoryError:
-            return Loaded(c, "failed", "image too large to decode in memory", sha)
+        except Exception as exc:  # any other decoder failure (MemoryError, a library's own error): this file only
+            return Loaded(c, "failed", f"the decoder failed ({type(exc).__name__}: {exc})"[:300], sha)
         return Loaded(c, "ready", None, sha, frame, capture)
 
     def _load_batch(self, batch: list[Candidate]) -> list[Loaded]:
@@ -288,42 +348,24 @@ class Watcher:
         return self.reader.file_row(rel)
 
     def _targeted(self, paths: Iterable[str], stats: ScanStats) -> Iterator[Candidate]:
-        """Candidates among paths inotify reported (the periodic full scan catches anything missed)."""
-        root = self.root.resolve()
+        """Candidates among paths inotify reported (the periodic full scan catches anything missed); the
+        scan's rules apply (:func:`~fieldreid.watch.scanner.candidate_at`: no links followed)."""
         for p in sorted(set(paths)):
-            path = Path(p)
-            try:
-                rel = path.resolve().relative_to(root).as_posix()
-            except (ValueError, OSError):
-                continue
-            if any(part.startswith(".") for part in rel.split("/")) or path.suffix.lower() not in WANTED:
-                continue
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if not path.is_file():
-                continue
-            stats.seen += 1
-            row = self._lookup(rel)
-            if row is not None and row[0] in ("done", "failed", "duplicate") and row[1] == st.st_size \
-                    and row[2] == st.st_mtime_ns:
-                stats.skipped += 1
-                continue
-            if time.time() - st.st_mtime < self.cfg.settle:
-                stats.fresh += 1
+            fresh = stats.fresh
+            cand = candidate_at(self.root, p, self._lookup, self.cfg.settle, stats)
+            if stats.fresh > fresh:
                 with self._dirty_lock:
-                    self._dirty.add(str(path))
-                continue
-            stats.candidates += 1
-            yield Candidate(path, rel, camera_of(rel, self.root), int(st.st_size), int(st.st_mtime_ns))
+                    self._dirty.add(p)
+            if cand is not None:
+                yield cand
 
     def run_pass(self, paths: Iterable[str] | None = None) -> PassResult:
         """Process every file that needs work (or only ``paths``); commits batch by batch."""
         res = PassResult()
         stats = res.stats
         cands = scan(self.root, self._lookup, self.cfg.settle, stats) if paths is None else self._targeted(paths, stats)
-        loaded = _prefetch(_chunks(cands, self.cfg.batch), self._load_batch, depth=1)
+        loaded = _prefetch(_chunks(cands, self.cfg.batch), self._load_batch, depth=1,
+                           stop_requested=self.stop_event)
         handled = 0
         try:
             for items in loaded:
@@ -342,22 +384,58 @@ class Watcher:
         return res
 
     # ------------------------------------------------------------------ events
+    def _event_species(self, event_id: int) -> str | None:
+        """The species an event's animals are searched in: ``--species``, else the first line of
+        ``CAMERA/.fieldreid-species`` (else ``ROOT/.fieldreid-species``), else None: every species in the
+        gallery is searched and each decision carries the species of its match."""
+        if self.cfg.species:
+            return self.cfg.species
+        row = self.state.con.execute("SELECT camera FROM events WHERE id = ?", (event_id,)).fetchone()
+        camera = row[0] if row else ""
+        species = camera_species(self.root, camera)
+        if species and (camera, species) not in self._species_warned and species not in self.gallery.species():
+            self._species_warned.add((camera, species))
+            self.log(f"camera {camera}: species '{species}' ({SPECIES_FILE}) has no identities in the gallery, so "
+                     f"its animals are all new (the gallery holds: {', '.join(self.gallery.species()) or 'none'})")
+        return species
+
     def _event_sightings(self, event_id: int) -> list[Sighting]:
         rows = self.state.con.execute(
-            "SELECT d.sha256, d.idx, i.captured_ts, i.path, d.conf, d.embedding, d.x1, d.y1, d.x2, d.y2 FROM detections d "
-            "JOIN images i ON i.sha256 = d.sha256 WHERE i.event_id = ? AND d.embedding IS NOT NULL", (event_id,))
+            "SELECT d.sha256, d.idx, i.captured_ts, i.path, d.conf, d.embedding, d.x1, d.y1, d.x2, d.y2, i.width, "
+            "i.height FROM detections d JOIN images i ON i.sha256 = d.sha256 WHERE i.event_id = ? AND d.embedding "
+            "IS NOT NULL", (event_id,))
         return [Sighting(sha, idx, (ts, path), conf, np.frombuffer(blob, EMBED_DTYPE).astype(np.float32),
-                         (x1, y1, x2, y2), path) for sha, idx, ts, path, conf, blob, x1, y1, x2, y2 in rows]
+                         (x1, y1, x2, y2), path, (w, h) if w and h else None)
+                for sha, idx, ts, path, conf, blob, x1, y1, x2, y2, w, h in rows]
+
+    def _link(self, sightings: list[Sighting], species: str | None = None) -> list:
+        """Tracks of an event. With several detections, each is first searched on its own: what it alone is
+        *known* as keeps two gallery animals out of one track, and the upper threshold in force is the
+        cosine a link needs where box positions cannot vouch for it (see :mod:`fieldreid.watch.events`)."""
+        if len(sightings) < 2:
+            return link_tracks(sightings, self.cfg.link_threshold)
+        singles = self.identifier.identify(np.stack([s.embedding for s in sightings]), self.embedder.model_id,
+                                           sources=[s.path for s in sightings], boxes=[s.box for s in sightings],
+                                           species=species)
+        for s, d in zip(sightings, singles, strict=True):
+            s.known_as = d.identity if d.decision == "known" else None
+        rules = LinkRules(appearance=self.cfg.link_threshold, strict=max(d.upper for d in singles))
+        return link_tracks(sightings, rules)
 
     def _decide_event(self, event_id: int) -> None:
         """Step 2 of the protocol: decide every track, commit decisions + 'decided' in one transaction."""
-        tracks = link_tracks(self._event_sightings(event_id), self.cfg.link_threshold)
-        rows = []
-        now = time.time()
-        for t_i, track in enumerate(tracks):
+        species = self._event_species(event_id)
+        tracks = self._link(self._event_sightings(event_id), species)
+        decided = []
+        for track in tracks:
             rep = track.representative
             [d] = self.identifier.identify(track.fused[None], self.embedder.model_id, sources=[rep.path],
-                                           boxes=[rep.box])
+                                           boxes=[rep.box], species=species)
+            decided.append(d)
+        rows = []
+        now = time.time()
+        for t_i, (track, d) in enumerate(zip(tracks, exclusive_identities(tracks, decided), strict=True)):
+            rep = track.representative
             for s in track.members:
                 rows.append(self._decision_row(d, s, event_id, t_i, track.n_frames, s is rep, now))
         with self.state.transaction() as con:
@@ -407,7 +485,10 @@ class Watcher:
             sightings.append({"image": r[15], "box": (r[19], r[20], r[21], r[22]), "captured": captured,
                               "camera": r[18], "decision": r[3], "identity_id": identity_of[r[2]], "score": r[5],
                               "runner_up_id": r[6], "runner_up_score": r[7], "upper": r[8], "lower": r[9],
-                              "threshold_method": r[10], "model_id": r[11], "gallery_version": r[12]})
+                              "threshold_method": r[10], "model_id": r[11], "gallery_version": r[12],
+                              # unique by (content, box) in the gallery; the crop is read back under the root
+                              "source_sha256": r[0], "source_root": str(self.root.resolve()),
+                              "vector": None if r[23] is None else np.frombuffer(r[23], EMBED_DTYPE)})
         if sightings:
             self.gallery.add_sightings(sightings)
         with self.state.transaction() as wcon:
@@ -607,6 +688,7 @@ class Watcher:
             if self._changed:
                 timeout = min(timeout, max(0.5, self.cfg.flush_every - (time.monotonic() - self._last_flush)))
             self.wake.wait(timeout)
+            self.wakeups += 1
             self.wake.clear()
             if self.stop_event.is_set():
                 break

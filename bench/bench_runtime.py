@@ -32,7 +32,7 @@ from fieldreid.crop import cut  # noqa: E402
 from fieldreid.defaults import default_model  # noqa: E402
 from fieldreid.detect import Detector  # noqa: E402
 from fieldreid.embed.runtime import Embedder  # noqa: E402
-from fieldreid.imageio import iter_files, read_image  # noqa: E402
+from fieldreid.frames.decode import iter_files, read_image  # noqa: E402
 
 THREADS = 2
 

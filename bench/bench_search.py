@@ -24,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fieldreid.fsutil import atomic_write_json  # noqa: E402
 from fieldreid.gallery.search import Searcher  # noqa: E402
 from fieldreid.gallery.store import Gallery, VectorBlock  # noqa: E402
+from fieldreid.storage.fsutil import atomic_write_json  # noqa: E402
 
 
 class MemoryGallery:

@@ -6,7 +6,7 @@
 
 Protocol (the README's): train on the ``train`` split (179 animals, 1,213 images), evaluate on the ``test``
 split (58 animals never seen, 729 images) with one-vs-all top-1 / mAP and the open-set BAKS / BAUS /
-geometric mean at a threshold calibrated on the *train* split (fieldreid.evaluation.calibrate). Models and
+geometric mean at a threshold calibrated on the *train* split (fieldreid.evaluation.metrics.calibrate). Models and
 embeddings go to runs/train-bench/ (git-ignored); numbers to bench/train_results.json and .md.
 """
 
@@ -91,9 +91,9 @@ def stage_distill(args) -> None:
 
 def stage_export(args) -> None:
     """FP32 ONNX of every trained model; INT8 QDQ of the distilled student (calibrated on 256 train crops)."""
-    from fieldreid.embed.export import export_embedder_onnx
     from fieldreid.embed.model import build_default_embedder
-    from fieldreid.export_cmd import ExportOptions, run_export
+    from fieldreid.export.embedder_onnx import export_embedder_onnx
+    from fieldreid.export.run import ExportOptions, run_export
 
     RUNS.mkdir(parents=True, exist_ok=True)
     base = RUNS / "imagenet-lite0.onnx"
@@ -123,9 +123,9 @@ def stage_detector(args) -> None:
     """INT8 gate on the default detector: calibrate on 2/3 of the camtrap frames, compare boxes on the rest."""
     import shutil
 
-    from fieldreid.export_cmd import ExportOptions, run_export
-    from fieldreid.imageio import iter_files
-    from fieldreid.quantize import QuantizationGateError
+    from fieldreid.export.quantize import QuantizationGateError
+    from fieldreid.export.run import ExportOptions, run_export
+    from fieldreid.frames.decode import iter_files
 
     src = ROOT / "engines" / "default" / "detector.onnx"
     if not src.is_file():
@@ -154,7 +154,7 @@ def stage_detector(args) -> None:
 def _ms_per_crop_ort(path: Path, spec, n: int = 48, batch: int = 16) -> float:
     import numpy as np
 
-    from fieldreid.quantize import _session
+    from fieldreid.export.quantize import _session
 
     sess = _session(path, threads=THREADS)
     h, w = spec.size
@@ -190,7 +190,7 @@ def _ms_per_crop_torch(ckpt: Path, n: int = 48, batch: int = 16) -> float:
 
 
 def _metrics(train_emb, train_lab, test_emb, test_lab) -> dict:
-    from fieldreid.evaluation import calibrate, one_vs_all, open_set
+    from fieldreid.evaluation.metrics import calibrate, one_vs_all, open_set
 
     cal = calibrate(train_emb, train_lab)
     ova = one_vs_all(test_emb, test_lab)
@@ -203,7 +203,7 @@ def stage_eval(args) -> None:
     import numpy as np
 
     from fieldreid.embed.runtime import Embedder
-    from fieldreid.quantize import load_crops
+    from fieldreid.export.quantize import load_crops
 
     train_imgs, train_lab = load_crops(_meta(args), split="train")
     test_imgs, test_lab = load_crops(_meta(args), split="test")

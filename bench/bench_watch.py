@@ -38,7 +38,7 @@ THREADS = 2
 
 
 def camtrap_jpegs(shared: Path) -> list[Path]:
-    from fieldreid.imageio import iter_files, read_image
+    from fieldreid.frames.decode import iter_files, read_image
 
     out = []
     for p in iter_files([shared / "data" / "camtrap"]):

@@ -141,7 +141,7 @@ def to_toml(data: Mapping) -> str:
 def write_config(path: str | Path, updates: Mapping, header: str = "") -> dict:
     """Merge ``updates`` (None values are ignored) into the file at ``path`` and write it atomically with
     mode 600 (it may hold the device token). Returns the merged settings."""
-    from fieldreid.fsutil import atomic_output
+    from fieldreid.storage.fsutil import atomic_output
 
     path = Path(path).expanduser()
     current = DeviceConfig.load(path).data if path.is_file() else {}

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fieldreid.errors import InputError
-from fieldreid.imageio import Frame, min_reduction, read_image, to_frame_coords
+from fieldreid.frames.decode import Frame, min_reduction, read_image, to_frame_coords
 
 #: version of the rule below; recorded with enrolments and watch results (provenance)
 CROP_RULE = "box+20%-clipped/v1"

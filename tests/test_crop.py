@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from fieldreid.crop import MARGIN, MIN_COVER, choose_animal, crop_reduction, crops, cut, whole_box
+from fieldreid.embed.pipeline import Pipeline
 from fieldreid.errors import InputError
-from fieldreid.imageio import read_image
-from fieldreid.pipeline import Pipeline
+from fieldreid.frames.decode import read_image
 from fieldreid.types import Detections
 
 

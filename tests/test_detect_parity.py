@@ -42,11 +42,11 @@ from fieldreid.detect import (  # noqa: E402
     scale_boxes,
 )
 from fieldreid.detect.classes import category_lookup  # noqa: E402
-from fieldreid.detect.convert import convert_detector  # noqa: E402
 from fieldreid.detect.decode import nms_keys  # noqa: E402
 from fieldreid.detect.letterbox import letterbox  # noqa: E402
 from fieldreid.engines import load_engine  # noqa: E402
 from fieldreid.engines.manifest import manifest_path  # noqa: E402
+from fieldreid.export.detector_onnx import convert_detector  # noqa: E402
 
 IMGSZ = 640
 CONF_V5 = 0.1

@@ -113,8 +113,8 @@ def test_batching_and_empty_input(default_export, real_crops):
 
 def test_convnext_atto_exports_and_matches(tmp_path, real_crops):
     torch = pytest.importorskip("torch")
-    from fieldreid.embed.export import export_embedder_onnx
     from fieldreid.embed.model import BACKBONES, EmbeddingModel
+    from fieldreid.export.embedder_onnx import export_embedder_onnx
 
     torch.manual_seed(0)
     model = EmbeddingModel("convnext_atto", embedding_dim=128).eval()
@@ -128,8 +128,8 @@ def test_convnext_atto_exports_and_matches(tmp_path, real_crops):
 
 def test_parity_gate_refuses_and_leaves_nothing(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from fieldreid.embed import export
     from fieldreid.embed.model import EmbeddingModel
+    from fieldreid.export import embedder_onnx as export
 
     model = EmbeddingModel("convnext_atto", embedding_dim=16).eval()
     monkeypatch.setattr(export, "PARITY_MIN_COSINE", 1.5)  # unreachable: the gate must fire

@@ -41,19 +41,19 @@ from fieldreid.engines.manifest import (  # noqa: E402
     write_manifest,
 )
 from fieldreid.engines.ort import OnnxRuntimeEngine, default_threads  # noqa: E402
-from fieldreid.engines.profiles import (  # noqa: E402
+from fieldreid.errors import (  # noqa: E402
+    BackendUnavailableError,
+    FieldreidError,
+    InputError,
+    ModelError,
+)
+from fieldreid.export.profiles import (  # noqa: E402
     ExportProfile,
     ProfileError,
     default_profile_dir,
     list_profiles,
     load_profile,
     parse_profile,
-)
-from fieldreid.errors import (  # noqa: E402
-    BackendUnavailableError,
-    FieldreidError,
-    InputError,
-    ModelError,
 )
 from fieldreid.types import PreprocessSpec  # noqa: E402
 
@@ -540,7 +540,7 @@ def test_shipped_profiles_all_load(monkeypatch):
 
     monkeypatch.delenv("FIELDREID_EXPORT_DIR", raising=False)
     # package data, so an installed wheel has them; one copy only (the top-level export/ is documentation)
-    assert Path(str(default_profile_dir())) == Path(fieldreid.__file__).parent / "export_profiles"
+    assert Path(str(default_profile_dir())) == Path(fieldreid.__file__).parent / "export" / "default_profiles"
     assert list_profiles() == sorted(SHIPPED)
     assert not list((Path(__file__).parents[1] / "export").glob("*.toml"))
     for name in SHIPPED:
@@ -574,7 +574,7 @@ def test_profile_by_path_and_env_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FIELDREID_EXPORT_DIR", str(tmp_path))
     assert load_profile("mine") == p
     assert list_profiles() == sorted(["mine", *SHIPPED])  # the user's folder adds to the packaged defaults
-    assert load_profile("cpu-int8").source.endswith(str(Path("export_profiles") / "cpu-int8.toml"))
+    assert load_profile("cpu-int8").source.endswith(str(Path("export") / "default_profiles" / "cpu-int8.toml"))
     (tmp_path / "cpu-int8.toml").write_text(f.read_text())  # and overrides one of the same name
     assert load_profile("cpu-int8").source == str(tmp_path / "cpu-int8.toml")
     with pytest.raises(ProfileError, match=r"'nope' does not exist in .*Known profiles: cpu-fp32.*mine"):
@@ -663,8 +663,8 @@ def test_built_wheel_contains_export_profiles(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     (wheel,) = (tmp_path / "dist").glob("fieldreid-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        inside = {n for n in zf.namelist() if n.startswith("fieldreid/export_profiles/")}
-        assert inside == {f"fieldreid/export_profiles/{name}.toml" for name in SHIPPED}
+        inside = {n for n in zf.namelist() if n.startswith("fieldreid/export/default_profiles/")}
+        assert inside == {f"fieldreid/export/default_profiles/{name}.toml" for name in SHIPPED}
         for name in SHIPPED:  # the same bytes as the source, so one copy
-            assert zf.read(f"fieldreid/export_profiles/{name}.toml") == \
-                (root / "fieldreid" / "export_profiles" / f"{name}.toml").read_bytes()
+            assert zf.read(f"fieldreid/export/default_profiles/{name}.toml") == \
+                (root / "fieldreid" / "export" / "default_profiles" / f"{name}.toml").read_bytes()

@@ -9,7 +9,7 @@ import pytest
 from test_gallery_helpers import clusters, unit
 
 from fieldreid.errors import InputError
-from fieldreid.evaluation import (
+from fieldreid.evaluation.metrics import (
     best_single_threshold,
     calibrate,
     evaluate,

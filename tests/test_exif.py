@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fieldreid.exif import (
+from fieldreid.frames.exif import (
     EXIF_IFD,
     FILE_MTIME,
     TAG_DATETIME,

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime.quantization")
 from test_quantize import _broken_embedder, _write_crops  # noqa: E402
 
 from fieldreid.errors import FieldreidError, InputError  # noqa: E402
-from fieldreid.export_cmd import ExportOptions, run_export  # noqa: E402
+from fieldreid.export.run import ExportOptions, run_export  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from test_gallery_enroll import make_dataset
 from test_gallery_helpers import tiny_embedder_onnx, write_image
 from typer.testing import CliRunner
 
-from fieldreid.cli_gallery import register
+from fieldreid.cli.gallery import register
 from fieldreid.gallery import Gallery
 
 

@@ -73,7 +73,7 @@ def test_enrol_csv_reports_bad_files_and_is_idempotent(tmp_path, embedders):
         assert again.added == 0 and again.already_present == 8 and g.version == v
         # queries of enrolled animals find them
         q = read_metadata(csv, split="query")
-        from fieldreid.imageio import read_image
+        from fieldreid.frames.decode import read_image
 
         vec = emb.embed([read_image(it.path).pixels for it in q])
         res = Searcher(g).search(vec, k=2, model_id=emb.model_id)

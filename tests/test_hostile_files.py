@@ -24,8 +24,9 @@ import pytest
 from PIL import PngImagePlugin
 
 from fieldreid.errors import ImageReadError
-from fieldreid.exif import read_capture_info
-from fieldreid.fsutil import (
+from fieldreid.frames.decode import frame_for_boxes, read_image
+from fieldreid.frames.exif import read_capture_info
+from fieldreid.storage.fsutil import (
     FileChangedError,
     FileRefusedError,
     FolderLock,
@@ -36,7 +37,6 @@ from fieldreid.fsutil import (
     read_regular_file,
     text_path,
 )
-from fieldreid.imageio import frame_for_boxes, read_image
 from fieldreid.types import Detections
 from fieldreid.watch import WatchConfig, Watcher
 from fieldreid.watch import runner as runner_mod

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fieldreid.errors import ImageReadError
-from fieldreid.imageio import (
+from fieldreid.frames.decode import (
     apply_orientation,
     choose_reduction,
     frame_for_boxes,

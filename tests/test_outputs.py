@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from md_format import check_md_output
 
-from fieldreid.fsutil import OutputWriteError, atomic_write_json, atomic_write_text
-from fieldreid.megadetector import (
+from fieldreid.report.megadetector import (
     detections_entry,
     failure_entry,
     image_entry,
     relative_name,
     write_batch_output,
 )
+from fieldreid.storage.fsutil import OutputWriteError, atomic_write_json, atomic_write_text
 from fieldreid.types import Detections
 
 

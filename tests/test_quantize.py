@@ -16,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime.quantization")
 
 from fieldreid.errors import InputError  # noqa: E402
-from fieldreid.quantize import (  # noqa: E402
+from fieldreid.export.quantize import (  # noqa: E402
     QuantizationGateError,
     box_agreement,
     embedding_gate,
@@ -123,7 +123,7 @@ def test_fallback_keeps_sensitive_layers_in_fp32_and_says_which(tmp_path):
 
 
 def test_export_command_int8_writes_manifest_and_refuses_few_crops(tmp_path):
-    from fieldreid.export_cmd import ExportOptions, run_export
+    from fieldreid.export.run import ExportOptions, run_export
 
     model = _broken_embedder(tmp_path / "m.onnx")
     folder = _write_crops(tmp_path / "crops", 64)
@@ -197,7 +197,7 @@ def test_cli_export_int8(tmp_path):
 
 # -- validation never on calibration images; 5th-percentile cosine ----------------------------------------
 def test_holdout_split_is_disjoint_deterministic_and_by_name(tmp_path):
-    from fieldreid.quantize import holdout_split, list_crops
+    from fieldreid.export.quantize import holdout_split, list_crops
 
     folder = _write_crops(tmp_path / "a" / "crops", 50)
     (folder / "cam2").mkdir()
@@ -218,7 +218,7 @@ def test_holdout_split_is_disjoint_deterministic_and_by_name(tmp_path):
 
 
 def test_held_out_sets_remove_calibration_files_from_val(tmp_path):
-    from fieldreid.quantize import held_out_sets
+    from fieldreid.export.quantize import held_out_sets
 
     folder = _write_crops(tmp_path / "crops", 40)
     one = held_out_sets(folder, calib_limit=32)
@@ -235,7 +235,7 @@ def test_held_out_sets_remove_calibration_files_from_val(tmp_path):
 
 
 def test_held_out_sets_from_metadata_csv_splits(zebra):
-    from fieldreid.quantize import held_out_sets
+    from fieldreid.export.quantize import held_out_sets
 
     meta = zebra / "metadata.csv"
     rows = held_out_sets(meta, "database", val_split="query", val_source=meta, calib_limit=64, val_limit=30)
@@ -293,7 +293,7 @@ def test_gate_refuses_int8_that_is_fine_on_calibration_crops_but_not_on_held_out
     from typer.testing import CliRunner
 
     from fieldreid.cli import app
-    from fieldreid.quantize import holdout_split, list_crops, quantize_embedder
+    from fieldreid.export.quantize import holdout_split, list_crops, quantize_embedder
 
     model = _one_conv_embedder(tmp_path / "m.onnx")
     folder = tmp_path / "crops"

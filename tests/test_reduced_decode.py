@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from fieldreid.detect import Detector, box_iou
-from fieldreid.imageio import iter_files, read_image
+from fieldreid.frames.decode import iter_files, read_image
 
 
 def test_reduced_decode_finds_the_same_animals(camtrap, yolov5n_onnx):

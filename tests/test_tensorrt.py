@@ -24,11 +24,11 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-import fieldreid.engines.tensorrt as trt_backend  # noqa: E402
+import fieldreid.engines.tensorrt.runner as trt_backend  # noqa: E402
 from fieldreid.engines.manifest import has_qdq, manifest_path, read_manifest, write_manifest  # noqa: E402
 from fieldreid.engines.ort import OnnxRuntimeEngine  # noqa: E402
 from fieldreid.engines.registry import cuda_device_count  # noqa: E402
-from fieldreid.engines.tensorrt import (  # noqa: E402
+from fieldreid.engines.tensorrt.runner import (  # noqa: E402
     TensorRTEngine,
     build_plan,
     check_plan_compatible,
@@ -118,7 +118,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 # -- pure logic: no TensorRT, no GPU ---------------------------------------------------------------------
 def test_module_imports_without_tensorrt_or_cuda():
     code = (
-        "import sys; import fieldreid.engines.tensorrt; "
+        "import sys; import fieldreid.engines.tensorrt.runner; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'cuda', 'onnx')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -682,9 +682,9 @@ def test_export_writes_the_plan_that_auto_selection_loads(fake, models, tmp_path
     same function that backend selection uses, so the plan it wrote is the plan `auto` loads."""
     import shutil
 
-    from fieldreid import export_cmd
     from fieldreid.engines import load_engine, registry
     from fieldreid.engines.manifest import plan_path
+    from fieldreid.export import run as export_cmd
 
     monkeypatch.setattr(export_cmd, "_tensorrt_available", lambda: True)
     monkeypatch.setattr(registry, "_installed", lambda package: True)

@@ -147,7 +147,7 @@ def test_cached_views_train_and_match_the_full_model(tiny_data, one_batch, tmp_p
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    from fieldreid.export_cmd import ExportOptions, run_export
+    from fieldreid.export.run import ExportOptions, run_export
 
     out, _ = trained
     onnx_path = tmp_path_factory.mktemp("export") / "tiny.onnx"
@@ -158,7 +158,7 @@ def exported(trained, tmp_path_factory):
 def test_export_round_trip(trained, exported):
     from fieldreid.embed.model import load_checkpoint
     from fieldreid.embed.runtime import Embedder
-    from fieldreid.export_cmd import is_embedder_checkpoint
+    from fieldreid.export.run import is_embedder_checkpoint
 
     out, res = trained
     assert is_embedder_checkpoint(out) and not is_embedder_checkpoint(out.with_name(out.name + RESUME_SUFFIX))

@@ -15,8 +15,8 @@ import cv2
 import pytest
 
 from fieldreid.errors import FieldreidError
-from fieldreid.fsutil import OutputWriteError
 from fieldreid.gallery.store import Gallery
+from fieldreid.storage.fsutil import OutputWriteError
 from fieldreid.watch import WatchConfig, Watcher
 from fieldreid.watch import runner as runner_mod
 from fieldreid.watch.state import StateDB

@@ -34,7 +34,7 @@ def _with_capture_time(src: Path, dst: Path, when: str) -> None:
 def test_different_zebras_with_one_capture_time_stay_apart(models, zebra, tmp_path) -> None:
     """The lab enrols and calibrates zebras from crops; a camera folder then holds one photo each of six of
     them, all stamped with the same second. Before issue 11 they became one track and one identity."""
-    from fieldreid.evaluation import calibrate
+    from fieldreid.evaluation.metrics import calibrate
     from fieldreid.gallery.enroll import embed_items, enroll, read_metadata
 
     det, emb = models

@@ -4,7 +4,7 @@
 >>> det = Detector("engines/yolov5n-coco.onnx")              # doctest: +SKIP
 >>> boxes = det.detect_one(cv2.imread("IMAG0107_deer.JPG"))  # doctest: +SKIP
 
-Converting a checkpoint needs the ``train`` extra (torch); see :func:`fieldreid.detect.convert.convert_detector`.
+Converting a checkpoint needs the ``train`` extra (torch); see :func:`fieldreid.export.detector_onnx.convert_detector`.
 Importing this package never imports torch.
 """
 
@@ -32,8 +32,8 @@ from fieldreid.detect.letterbox import LetterboxInfo, letterbox, preprocess, sca
 
 
 def convert_detector(*args, **kwargs):
-    """Convert a YOLOv5 / ultralytics checkpoint to ONNX; see :func:`fieldreid.detect.convert.convert_detector`."""
-    from fieldreid.detect.convert import convert_detector as _convert
+    """Convert a YOLOv5 / ultralytics checkpoint to ONNX; see :func:`fieldreid.export.detector_onnx.convert_detector`."""
+    from fieldreid.export.detector_onnx import convert_detector as _convert
 
     return _convert(*args, **kwargs)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from fieldreid.engines.manifest import sha256_file
 from fieldreid.errors import ModelError
-from fieldreid.fsutil import atomic_output
+from fieldreid.storage.fsutil import atomic_output
 from fieldreid.types import PreprocessSpec
 
 CHECKPOINT_FORMAT = "fieldreid.embedder"

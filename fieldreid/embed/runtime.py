@@ -127,7 +127,7 @@ class Embedder:
                 if key not in meta:
                     raise ModelError(
                         f"{self.path} has no '{key}' metadata, so it is not a fieldreid embedder export. "
-                        "Re-export it with fieldreid (fieldreid.embed.export.export_embedder_onnx)."
+                        "Re-export it with fieldreid (fieldreid.export.embedder_onnx.export_embedder_onnx)."
                     )
             kind = meta.get("fieldreid.kind", "embedder")
             if kind != "embedder":

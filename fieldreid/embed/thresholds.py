@@ -4,7 +4,7 @@ Cosine scores mean different things for different embedders (ImageNet features s
 nyala 0.8; a trained re-ID model scores them 0.3), so fixed defaults are wrong for most models: with the
 old 0.55 / 0.70 every unknown nyala was called known (open-set geometric mean 0.000). Each embedder
 therefore carries its own thresholds in its metadata (ONNX ``metadata_props`` key ``fieldreid.thresholds``,
-copied into TensorRT plan manifests), chosen with :func:`fieldreid.evaluation.calibrate` on labelled
+copied into TensorRT plan manifests), chosen with :func:`fieldreid.evaluation.metrics.calibrate` on labelled
 identities the model was **not trained on**, and saying which data, split and method they came from::
 
     {"upper": 0.829, "lower": 0.829, "method": "max-geometric-mean (open-set simulation, 5 splits)",
@@ -72,11 +72,11 @@ def choose_model_thresholds(embedder, metadata: str | Path, split: str | None, c
                             detector=None, batch_size: int = 16, seed: int = 0, repeats: int = 5,
                             on_progress: Callable[[int], None] | None = None) -> dict:
     """Embed the labelled images of ``metadata`` (rows of ``split``) and choose open-set thresholds on them
-    with :func:`fieldreid.evaluation.calibrate` (threshold maximising sqrt(BAKS · BAUS), pooled over
+    with :func:`fieldreid.evaluation.metrics.calibrate` (threshold maximising sqrt(BAKS · BAUS), pooled over
     ``repeats`` simulated splits). Use identities the embedder was not trained on."""
     from fieldreid.crop import CROP_RULE
     from fieldreid.engines.manifest import sha256_file
-    from fieldreid.evaluation import calibrate
+    from fieldreid.evaluation.metrics import calibrate
     from fieldreid.gallery.enroll import embed_items, read_metadata
 
     metadata = Path(metadata)
@@ -98,7 +98,7 @@ def write_model_thresholds(onnx_path: str | Path, info: Mapping) -> Path:
     """Put ``info`` into the ONNX file's metadata (atomically; the graph is untouched, so the model id and
     every embedding stay the same) and into its manifest, if it has one."""
     from fieldreid.engines.manifest import manifest_path, read_manifest, write_manifest
-    from fieldreid.fsutil import atomic_output
+    from fieldreid.storage.fsutil import atomic_output
 
     try:
         import onnx

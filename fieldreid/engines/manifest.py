@@ -5,7 +5,7 @@ Every artefact fieldreid builds (a TensorRT plan, a quantised ONNX) gets ``<arte
 the source ONNX), how (precision, batch profile), and for what (TensorRT version, GPU), so that a plan
 copied to the wrong device is refused with a sentence instead of crashing inside TensorRT.
 
-Writes are atomic (:mod:`fieldreid.fsutil`: temporary file in the same folder, fsync, ``os.replace``):
+Writes are atomic (:mod:`fieldreid.storage.fsutil`: temporary file in the same folder, fsync, ``os.replace``):
 a power cut on a field device leaves either the old file or the new one, never half a JSON.
 
 >>> write_manifest("engines/embedder.engine", {"precision": "fp16"})   # doctest: +SKIP
@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldreid.errors import ModelError, missing_extra
-from fieldreid.fsutil import atomic_write_text
+from fieldreid.storage.fsutil import atomic_write_text
 
 MANIFEST_SUFFIX = ".json"
 #: ONNX operators that mark explicit (Q/DQ) quantisation

@@ -23,8 +23,8 @@ from fieldreid.errors import BackendUnavailableError, ModelError
 #: backend name -> (module, class, python package it needs, extra that installs it)
 BACKENDS: dict[str, tuple[str, str, str, str]] = {
     "onnxruntime": ("fieldreid.engines.ort", "OnnxRuntimeEngine", "onnxruntime", "core"),
-    "tensorrt": ("fieldreid.engines.tensorrt", "TensorRTEngine", "tensorrt", "trt"),
-    "torch": ("fieldreid.engines.torch_engine", "TorchEngine", "torch", "train"),
+    "tensorrt": ("fieldreid.engines.tensorrt.runner", "TensorRTEngine", "tensorrt", "trt"),
+    "torch": ("fieldreid.engines.torch", "TorchEngine", "torch", "train"),
 }
 
 

@@ -26,9 +26,9 @@ import numpy as np
 
 from fieldreid.crop import CROP_RULE
 from fieldreid.errors import FieldreidError, ImageReadError, InputError
-from fieldreid.fsutil import path_text, text_path
 from fieldreid.gallery.openset import FALLBACK_SPECIES
 from fieldreid.gallery.store import GalleryError, parse_box
+from fieldreid.storage.fsutil import path_text, text_path
 
 REQUIRED_COLUMNS = ("identity", "path")
 ProgressFn = Callable[[int], None]
@@ -81,7 +81,7 @@ def read_metadata(csv_path: str | Path, split: str | None = None, species: str |
 
 def read_folder(root: str | Path, species: str | None = None) -> list[Item]:
     """``root/<identity>/<images>``: one sub-folder per identity (hidden folders and files skipped)."""
-    from fieldreid.imageio import iter_files
+    from fieldreid.frames.decode import iter_files
 
     root = Path(root)
     items = []
@@ -127,11 +127,11 @@ def embed_items(items: Sequence[Item], embedder, detector=None, crops: bool = Fa
     in it, else the whole image is the box. ``crops=False``: each image is a labelled frame; the same box
     is embedded, else its most confident animal box of any size, and an image without one is reported as a
     failure, or embedded whole with ``whole_frame_fallback`` (``eval``). See
-    :class:`fieldreid.pipeline.Pipeline` (``select``). Unreadable images are reported, never fatal.
+    :class:`fieldreid.embed.pipeline.Pipeline` (``select``). Unreadable images are reported, never fatal.
     """
     if not crops and detector is None:
         raise InputError("Whole images need a detector to find the animal; pass one, or crops=True for crops.")
-    from fieldreid.pipeline import Pipeline
+    from fieldreid.embed.pipeline import Pipeline
 
     kept: list[Item] = []
     boxes: list = []
@@ -178,7 +178,7 @@ class EnrollReport:
 
 def source_key(path: Path) -> str:
     """How a source image is recorded: its absolute path (re-embedding reads it back from there), in the
-    text form of :func:`fieldreid.fsutil.path_text` (a name that is not UTF-8 gets ``\\xNN`` escapes)."""
+    text form of :func:`fieldreid.storage.fsutil.path_text` (a name that is not UTF-8 gets ``\\xNN`` escapes)."""
     return path_text(Path(path).resolve())
 
 
@@ -225,7 +225,7 @@ def reembed(gallery, embedder, drop_missing: bool = False, batch_size: int = 16,
     embeddings). Returns (re-embedded rows, failures).
     """
     from fieldreid.crop import crops, whole_box
-    from fieldreid.imageio import read_image
+    from fieldreid.frames.decode import read_image
 
     rows = gallery.embeddings()
     if not rows:

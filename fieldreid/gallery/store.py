@@ -179,7 +179,7 @@ def _strings(obj) -> set[str]:
     return set()
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -476,7 +476,7 @@ class Gallery:
                     else:
                         con.execute(stmt)
                 if version == 0:
-                    now = _now()
+                    now = utc_now()
                     con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
                         ("version", "0"), ("structure", "0"), ("storage", storage), ("created", now)])
                     con.execute("INSERT INTO changes (action, who, at, details, gallery_version) "
@@ -507,7 +507,7 @@ class Gallery:
 
     # ------------------------------------------------------------------ transactions and meta
     @contextmanager
-    def _write(self, action: str | None = None, details: dict | None = None, structural: bool = False
+    def transaction(self, action: str | None = None, details: dict | None = None, structural: bool = False
                ) -> Iterator[sqlite3.Connection]:
         """One write transaction. With ``action``: bump the version (and ``structure``) and log the change."""
         con = self._con
@@ -524,12 +524,12 @@ class Gallery:
             if action is not None and details is not None and details.pop("_unchanged", False):
                 action = None  # e.g. a re-run enrolment that found everything present: nothing to log
             if action is not None:
-                version = int(self._meta("version")) + 1
-                self._set_meta("version", str(version))
+                version = int(self.meta("version")) + 1
+                self.set_meta("version", str(version))
                 if structural:
-                    self._set_meta("structure", str(int(self._meta("structure")) + 1))
+                    self.set_meta("structure", str(int(self.meta("structure")) + 1))
                 con.execute("INSERT INTO changes (action, who, at, details, gallery_version) VALUES (?, ?, ?, ?, ?)",
-                            (action, self.who, _now(), json.dumps(details or {}, sort_keys=True), version))
+                            (action, self.who, utc_now(), json.dumps(details or {}, sort_keys=True), version))
             con.execute("COMMIT")
         except BaseException as exc:
             self._rollback()
@@ -538,18 +538,26 @@ class Gallery:
                 raise err from exc
             raise
 
-    def _meta(self, key: str) -> str | None:
+    def meta(self, key: str) -> str | None:
         row = self._con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def _set_meta(self, key: str, value: str) -> None:
+    def read(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        """One read statement on the gallery's connection (writes go through :meth:`transaction`)."""
+        return self._con.execute(sql, args)
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the main file (before the file is copied or linked elsewhere)."""
+        self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def set_meta(self, key: str, value: str) -> None:
         self._con.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = "
                           "excluded.value", (key, value))
 
     @property
     def version(self) -> int:
         """Counter bumped by every change that can alter a decision (read fresh, other processes count)."""
-        return int(self._meta("version") or 0)
+        return int(self.meta("version") or 0)
 
     def versions(self) -> tuple[int, int]:
         """(version, structure) read in one statement, for cache invalidation."""
@@ -563,16 +571,16 @@ class Gallery:
     @property
     def model_id(self) -> str | None:
         """The embedder every stored vector came from (None while the gallery holds no embeddings)."""
-        return self._meta("model_id")
+        return self.meta("model_id")
 
     @property
     def dim(self) -> int | None:
-        d = self._meta("dim")
+        d = self.meta("dim")
         return int(d) if d else None
 
     @property
     def storage(self) -> str:
-        return self._meta("storage") or "float32"
+        return self.meta("storage") or "float32"
 
     def check_model(self, model_id: str, dim: int | None = None) -> None:
         """Raise :class:`ModelMismatchError` if ``model_id`` is not the gallery's model."""
@@ -635,7 +643,7 @@ class Gallery:
             raise InputError(f"status must be one of {STATUSES}, got {status!r}")
         if origin not in ORIGINS:
             raise InputError(f"origin must be one of {ORIGINS}, got {origin!r}")
-        now = _now()
+        now = utc_now()
         self._con.execute("INSERT INTO identities (id, name, species, status, origin, created, updated) "
                           "VALUES (?, ?, ?, ?, ?, ?, ?)", (identity_id, name, species, status, origin, now, now))
 
@@ -645,7 +653,7 @@ class Gallery:
         if self.has_identity(identity_id):
             return False
         details = {"identity": identity_id, "species": species, "status": status, "origin": origin}
-        with self._write("create", details):
+        with self.transaction("create", details):
             created = not self.has_identity(identity_id)  # another process may have made it meanwhile
             if created:
                 self._insert_identity(identity_id, species, name, status, origin)
@@ -653,7 +661,7 @@ class Gallery:
                 details["already_present"] = True
         return created
 
-    def _next_provisional(self, species: str) -> str:
+    def next_provisional(self, species: str) -> str:
         """Next ``<species>-P0001`` id; the counter lives in the file so numbering never repeats."""
         con = self._con
         row = con.execute("SELECT next FROM provisional_counters WHERE species = ?", (species,)).fetchone()
@@ -677,14 +685,14 @@ class Gallery:
         if row is not None:  # this very crop is already in the gallery (a re-run): never a second identity
             return row[0]
         details: dict = {"species": species, "source": source, "box": key}
-        with self._write("create-provisional", details) as con:
-            new_id = self._next_provisional(species)
+        with self.transaction("create-provisional", details) as con:
+            new_id = self.next_provisional(species)
             details["identity"] = new_id
             self._insert_identity(new_id, species, None, "provisional", "field")
             self._claim_model(model_id, vec.shape[1])
             con.execute("INSERT OR IGNORE INTO embeddings (identity_id, model_id, dim, dtype, vector, source, box, "
                         "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (new_id, model_id, vec.shape[1], self.storage, vec[0].tobytes(), source, key, _now()))
+                        (new_id, model_id, vec.shape[1], self.storage, vec[0].tobytes(), source, key, utc_now()))
         return new_id
 
     # ------------------------------------------------------------------ embeddings
@@ -701,10 +709,10 @@ class Gallery:
 
     def _claim_model(self, model_id: str, dim: int) -> None:
         """Inside a write: set the gallery's model on first use, re-check it under the lock otherwise."""
-        mine = self._meta("model_id")
+        mine = self.meta("model_id")
         if mine is None:
-            self._set_meta("model_id", model_id)
-            self._set_meta("dim", str(dim))
+            self.set_meta("model_id", model_id)
+            self.set_meta("dim", str(dim))
         else:
             self.check_model(model_id, dim)
 
@@ -730,9 +738,9 @@ class Gallery:
             return 0, 0
         added = 0
         new_ids: set[str] = set()
-        now = _now()
+        now = utc_now()
         details = {"model_id": model_id, "n": n, **({"crop_rule": crop_rule} if crop_rule else {})}
-        with self._write("enrol", details) as con:
+        with self.transaction("enrol", details) as con:
             self._claim_model(model_id, vec.shape[1])
             for i in range(n):
                 iid = str(identity_ids[i])
@@ -804,10 +812,10 @@ class Gallery:
         keep = {int(r) for r in row_ids}
         all_ids = [r[0] for r in self._con.execute("SELECT id FROM embeddings")]
         dropped = [i for i in all_ids if i not in keep]
-        with self._write("reembed", {"from": old, "to": model_id, "rows": len(keep), "dropped": len(dropped)},
+        with self.transaction("reembed", {"from": old, "to": model_id, "rows": len(keep), "dropped": len(dropped)},
                          structural=True) as con:
-            self._set_meta("model_id", model_id)
-            self._set_meta("dim", str(vec.shape[1]))
+            self.set_meta("model_id", model_id)
+            self.set_meta("dim", str(vec.shape[1]))
             con.executemany("UPDATE embeddings SET model_id = ?, dim = ?, dtype = ?, vector = ? WHERE id = ?",
                             [(model_id, vec.shape[1], self.storage, vec[i].astype(dtype).tobytes(), int(r))
                              for i, r in enumerate(row_ids)])
@@ -818,10 +826,10 @@ class Gallery:
         """Store open-set thresholds for (species, model); ``species='*'`` applies to every species."""
         if not (np.isfinite(upper) and np.isfinite(lower)) or lower > upper:
             raise InputError(f"Thresholds need lower <= upper (got lower={lower}, upper={upper}).")
-        with self._write("thresholds", {"species": species, "model_id": model_id, "upper": upper, "lower": lower,
+        with self.transaction("thresholds", {"species": species, "model_id": model_id, "upper": upper, "lower": lower,
                                         "method": method}) as con:
             con.execute("INSERT INTO thresholds (species, model_id, upper, lower, method, created) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", (species, model_id, float(upper), float(lower), method, _now()))
+                        "VALUES (?, ?, ?, ?, ?, ?)", (species, model_id, float(upper), float(lower), method, utc_now()))
 
     def thresholds(self, species: str, model_id: str) -> StoredThresholds | None:
         """Latest thresholds for (species, model), falling back to the '*' entry; None if uncalibrated."""
@@ -850,10 +858,10 @@ class Gallery:
                 "runner_up_score", "upper", "lower", "threshold_method", "model_id", "gallery_version",
                 "source_sha256", "source_root", "vector")
         ids = []
-        now = _now()
+        now = utc_now()
         sql = (f"INSERT INTO sightings ({', '.join(cols)}, created) VALUES ({', '.join('?' * len(cols))}, ?) "
                "ON CONFLICT (source_sha256, box) DO NOTHING")
-        with self._write() as con:
+        with self.transaction() as con:
             for r in rows:
                 if r.get("decision") not in DECISIONS:
                     raise InputError(f"decision must be one of {DECISIONS}, got {r.get('decision')!r}")
@@ -907,15 +915,15 @@ class Gallery:
         target = new_id or identity_id
         if new_id and new_id != identity_id and self.has_identity(new_id):
             raise GalleryError(f"Identity '{new_id}' already exists; use `fieldreid gallery merge` to combine them.")
-        with self._write("rename", {"identity": identity_id, "new_id": target, "old_name": old[1], "name": name},
+        with self.transaction("rename", {"identity": identity_id, "new_id": target, "old_name": old[1], "name": name},
                          structural=target != identity_id) as con:
             if target != identity_id:
                 # ON UPDATE CASCADE moves the embeddings; sightings are provenance, updated explicitly
-                con.execute("UPDATE identities SET id = ?, updated = ? WHERE id = ?", (target, _now(), identity_id))
+                con.execute("UPDATE identities SET id = ?, updated = ? WHERE id = ?", (target, utc_now(), identity_id))
                 con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ?", (target, identity_id))
                 con.execute("UPDATE sightings SET runner_up_id = ? WHERE runner_up_id = ?", (target, identity_id))
             if name is not None:
-                con.execute("UPDATE identities SET name = ?, updated = ? WHERE id = ?", (name, _now(), target))
+                con.execute("UPDATE identities SET name = ?, updated = ? WHERE id = ?", (name, utc_now(), target))
         return target
 
     def merge(self, sources: Sequence[str], target: str) -> int:
@@ -933,7 +941,7 @@ class Gallery:
             if row[2] != tgt[2] and row[2] != UNKNOWN_SPECIES:
                 raise GalleryError(f"Cannot merge '{s}' ({row[2]}) into '{target}' ({tgt[2]}): different species.")
         details: dict = {"sources": srcs, "target": target}
-        with self._write("merge", details, structural=True) as con:
+        with self.transaction("merge", details, structural=True) as con:
             moved = 0
             for s in srcs:
                 moved += con.execute("UPDATE embeddings SET identity_id = ? WHERE identity_id = ?",
@@ -941,7 +949,7 @@ class Gallery:
                 con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ?", (target, s))
                 con.execute("UPDATE sightings SET runner_up_id = ? WHERE runner_up_id = ?", (target, s))
                 con.execute("DELETE FROM identities WHERE id = ?", (s,))
-            con.execute("UPDATE identities SET updated = ? WHERE id = ?", (_now(), target))
+            con.execute("UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), target))
             details["embeddings_moved"] = moved
         return moved
 
@@ -962,12 +970,12 @@ class Gallery:
         if new_id and self.has_identity(new_id):
             raise GalleryError(f"Identity '{new_id}' already exists; choose another id or use merge.")
         details: dict = {"identity": identity_id, "embeddings": ids}
-        with self._write("split", details, structural=True) as con:
+        with self.transaction("split", details, structural=True) as con:
             if new_id:
                 target = new_id
                 self._insert_identity(target, species, name or new_id, "confirmed", row[4])
             else:
-                target = self._next_provisional(species)
+                target = self.next_provisional(species)
                 self._insert_identity(target, species, name, "provisional", row[4])
             for i in ids:
                 con.execute("UPDATE embeddings SET identity_id = ? WHERE id = ?", (target, i))
@@ -983,8 +991,8 @@ class Gallery:
         if new_id and new_id != identity_id:
             target = self.rename(identity_id, new_id, name)
             name = None
-        with self._write("confirm", {"identity": target, "previous_id": identity_id, "was": row[3]}) as con:
-            con.execute("UPDATE identities SET status = 'confirmed', updated = ? WHERE id = ?", (_now(), target))
+        with self.transaction("confirm", {"identity": target, "previous_id": identity_id, "was": row[3]}) as con:
+            con.execute("UPDATE identities SET status = 'confirmed', updated = ? WHERE id = ?", (utc_now(), target))
             if name is not None:
                 con.execute("UPDATE identities SET name = ? WHERE id = ?", (name, target))
         return target
@@ -993,7 +1001,7 @@ class Gallery:
         """Delete an identity and its embeddings. Sightings stay (they are history) and still name it."""
         row = self._identity_row(identity_id)
         details: dict = {"identity": identity_id, "species": row[2], "status": row[3]}
-        with self._write("delete", details, structural=True) as con:
+        with self.transaction("delete", details, structural=True) as con:
             n = con.execute("DELETE FROM embeddings WHERE identity_id = ?", (identity_id,)).rowcount
             con.execute("DELETE FROM identities WHERE id = ?", (identity_id,))
             details["embeddings_deleted"] = n

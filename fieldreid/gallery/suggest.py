@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fieldreid.gallery.openset import Thresholds, thresholds_for
-from fieldreid.gallery.store import Gallery, _now
+from fieldreid.gallery.store import Gallery, utc_now
 
 _TABLE = """CREATE TABLE IF NOT EXISTS suggestions (
     identity_id TEXT PRIMARY KEY,
@@ -89,8 +89,8 @@ def suggest_matches(gallery: Gallery, model_thresholds: Thresholds | None = None
             second = lab_ids[order[1]] if len(order) > 1 else None
             found.append(Suggestion(fid, top, lab[top], score, decision, second,
                                     float(best[order[1]]) if second else None, th.upper, th.lower, th.method,
-                                    version, _now()))
-    with gallery._write() as wcon:
+                                    version, utc_now()))
+    with gallery.transaction() as wcon:
         wcon.execute(_TABLE)
         wcon.execute("DELETE FROM suggestions")
         wcon.executemany(f"INSERT INTO suggestions VALUES ({', '.join('?' * 12)})",

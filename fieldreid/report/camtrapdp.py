@@ -14,7 +14,7 @@
   score of the matched identity for known/uncertain, else the detector confidence. Scores are cosines,
   not calibrated probabilities; the standard has no better field.
 * timestamps need a UTC offset: EXIF ``OffsetTimeOriginal`` when present, else ``--utc-offset``.
-* file names are the watch's text form (:func:`fieldreid.fsutil.path_text`): a name that is not UTF-8
+* file names are the watch's text form (:func:`fieldreid.storage.fsutil.path_text`): a name that is not UTF-8
   has ``\\xNN`` for each undecodable byte (and ``\\\\`` for a backslash) in ``filePath`` and ``fileName``.
 
 The table schemas below are the Camtrap DP 1.0 field lists (names, types, constraints) transcribed from
@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
-from fieldreid.fsutil import path_text, text_path
-from fieldreid.report.outputs import atomic_text
+from fieldreid.report.tables import atomic_text
+from fieldreid.storage.fsutil import path_text, text_path
 from fieldreid.watch.state import StateDB
 
 VERSION = "1.0.2"
@@ -144,7 +144,7 @@ def _read_deployments(path: Path | None) -> dict[str, dict]:
 def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc_offset: str = "+00:00",
                   title: str | None = None) -> tuple[Path, list[str]]:
     """Write ``pkg/{datapackage.json, deployments.csv, media.csv, observations.csv}``; returns (path, warnings)."""
-    from fieldreid.exif import parse_offset
+    from fieldreid.frames.exif import parse_offset
 
     offset = parse_offset(utc_offset)
     if offset is None:

@@ -14,7 +14,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from fieldreid.report.outputs import atomic_text
+from fieldreid.report.tables import atomic_text
 from fieldreid.watch.state import StateDB
 
 THUMB = 96
@@ -34,7 +34,7 @@ def _img(blob: bytes | None, alt: str) -> str:
 
 def _thumb_from_file(path: Path, box: str) -> bytes | None:
     from fieldreid.crop import crops, whole_box
-    from fieldreid.imageio import encode_jpeg, read_image
+    from fieldreid.frames.decode import encode_jpeg, read_image
 
     try:
         frame = read_image(path, min_side=THUMB * 2, keep_data=True)

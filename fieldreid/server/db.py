@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError, missing_extra
-from fieldreid.fsutil import atomic_write_bytes
 from fieldreid.server import schema as s
 from fieldreid.server.fields import species_problem
 from fieldreid.server.signing import LabKey
+from fieldreid.storage.fsutil import atomic_write_bytes
 
 try:
     import sqlalchemy as sa

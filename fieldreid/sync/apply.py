@@ -22,7 +22,7 @@ import json
 import numpy as np
 
 from fieldreid.errors import FieldreidError
-from fieldreid.gallery.store import Gallery, GalleryError, _now
+from fieldreid.gallery.store import Gallery, GalleryError, utc_now
 from fieldreid.sync.queue import ensure_tables, get_state, set_state
 
 
@@ -90,24 +90,24 @@ def apply_bundle(gallery: Gallery, payload: dict, project: str, species: str, de
     if payload["version"] == current and not snapshot and not eids and not payload["identities"] \
             and not payload["merges"] and not payload["embeddings_deleted"]:
         return {**details, "changed": False}
-    now = _now()
+    now = utc_now()
     prefix = f"lab:{project}:"
 
     def step(name: str) -> None:
         if _fail_after == name:
             raise GalleryError(f"injected failure after {name}")
 
-    with gallery._write("sync-pull", details, structural=True) as con:
-        if gallery._meta("model_id") is None:
-            gallery._set_meta("model_id", payload["model_id"])
-            gallery._set_meta("dim", str(dim))
+    with gallery.transaction("sync-pull", details, structural=True) as con:
+        if gallery.meta("model_id") is None:
+            gallery.set_meta("model_id", payload["model_id"])
+            gallery.set_meta("dim", str(dim))
         incoming = {i[0] for i in payload["identities"] if not i[3]}
         # 1. a lab id that collides with one of this device's own provisional ids: renumber the local one
         renamed = {}
         for iid in sorted(incoming):
             row = con.execute("SELECT species FROM identities WHERE id = ? AND origin = 'field'", (iid,)).fetchone()
             if row is not None:
-                new_local = gallery._next_provisional(row[0])
+                new_local = gallery.next_provisional(row[0])
                 con.execute("UPDATE identities SET id = ? WHERE id = ?", (new_local, iid))
                 con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ?", (new_local, iid))
                 con.execute("UPDATE sightings SET runner_up_id = ? WHERE runner_up_id = ?", (new_local, iid))

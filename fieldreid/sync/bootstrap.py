@@ -42,7 +42,7 @@ def create_from_lab(path: str | Path, client: SyncClient) -> list[PullReport]:
                 errors = "; ".join(f"{r.species}: {r.error}" for r in reports if r.error)
                 raise SyncError(f"The lab sent no gallery to start {path} from "
                                 f"({errors or 'the project has no species gallery yet'}); nothing was created.")
-            g._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            g.checkpoint()
         try:
             os.link(tmp, path)  # never replaces a gallery that appeared meanwhile
         except FileExistsError as exc:

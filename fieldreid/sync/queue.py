@@ -56,19 +56,18 @@ EmbedFn = Callable[[bytes], np.ndarray | None]
 
 
 def ensure_tables(gallery: Gallery) -> None:
-    con = gallery._con
-    if con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'sync_field_ids'").fetchone()[0]:
-        if "rejected" not in {r[1] for r in con.execute("PRAGMA table_info(sync_chunks)")}:
-            with gallery._write() as c:  # a queue made before refused chunks were recorded
+    if gallery.read("SELECT count(*) FROM sqlite_master WHERE name = 'sync_field_ids'").fetchone()[0]:
+        if "rejected" not in {r[1] for r in gallery.read("PRAGMA table_info(sync_chunks)")}:
+            with gallery.transaction() as c:  # a queue made before refused chunks were recorded
                 c.execute("ALTER TABLE sync_chunks ADD COLUMN rejected TEXT")
         return
-    with gallery._write() as c:
+    with gallery.transaction() as c:
         for stmt in _TABLES:
             c.execute(stmt)
 
 
 def get_state(gallery: Gallery, key: str, default: str | None = None) -> str | None:
-    row = gallery._con.execute("SELECT value FROM sync_state WHERE key = ?", (key,)).fetchone()
+    row = gallery.read("SELECT value FROM sync_state WHERE key = ?", (key,)).fetchone()
     return row[0] if row else default
 
 
@@ -82,7 +81,7 @@ def gallery_uid(gallery: Gallery) -> str:
     """A random id fixed at the first sync: sighting uids are ``<gallery uid>:<sighting id>``."""
     uid = get_state(gallery, "gallery_uid")
     if uid is None:
-        with gallery._write() as con:
+        with gallery.transaction() as con:
             uid = get_state(gallery, "gallery_uid") or uuid.uuid4().hex
             set_state(con, "gallery_uid", uid)
     return uid
@@ -90,7 +89,7 @@ def gallery_uid(gallery: Gallery) -> str:
 
 def encode_crop(pixels_bgr: np.ndarray, max_side: int = CROP_MAX_SIDE, quality: int = CROP_QUALITY) -> bytes:
     """A BGR crop → JPEG bytes, longer side at most ``max_side`` (≈10 KB at 256 px, quality 85)."""
-    from fieldreid.imageio import encode_jpeg
+    from fieldreid.frames.decode import encode_jpeg
 
     data = encode_jpeg(pixels_bgr, max_side, quality)
     if data is None:
@@ -105,7 +104,7 @@ def crop_from_file(image: str, box: str, sha256: str | None = None) -> bytes | N
 
     from fieldreid.crop import crops, whole_box
     from fieldreid.errors import FieldreidError
-    from fieldreid.imageio import read_image
+    from fieldreid.frames.decode import read_image
 
     try:
         frame = read_image(image, min_side=CROP_MAX_SIDE, keep_data=True)
@@ -147,16 +146,13 @@ class Outbox:
         self.gallery = gallery
         ensure_tables(gallery)
 
-    @property
-    def _con(self):
-        return self.gallery._con
 
     def add(self, sighting_id: int, vector: np.ndarray | None = None, crop_jpeg: bytes | None = None) -> None:
         """Queue one recorded sighting with its embedding and crop (a no-op if already queued)."""
         self.add_many([(sighting_id, vector, crop_jpeg)])
 
     def add_many(self, items) -> None:
-        with self.gallery._write() as con:
+        with self.gallery.transaction() as con:
             for sid, vec, crop in items:
                 blob = None if vec is None else np.asarray(vec, "<f4").reshape(-1).tobytes()
                 con.execute("INSERT OR IGNORE INTO sync_outbox (sighting_id, vector, crop) VALUES (?, ?, ?)",
@@ -173,17 +169,17 @@ class Outbox:
         added = 0
         while True:
             mark = int(get_state(self.gallery, "queued_upto", "0"))
-            rows = self._con.execute("SELECT id, image, box, source_root, source_sha256, vector FROM sightings "
+            rows = self.gallery.read("SELECT id, image, box, source_root, source_sha256, vector FROM sightings "
                                      "WHERE id > ? ORDER BY id LIMIT ?", (mark, batch)).fetchall()
             if not rows:
                 return added
             items = []
             for sid, image, box, root, sha, own in rows:
-                if self._con.execute("SELECT 1 FROM sync_outbox WHERE sighting_id = ?", (sid,)).fetchone():
+                if self.gallery.read("SELECT 1 FROM sync_outbox WHERE sighting_id = ?", (sid,)).fetchone():
                     continue
                 crop = crop_fn(image_path(image, root), box, sha) if crop_fn else None
                 vec = None
-                hit = None if own is not None else self._con.execute(
+                hit = None if own is not None else self.gallery.read(
                     "SELECT vector, dtype FROM embeddings WHERE source = ? AND box = ? LIMIT 1", (image, box)).fetchone()
                 if own is not None:
                     vec = np.frombuffer(own, "<f4")
@@ -192,7 +188,7 @@ class Outbox:
                 elif embed_fn is not None and crop is not None:
                     vec = embed_fn(crop)
                 items.append((sid, vec, crop))
-            with self.gallery._write() as con:
+            with self.gallery.transaction() as con:
                 for sid, vec, crop in items:
                     blob = None if vec is None else np.asarray(vec, "<f4").reshape(-1).tobytes()
                     con.execute("INSERT OR IGNORE INTO sync_outbox (sighting_id, vector, crop) VALUES (?, ?, ?)",
@@ -202,30 +198,30 @@ class Outbox:
 
     def pending(self) -> int:
         """Sightings not yet acknowledged by the lab (those in refused chunks included)."""
-        return int(self._con.execute("SELECT count(*) FROM sync_outbox WHERE chunk IS NULL OR chunk != ?",
+        return int(self.gallery.read("SELECT count(*) FROM sync_outbox WHERE chunk IS NULL OR chunk != ?",
                                      (SENT,)).fetchone()[0])
 
     def reject(self, chunk: Chunk, reason: str) -> None:
         """The lab refused this chunk as a whole: keep it, with the reason, and stop sending it."""
-        with self.gallery._write() as con:
+        with self.gallery.transaction() as con:
             con.execute("UPDATE sync_chunks SET rejected = ? WHERE key = ?", (reason[:2000] or "refused", chunk.key))
 
     def rejected_chunks(self) -> list[dict]:
         """Chunks the lab refused: ``{key, sightings, reason}``, oldest first."""
-        return [{"key": k, "sightings": n, "reason": r} for k, n, r in self._con.execute(
+        return [{"key": k, "sightings": n, "reason": r} for k, n, r in self.gallery.read(
             "SELECT key, n, rejected FROM sync_chunks WHERE rejected IS NOT NULL ORDER BY seq")]
 
     def retry_rejected(self) -> int:
         """Send the refused chunks again on the next push (after the lab or this device was fixed)."""
-        with self.gallery._write() as con:
+        with self.gallery.transaction() as con:
             return con.execute("UPDATE sync_chunks SET rejected = NULL WHERE rejected IS NOT NULL").rowcount
 
     def sent(self) -> int:
-        return int(self._con.execute("SELECT count(*) FROM sync_outbox WHERE chunk = ?", (SENT,)).fetchone()[0])
+        return int(self.gallery.read("SELECT count(*) FROM sync_outbox WHERE chunk = ?", (SENT,)).fetchone()[0])
 
     def chunks(self, max_sightings: int = 64, max_bytes: int = 4 * 1024 * 1024) -> list[Chunk]:
         """Chunks to send, oldest first: the unacknowledged ones as they were formed, then new ones."""
-        free = self._con.execute("SELECT sighting_id, length(coalesce(vector, '')) + length(coalesce(crop, '')) "
+        free = self.gallery.read("SELECT sighting_id, length(coalesce(vector, '')) + length(coalesce(crop, '')) "
                                  "FROM sync_outbox WHERE chunk IS NULL ORDER BY sighting_id").fetchall()
         if free:
             groups: list[list[int]] = [[]]
@@ -236,7 +232,7 @@ class Outbox:
                     size = 0
                 groups[-1].append(int(sid))
                 size += nbytes + 512
-            with self.gallery._write() as con:
+            with self.gallery.transaction() as con:
                 seq = con.execute("SELECT coalesce(max(seq), 0) FROM sync_chunks").fetchone()[0]
                 for g in groups:
                     seq += 1
@@ -244,25 +240,25 @@ class Outbox:
                     con.execute("INSERT INTO sync_chunks (key, seq, n) VALUES (?, ?, ?)", (key, seq, len(g)))
                     con.executemany("UPDATE sync_outbox SET chunk = ? WHERE sighting_id = ?", [(key, s) for s in g])
         out = []
-        for (key,) in self._con.execute("SELECT key FROM sync_chunks WHERE rejected IS NULL ORDER BY seq").fetchall():
-            ids = [r[0] for r in self._con.execute("SELECT sighting_id FROM sync_outbox WHERE chunk = ? ORDER BY "
+        for (key,) in self.gallery.read("SELECT key FROM sync_chunks WHERE rejected IS NULL ORDER BY seq").fetchall():
+            ids = [r[0] for r in self.gallery.read("SELECT sighting_id FROM sync_outbox WHERE chunk = ? ORDER BY "
                                                    "sighting_id", (key,))]
             out.append(Chunk(key, ids))
         return out
 
     def payload(self, chunk: Chunk, device_id: str) -> tuple[dict, list[str]]:
         """The msgpack-ready chunk body and the local provisional identities it introduces to the lab."""
-        con = self._con
+        g = self.gallery
         uid = gallery_uid(self.gallery)
         model_id = self.gallery.model_id
         species_of = self.gallery.identity_species()
-        field = {r[0] for r in con.execute("SELECT id FROM identities WHERE origin = 'field'")}
-        pushed = {r[0] for r in con.execute("SELECT local_id FROM sync_field_ids")}
+        field = {r[0] for r in g.read("SELECT id FROM identities WHERE origin = 'field'")}
+        pushed = {r[0] for r in g.read("SELECT local_id FROM sync_field_ids")}
         sole = self.gallery.species()
         fallback = sole[0] if len(sole) == 1 else "animal"
         sightings, introduce = [], []
         for sid in chunk.sighting_ids:
-            cur = con.execute("SELECT s.*, o.vector AS qvec, o.crop AS qcrop FROM sightings s JOIN sync_outbox o ON "
+            cur = g.read("SELECT s.*, o.vector AS qvec, o.crop AS qcrop FROM sightings s JOIN sync_outbox o ON "
                               "o.sighting_id = s.id WHERE s.id = ?", (sid,))
             names = [d[0] for d in cur.description]
             row = cur.fetchone()
@@ -283,7 +279,7 @@ class Outbox:
                 "vector": r["qvec"], "crop": r["qcrop"]})
         identities = []
         for local in introduce:
-            embs = con.execute("SELECT id, source, box, vector, dtype FROM embeddings WHERE identity_id = ? ORDER BY id "
+            embs = g.read("SELECT id, source, box, vector, dtype FROM embeddings WHERE identity_id = ? ORDER BY id "
                                "LIMIT 64", (local,)).fetchall()
             identities.append({"local_id": local, "species": species_of.get(local) or fallback, "embeddings": [
                 {"source": src, "box": box, "vector": np.frombuffer(v, "<f2" if dt == "float16" else "<f4")
@@ -292,7 +288,7 @@ class Outbox:
 
     def ack(self, chunk: Chunk, introduced: list[dict]) -> None:
         """The server has the chunk: forget it and its sightings' queued copies, remember the identities sent."""
-        with self.gallery._write() as con:
+        with self.gallery.transaction() as con:
             # the row stays (marked sent, blobs dropped) so a later collect() never queues the sighting again
             con.execute("UPDATE sync_outbox SET chunk = ?, vector = NULL, crop = NULL WHERE chunk = ?",
                         (SENT, chunk.key))

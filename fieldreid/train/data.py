@@ -1,6 +1,6 @@
 """Labelled crops for training: ``metadata.csv`` rows -> decoded images -> augmented, preprocessed batches.
 
-Images are decoded once (EXIF-upright, :func:`fieldreid.imageio.read_image`), cut by the **one crop rule**
+Images are decoded once (EXIF-upright, :func:`fieldreid.frames.decode.read_image`), cut by the **one crop rule**
 (:mod:`fieldreid.crop`: with a detector, the animal's box in each labelled crop plus the margin; without
 one, the whole image is the box) and kept in memory as BGR uint8, shrunk so their longer side is at most
 ``max_side``: re-id sets are small and a 2-core CPU must not spend its time in the JPEG decoder every
@@ -162,7 +162,7 @@ class LabelledImages:
 def _rule_crops(paths: Sequence[Path], detector, side: int) -> list[np.ndarray | str]:
     """The crop-rule crop of each labelled image (a failure reason instead where it cannot be read), cut
     with pixels for ``side`` (fieldreid.crop.crops), as enrolment and ``watch`` cut them."""
-    from fieldreid.pipeline import Pipeline
+    from fieldreid.embed.pipeline import Pipeline
 
     out: dict[Path, np.ndarray | str] = {}
     unique = list(dict.fromkeys(Path(p) for p in paths))

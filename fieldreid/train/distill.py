@@ -123,7 +123,7 @@ def _timm_teacher(path: Path, arch: str | None, size: int | None, images, device
 
 def teacher_embeddings(cfg: DistillConfig, data: LabelledImages, cache: Path | None = None) -> np.ndarray:
     """The teacher's L2-normalised embedding of every (un-augmented) training image, cached in ``cache``."""
-    from fieldreid.export_cmd import is_embedder_checkpoint
+    from fieldreid.export.run import is_embedder_checkpoint
 
     path = Path(cfg.teacher)
     if not path.is_file():
@@ -151,7 +151,7 @@ def teacher_embeddings(cfg: DistillConfig, data: LabelledImages, cache: Path | N
     if cache is not None:
         import io
 
-        from fieldreid.fsutil import atomic_write_bytes
+        from fieldreid.storage.fsutil import atomic_write_bytes
 
         buf = io.BytesIO()
         np.savez(buf, vectors=vec.astype(np.float32), teacher_sha256=np.array(digest),

@@ -159,7 +159,7 @@ def build_model(backbone: str, init: str | Path | None = None, embedding_dim: in
 
 
 def _is_our_checkpoint(path: Path) -> bool:
-    from fieldreid.export_cmd import is_embedder_checkpoint
+    from fieldreid.export.run import is_embedder_checkpoint
 
     return is_embedder_checkpoint(path)
 
@@ -361,7 +361,7 @@ class Fit:
         }
 
     def save_state(self) -> Path:
-        from fieldreid.fsutil import atomic_output
+        from fieldreid.storage.fsutil import atomic_output
 
         state = self.state()
         with atomic_output(self.resume_path) as tmp:
@@ -395,7 +395,7 @@ class Fit:
 
     # -- checkpoint -------------------------------------------------------------------------------------
     def model_id(self) -> str:
-        from fieldreid.embed.export import state_dict_sha256
+        from fieldreid.export.embedder_onnx import state_dict_sha256
 
         tag = self.cfg.name or Path(self.cfg.metadata).resolve().parent.name or "custom"
         tag = "".join(c if c.isalnum() or c in "-." else "-" for c in tag.lower())

@@ -43,9 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from fieldreid.crop import CROP_RULE
+from fieldreid.embed.pipeline import Pipeline, prefetch_batches
 from fieldreid.errors import FieldreidError, ImageReadError
-from fieldreid.exif import CaptureInfo, read_capture_info
-from fieldreid.fsutil import (
+from fieldreid.frames.decode import DEFAULT_MAX_PIXELS, VIDEO_SUFFIXES, Frame, encode_jpeg, read_image
+from fieldreid.frames.exif import CaptureInfo, read_capture_info
+from fieldreid.gallery.openset import Decision, Identifier
+from fieldreid.gallery.store import Gallery, box_key
+from fieldreid.storage.fsutil import (
     DEFAULT_MAX_FILE_BYTES,
     FileChangedError,
     FileRefusedError,
@@ -53,10 +57,6 @@ from fieldreid.fsutil import (
     path_text,
     read_regular_file,
 )
-from fieldreid.gallery.openset import Decision, Identifier
-from fieldreid.gallery.store import Gallery, box_key
-from fieldreid.imageio import DEFAULT_MAX_PIXELS, VIDEO_SUFFIXES, Frame, encode_jpeg, read_image
-from fieldreid.pipeline import Pipeline, _prefetch
 from fieldreid.watch.events import (
     DEFAULT_GAP_S,
     DEFAULT_LINK_THRESHOLD,
@@ -291,7 +291,7 @@ class Watcher:
                 continue
             in_batch[it.sha] = it.cand.rel
             ready.append(it)
-        results = self.pipe._process([it.frame for it in ready]) if ready else []
+        results = self.pipe.process([it.frame for it in ready]) if ready else []
         rows = []
         for it, res in zip(ready, results, strict=True):
             it.frame = None  # let the pixels go
@@ -364,7 +364,7 @@ class Watcher:
         res = PassResult()
         stats = res.stats
         cands = scan(self.root, self._lookup, self.cfg.settle, stats) if paths is None else self._targeted(paths, stats)
-        loaded = _prefetch(_chunks(cands, self.cfg.batch), self._load_batch, depth=1,
+        loaded = prefetch_batches(_chunks(cands, self.cfg.batch), self._load_batch, depth=1,
                            stop_requested=self.stop_event)
         handled = 0
         try:
@@ -539,7 +539,7 @@ class Watcher:
         if not self.cfg.write_outputs or not (self._changed or force):
             return
         from fieldreid import __version__
-        from fieldreid.report.outputs import write_all
+        from fieldreid.report.tables import write_all
 
         # A connection of its own: the scanner thread is using self.reader meanwhile. Each output is one
         # read transaction, so it describes one committed state.

@@ -9,7 +9,7 @@ Only regular files inside ``ROOT`` are read. Symbolic links are never followed (
 ``/dev/zero`` or back up the tree cannot pull in other files, block or loop), and a folder reached twice
 (a bind mount loop) is walked once. An entry with an image or video name that is a symbolic link, a FIFO,
 a device or a socket becomes a candidate with ``refused`` set: the watch records it as *failed* with that
-reason, without opening it. Paths are recorded in the text form of :func:`fieldreid.fsutil.path_text`
+reason, without opening it. Paths are recorded in the text form of :func:`fieldreid.storage.fsutil.path_text`
 (names that are not UTF-8 get ``\\xNN`` escapes), which is what ``Candidate.rel`` holds.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
-from fieldreid.fsutil import file_kind, path_text
-from fieldreid.imageio import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from fieldreid.frames.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from fieldreid.storage.fsutil import file_kind, path_text
 
 WANTED = IMAGE_SUFFIXES | VIDEO_SUFFIXES
 FINAL = ("done", "failed", "duplicate")
@@ -37,7 +37,7 @@ class FolderGoneError(FieldreidError):
 @dataclass(frozen=True)
 class Candidate:
     """A file to read: its path, path relative to the root (posix, text form of
-    :func:`~fieldreid.fsutil.path_text`), camera, and the ``lstat`` seen by the scan: size, mtime and
+    :func:`~fieldreid.storage.fsutil.path_text`), camera, and the ``lstat`` seen by the scan: size, mtime and
     ``identity`` = ``(st_dev, st_ino)``, so that the reader can tell the file it opens is the one listed.
     ``refused``: why the entry is not read at all (a symbolic link, a FIFO, a device); recorded as failed."""
 

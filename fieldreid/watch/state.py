@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
-from fieldreid.fsutil import FolderLock, OutputWriteError, folder_write_problem, path_text
+from fieldreid.storage.fsutil import FolderLock, OutputWriteError, folder_write_problem, path_text
 
 APPLICATION_ID = 0x46525752  # "FRWR": fieldreid watch results
 STATUSES = ("pending", "done", "failed", "duplicate")
@@ -152,7 +152,7 @@ class StateDB:
     """The results database. Writes go through :meth:`transaction` (one ``BEGIN IMMEDIATE`` each).
 
     ``readonly=True`` opens a second connection for the scanner thread or the report command. The writer
-    holds ``OUT/.lock`` (:class:`~fieldreid.fsutil.FolderLock`) from open to :meth:`close`: a second writer
+    holds ``OUT/.lock`` (:class:`~fieldreid.storage.fsutil.FolderLock`) from open to :meth:`close`: a second writer
     on the same folder is refused with a message naming the first (pid, host, start time), and a folder
     it cannot write into is reported as a permission problem, never as a damaged database.
     """

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fieldreid.cli_common import err, friendly, out
+from fieldreid.cli.common import err, friendly, out
 
 
 def init(

@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from fieldreid.cli_common import err, out
-from fieldreid.cli_common import friendly as _friendly
+from fieldreid.cli.common import err, out
+from fieldreid.cli.common import friendly as _friendly
 from fieldreid.errors import FieldreidError
 
 DbOpt = Annotated[str | None, typer.Option("--db", envvar="FIELDREID_LAB_DB", help="Lab database: a SQLite "

@@ -34,7 +34,7 @@ import torch
 from fieldreid.embed.model import EmbeddingModel, model_metadata
 from fieldreid.engines.manifest import sha256_file, write_manifest
 from fieldreid.errors import ModelError
-from fieldreid.fsutil import atomic_output
+from fieldreid.storage.fsutil import atomic_output
 from fieldreid.types import PreprocessSpec
 
 #: torch vs ONNX Runtime cosine below which an export is refused.

@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from fieldreid.fsutil import atomic_output, path_text
-from fieldreid.imageio import VIDEO_SUFFIXES
+from fieldreid.frames.decode import VIDEO_SUFFIXES
+from fieldreid.storage.fsutil import atomic_output, path_text
 from fieldreid.types import MD_CATEGORIES, Detections
 
 FORMAT_VERSION = "1.4"
@@ -99,7 +99,7 @@ def write_batch_output(path: str | Path, images: Iterable[dict], detector: str, 
 
 def relative_name(path: Path, roots: list[Path]) -> str:
     """The path Timelapse expects: relative to the folder that was scanned, with forward slashes, in the
-    text form of :func:`fieldreid.fsutil.path_text` (a name that is not UTF-8 gets ``\\xNN`` escapes)."""
+    text form of :func:`fieldreid.storage.fsutil.path_text` (a name that is not UTF-8 gets ``\\xNN`` escapes)."""
     path = path.resolve()
     for root in roots:
         root = root.resolve()

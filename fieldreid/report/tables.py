@@ -6,10 +6,10 @@
 * ``images.csv`` — one row per file: state, failure reason, capture time and its source, camera, event.
 * ``sightings.csv`` — one row per animal detection with its (event-fused) decision.
 
-File names are the text form of :func:`fieldreid.fsutil.path_text`, as the results database stores them:
+File names are the text form of :func:`fieldreid.storage.fsutil.path_text`, as the results database stores them:
 a name that is not valid UTF-8 (a damaged FAT card) keeps its readable part and gets ``\\xNN`` for each
 undecodable byte, ``\\\\`` for a backslash, so every output is valid UTF-8 and the name can be turned
-back into the bytes on disk (:func:`fieldreid.fsutil.text_path`).
+back into the bytes on disk (:func:`fieldreid.storage.fsutil.text_path`).
 
 Each file is written to a temp file beside it, fsynced and renamed over the old one, row by row from a
 database cursor, so a folder of 100k images never needs its results in memory, and a crash or a full
@@ -26,8 +26,8 @@ from itertools import groupby
 from pathlib import Path
 from typing import IO
 
-from fieldreid.fsutil import atomic_output
-from fieldreid.megadetector import detections_entry, failure_entry, md_detection, write_batch_output
+from fieldreid.report.megadetector import detections_entry, failure_entry, md_detection, write_batch_output
+from fieldreid.storage.fsutil import atomic_output
 
 DETECTIONS_JSON = "detections.json"
 IMAGES_CSV = "images.csv"
@@ -36,7 +36,7 @@ SIGHTINGS_CSV = "sightings.csv"
 
 @contextmanager
 def atomic_text(path: str | Path) -> Iterator[IO[str]]:
-    """Write a text file atomically (:func:`fieldreid.fsutil.atomic_output`): a handle on a temp file that
+    """Write a text file atomically (:func:`fieldreid.storage.fsutil.atomic_output`): a handle on a temp file that
     is fsynced and renamed over ``path``; an ``OSError`` becomes :class:`OutputWriteError` and the previous
     ``path`` is untouched."""
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:

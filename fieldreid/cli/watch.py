@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from fieldreid.cli_common import (
+from fieldreid.cli.common import (
     DetectorOpt,
     EmbedderOpt,
     err,

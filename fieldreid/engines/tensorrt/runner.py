@@ -46,7 +46,7 @@ from fieldreid.engines.manifest import (
 )
 from fieldreid.engines.manifest import write_manifest as _write_manifest
 from fieldreid.errors import BackendUnavailableError, FieldreidError, InputError, ModelError, missing_extra
-from fieldreid.fsutil import atomic_write_bytes
+from fieldreid.storage.fsutil import atomic_write_bytes
 
 PRECISIONS = ("fp32", "fp16", "int8")
 _JETSON_HINT = "on a Jetson it comes with JetPack: create the venv with --system-site-packages"

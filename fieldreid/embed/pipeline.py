@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fieldreid.errors import ImageReadError
-from fieldreid.imageio import Frame, read_image
+from fieldreid.frames.decode import Frame, read_image
 from fieldreid.types import Detections
 
 
@@ -61,7 +61,7 @@ STOP_POLL_S = 0.2
 STOP_GRACE_S = 1.0
 
 
-def _prefetch(batches: Iterable[list[Path]], fn: Callable[[list[Path]], list], depth: int = 1,
+def prefetch_batches(batches: Iterable[list[Path]], fn: Callable[[list[Path]], list], depth: int = 1,
               stop_requested: threading.Event | None = None) -> Iterator[list]:
     """``fn`` of each batch, computed one batch ahead in a thread. With ``stop_requested``: once it is set
     the iteration ends within :data:`STOP_POLL_S`, even while the thread is blocked (a read that hangs)."""
@@ -173,11 +173,11 @@ class Pipeline:
             return _decode(batch, min_side, keep)
 
         batches = _batched(paths, self.batch_size)
-        decoded = _prefetch(batches, decode) if self.prefetch else map(decode, batches)
+        decoded = prefetch_batches(batches, decode) if self.prefetch else map(decode, batches)
         for items in decoded:
-            yield from self._process(items)
+            yield from self.process(items)
 
-    def _process(self, items: list[Frame | ImageResult]) -> list[ImageResult]:
+    def process(self, items: list[Frame | ImageResult]) -> list[ImageResult]:
         frames = [it for it in items if isinstance(it, Frame)]
         if self.detector is None:
             dets = [Detections.empty() for _ in frames]

@@ -5,14 +5,14 @@
 1. MODEL -> FP32 ONNX (dynamic batch, metadata, parity gate against torch, manifest). An ONNX MODEL is
    taken as it is.
 2. ``--int8``: a QDQ INT8 ONNX (``<name>.int8.onnx``, or ``--out``) calibrated on real crops and kept only
-   if it passes the accuracy gate against FP32 on crops never used for calibration (:mod:`fieldreid.quantize`);
+   if it passes the accuracy gate against FP32 on crops never used for calibration (:mod:`fieldreid.export.quantize`);
    embedders are gated on embedding cosine (mean and 5th percentile) and one-vs-all top-1, detectors on box
    agreement. Where TensorRT is installed, also an INT8 plan built from that QDQ ONNX (strongly typed);
    where it is not, the QDQ ONNX is the artefact (ONNX Runtime runs it).
 3. ``--fp16`` / ``--fp32-plan``: a TensorRT plan built on this device (TensorRT required; it is not
    silently replaced by anything else), named by :func:`fieldreid.engines.manifest.plan_path`, the function
    backend selection uses to find it.
-4. ``--profile``: a profile (packaged ``fieldreid/export_profiles/*.toml`` or the user's own) sets precision,
+4. ``--profile``: a profile (packaged ``fieldreid/export/default_profiles/*.toml`` or the user's own) sets precision,
    input size, batch profile, calibration size and method, and the gate tolerances; explicit flags that
    contradict it are an error.
 
@@ -65,7 +65,7 @@ _EMBEDDING_GATE_OPTIONS = ("min_cosine", "min_cosine_p05", "max_top1_drop")
 
 @dataclass
 class ExportOptions:
-    """What to build. ``None`` fields fall back to the profile, then to the defaults in :mod:`fieldreid.quantize`.
+    """What to build. ``None`` fields fall back to the profile, then to the defaults in :mod:`fieldreid.export.quantize`.
 
     Every option is either used or refused with an :class:`InputError` (:func:`_check_options`): none is
     silently dropped. ``out``: the FP32 ONNX made from a checkpoint, or the INT8 ONNX made from an ONNX
@@ -196,8 +196,8 @@ def export_fp32_onnx(model: Path, out: Path, kind: str = "auto", imgsz: int | tu
                      input_size: tuple[int, int] | None = None) -> tuple[Path, str]:
     """Checkpoint -> FP32 ONNX + manifest; returns (path, 'embedder' | 'detector')."""
     if kind == "embedder" or (kind == "auto" and is_embedder_checkpoint(model)):
-        from fieldreid.embed.export import export_embedder_onnx
         from fieldreid.embed.model import load_checkpoint
+        from fieldreid.export.embedder_onnx import export_embedder_onnx
         from fieldreid.types import PreprocessSpec
 
         net, meta = load_checkpoint(model)
@@ -209,7 +209,7 @@ def export_fp32_onnx(model: Path, out: Path, kind: str = "auto", imgsz: int | tu
         export_embedder_onnx(net, out, spec, meta["fieldreid.model_id"], source_path=model)
         return out, "embedder"
     if kind in ("auto", "yolov5", "ultralytics"):
-        from fieldreid.detect.convert import convert_detector
+        from fieldreid.export.detector_onnx import convert_detector
 
         convert_detector(model, out, imgsz=imgsz, kind=kind)
         return out, "detector"
@@ -217,8 +217,8 @@ def export_fp32_onnx(model: Path, out: Path, kind: str = "auto", imgsz: int | tu
 
 
 def _held_out(opts: ExportOptions, count: int, val_limit: int, max_side: int, log):
-    """Calibration and validation images that share no file (:func:`fieldreid.quantize.held_out_sets`)."""
-    from fieldreid.quantize import held_out_sets, read_crops
+    """Calibration and validation images that share no file (:func:`fieldreid.export.quantize.held_out_sets`)."""
+    from fieldreid.export.quantize import held_out_sets, read_crops
 
     # --val-split without --val: validation rows from the --calib metadata.csv
     val_src = opts.val if opts.val is not None else (opts.calib if opts.val_split is not None else None)
@@ -235,7 +235,7 @@ def _held_out(opts: ExportOptions, count: int, val_limit: int, max_side: int, lo
 
 def _int8_embedder(onnx_path: Path, out: Path, opts: ExportOptions, profile, log) -> tuple[Path, dict]:
     from fieldreid.engines.manifest import onnx_metadata, sha256_file, write_manifest
-    from fieldreid.quantize import (
+    from fieldreid.export.quantize import (
         DEFAULT_CALIBRATION_CROPS,
         DEFAULT_MAX_TOP1_DROP,
         DEFAULT_MIN_COSINE,
@@ -293,7 +293,7 @@ def _int8_embedder(onnx_path: Path, out: Path, opts: ExportOptions, profile, log
 
 def _int8_detector(onnx_path: Path, out: Path, opts: ExportOptions, profile, log) -> tuple[Path, dict]:
     from fieldreid.engines.manifest import onnx_metadata, sha256_file, write_manifest
-    from fieldreid.quantize import DEFAULT_CALIBRATION_CROPS, MIN_CALIBRATION_CROPS, quantize_detector
+    from fieldreid.export.quantize import DEFAULT_CALIBRATION_CROPS, MIN_CALIBRATION_CROPS, quantize_detector
 
     if opts.calib is None:
         raise InputError("INT8 detectors need real camera-trap frames to calibrate on: add --calib FOLDER.")
@@ -335,7 +335,7 @@ def run_export(model: str | Path, opts: ExportOptions | None = None,
                log: Callable[[str], None] = lambda s: None) -> ExportResult:
     """The whole ``fieldreid export``; see the module docstring. Returns the files written and notes."""
     from fieldreid.engines.manifest import has_qdq, plan_path
-    from fieldreid.engines.profiles import load_profile
+    from fieldreid.export.profiles import load_profile
 
     opts = opts or ExportOptions()
     model = Path(model)
@@ -392,7 +392,7 @@ def run_export(model: str | Path, opts: ExportOptions | None = None,
                              f"and a Jetson builds its plan with `fieldreid export {int8_path} --int8`.")
 
     if plan_precision is not None:
-        from fieldreid.engines.tensorrt import build_plan
+        from fieldreid.engines.tensorrt.runner import build_plan
 
         if plan_precision == "int8" and not make_int8 and not qdq_input:
             raise FieldreidError("An INT8 plan needs a QDQ ONNX; pass --calib so fieldreid can make one.")
@@ -410,7 +410,7 @@ def export_model(model: Path, out: Path | None = None, kind: str = "auto", imgsz
                          int8=plan == "int8")
     if plan == "int8" and Path(model).suffix.lower() == ".onnx":
         from fieldreid.engines.manifest import plan_path
-        from fieldreid.engines.tensorrt import build_plan
+        from fieldreid.engines.tensorrt.runner import build_plan
 
         target = plan_path(model, "int8")
         build_plan(model, target, precision="int8")
@@ -427,15 +427,15 @@ def build_defaults(yolov5: Path | None = None, force: bool = False, out_dir: Pat
     written = []
     emb = out_dir / EMBEDDER_NAME
     if force or not emb.exists():
-        from fieldreid.embed.export import export_embedder_onnx
         from fieldreid.embed.model import build_default_embedder
+        from fieldreid.export.embedder_onnx import export_embedder_onnx
 
         net, spec, model_id = build_default_embedder()
         export_embedder_onnx(net, emb, spec, model_id)
     written.append(emb)
     det = out_dir / DETECTOR_NAME
     if yolov5 is not None and Path(yolov5).exists() and (force or not det.exists()):
-        from fieldreid.detect.convert import convert_detector
+        from fieldreid.export.detector_onnx import convert_detector
 
         convert_detector(Path(yolov5), det, imgsz=640, kind="auto")
     if det.exists():

@@ -4,7 +4,7 @@ A profile says how to turn the lab's portable ONNX into the artefact one kind of
 precision, input size, batch profile, TensorRT workspace, how many crops calibrate INT8, and the accuracy
 gate the result must pass against the FP32 reference. ``export/README.md`` documents every key.
 
-The default profiles ship inside the package (``fieldreid/export_profiles/*.toml``, package data read
+The default profiles ship inside the package (``fieldreid/export/default_profiles/*.toml``, package data read
 with :mod:`importlib.resources`, so they work from an installed wheel). A name is looked up first in the
 user's own folder (``$FIELDREID_EXPORT_DIR``), whose profiles add to the defaults or override one of the
 same name, then in the packaged defaults; a path to a ``.toml`` file is loaded as it is.
@@ -34,7 +34,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 PROFILE_BACKENDS = ("onnxruntime", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: package folder (inside ``fieldreid``) that holds the default profiles
-PACKAGED_PROFILES = "export_profiles"
+PACKAGED_PROFILES = "default_profiles"
 #: default for ``[gate] min_cosine_p05``: the 5th-percentile embedding cosine to FP32 on held-out crops
 DEFAULT_MIN_COSINE_P05 = 0.95
 
@@ -44,8 +44,8 @@ class ProfileError(InputError):
 
 
 def default_profile_dir() -> Traversable:
-    """The profiles shipped inside the package (``fieldreid/export_profiles``), installed or not."""
-    return resources.files("fieldreid").joinpath(PACKAGED_PROFILES)
+    """The profiles shipped inside the package (``fieldreid/export/default_profiles``), installed or not."""
+    return resources.files("fieldreid.export").joinpath(PACKAGED_PROFILES)
 
 
 def user_profile_dir() -> Path | None:
@@ -88,7 +88,7 @@ class ExportProfile:
         return (self.input_height, self.input_width)
 
     def build_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`fieldreid.engines.tensorrt.build_plan`."""
+        """Keyword arguments for :func:`fieldreid.engines.tensorrt.runner.build_plan`."""
         return {
             "precision": self.precision,
             "min_batch": self.min_batch,

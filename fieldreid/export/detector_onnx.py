@@ -7,7 +7,7 @@ torch, onnx and the model libraries are imported inside the functions, so import
    Convert only checkpoints from a source you trust (the official MegaDetector / YOLOv5 / ultralytics
    releases, checked against the sha256 in ``detector/models.toml``), and ship the ONNX instead.
 
->>> from fieldreid.detect.convert import convert_detector
+>>> from fieldreid.export.detector_onnx import convert_detector
 >>> convert_detector("md_v5a.0.0.pt", "engines/md_v5a.onnx", imgsz=1280)   # doctest: +SKIP
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from fieldreid.engines.manifest import sha256_file, write_manifest
 from fieldreid.errors import InputError, ModelError, missing_extra
-from fieldreid.fsutil import atomic_output
+from fieldreid.storage.fsutil import atomic_output
 
 KINDS = ("auto", "yolov5", "ultralytics")
 #: parity gate between torch and ONNX Runtime on a random batch: |ort - torch| <= ATOL + RTOL * max|torch|.

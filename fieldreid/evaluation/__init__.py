@@ -1,0 +1,1 @@
+"""Re-identification evaluation in numpy only: metrics (:mod:`fieldreid.evaluation.metrics`)."""

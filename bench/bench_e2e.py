@@ -118,7 +118,7 @@ def build_scene(set_dir: Path, split: str | None, work: Path, seed: int = 0) -> 
         b = bursts[i]
         if i + 1 < len(bursts) and rng.random() < 0.15 and bursts[i + 1][0][0] != b[0][0]:
             a, c = b, bursts[i + 1]
-            inter = [x for pair in zip(a, c) for x in pair] + a[len(c):] + c[len(a):]
+            inter = [x for pair in zip(a, c, strict=False) for x in pair] + a[len(c):] + c[len(a):]
             merged.append(inter)
             i += 2
         else:
@@ -157,7 +157,7 @@ def adjusted_rand(labels_true: list, labels_pred: list) -> float:
     def c2(x: int) -> float:
         return x * (x - 1) / 2
 
-    cont = Counter(zip(labels_true, labels_pred))
+    cont = Counter(zip(labels_true, labels_pred, strict=True))
     a, b = Counter(labels_true), Counter(labels_pred)
     index = sum(c2(v) for v in cont.values())
     sa, sb = sum(c2(v) for v in a.values()), sum(c2(v) for v in b.values())
@@ -189,7 +189,7 @@ def score(truth: dict, answers: dict, known_ids: set[str]) -> dict:
     unknown_acc = balanced(per_unknown)
     same_t = [(x == y) for x, y in combinations(unk_true, 2)]
     same_p = [(x == y) for x, y in combinations(unk_pred, 2)]
-    tp = sum(a and b for a, b in zip(same_t, same_p))
+    tp = sum(a and b for a, b in zip(same_t, same_p, strict=True))
     precision = tp / max(1, sum(same_p))
     recall = tp / max(1, sum(same_t))
     n_known = sum(len(v) for v in per_known.values())

@@ -39,9 +39,9 @@ demo: models
 	$(VENV)/bin/fieldreid doctor
 	rm -rf demo && mkdir -p demo/cameras
 	@echo "== 1. a camera card: three stations with bursts (EXIF times), plus a corrupt file and a video"
-	cp -r $(SHARED)/data/camtrap/camtrapr-stations/. demo/cameras/
-	cp $(SHARED)/data/camtrap/animl-southwest/error_img.JPG demo/cameras/StationA/
-	cp $(SHARED)/data/camtrap/animl-southwest/error_vid.mp4 demo/cameras/StationC/
+	cp -rp $(SHARED)/data/camtrap/camtrapr-stations/. demo/cameras/
+	cp -p $(SHARED)/data/camtrap/animl-southwest/error_img.JPG demo/cameras/StationA/
+	cp -p $(SHARED)/data/camtrap/animl-southwest/error_vid.mp4 demo/cameras/StationC/
 	@echo "== 2. the main job: fieldreid watch --once (detect, crop, embed, decide per burst, record)"
 	$(VENV)/bin/fieldreid watch demo/cameras --gallery demo/field.db --out demo/watch --once --settle 0
 	@echo "== 3. fieldreid report: Camtrap DP package + HTML review page"

@@ -10,7 +10,9 @@ megadetector-output-format) and the rules its ``postprocessing/validate_batch_re
 - ``images``: a list of objects, each with a ``file`` string;
 - a processed file has a ``detections`` list (empty when nothing was found); each detection has a
   ``category`` listed in ``detection_categories``, a float ``conf`` and a 4-number normalised ``bbox``
-  ``[x_min, y_min, width, height]``; ``classifications`` are ``[category-id string, number]`` pairs;
+  ``[x_min, y_min, width, height]``; ``classifications`` are ``[category-id string, number]``
+  pairs in descending order of confidence, ids from ``classification_categories``;
+  ``classification_category_descriptions`` has the same ids;
 - a failed file has a string ``failure`` and ``detections`` null (missing is tolerated, with a warning;
   a list is an error);
 - a video (by file extension) in format >= 1.4 must carry ``frame_rate``: greater than zero, or negative
@@ -68,6 +70,10 @@ def _check_detection(det, where: str, cats: dict, classes: dict | None, video: b
         x, y, w, h = bbox
         if min(x, y, w, h) < 0 or x + w > 1 + BBOX_SLACK or y + h > 1 + BBOX_SLACK:
             errors.append(f"{where}: bbox {bbox} is not normalised [x_min, y_min, width, height]")
+    confs = [c[1] for c in det.get("classifications") or []
+             if isinstance(c, list | tuple) and len(c) == 2 and _is_number(c[1])]
+    if confs != sorted(confs, reverse=True):
+        errors.append(f"{where}: classifications are not in descending order of confidence")
     for c in det.get("classifications") or []:
         ok = (isinstance(c, list | tuple) and len(c) == 2 and isinstance(c[0], str) and c[0].isdigit()
               and _is_number(c[1]))
@@ -113,6 +119,11 @@ def check_md_output(d) -> tuple[list[str], list[str]]:
     if "classification_categories" in d:
         _check_categories(d, "classification_categories", errors)
         classes = d["classification_categories"] if isinstance(d["classification_categories"], dict) else None
+    if "classification_category_descriptions" in d:
+        _check_categories(d, "classification_category_descriptions", errors)
+        descs = d["classification_category_descriptions"]
+        if classes is None or not isinstance(descs, dict) or set(descs) != set(classes):
+            errors.append("classification_category_descriptions must have the ids of classification_categories")
     cats = d["detection_categories"] if isinstance(d["detection_categories"], dict) else {}
 
     images = d["images"]

@@ -73,6 +73,14 @@ def test_md_checker_rules():
         "numeric format_version": {**md_file(), "info": {"format_version": 1.4}},
         "old format_version": md_file(version="1.2"),
         "non-integer category id": {**md_file(), "detection_categories": {"animal": "animal"}},
+        "classification not in classification_categories": md_file(
+            {"file": "a.jpg", "detections": [{**det, "classifications": [["7", 0.9]]}]},
+            classification_categories={"1": "zebra-0041"}),
+        "classifications out of order": md_file(
+            {"file": "a.jpg", "detections": [{**det, "classifications": [["1", 0.2], ["2", 0.9]]}]},
+            classification_categories={"1": "zebra-0041", "2": "zebra-0042"}),
+        "descriptions with other ids": md_file(classification_categories={"1": "zebra-0041"},
+                                               classification_category_descriptions={"2": "zebra"}),
     }
     for what, d in bad.items():
         errors, _ = check_md_output(d)

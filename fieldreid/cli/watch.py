@@ -104,33 +104,68 @@ def watch(
 
 def report(
     out: Annotated[Path, typer.Argument(help="A watch output folder (holding results.db).")],
-    camtrap_dp: Annotated[Path | None, typer.Option("--camtrap-dp", help="Write a Camtrap DP 1.0 package to this "
+    camtrap_dp: Annotated[Path | None, typer.Option("--camtrap-dp", help="Write a Camtrap DP 1.0.2 package to this "
                                                                           "folder.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML review page.")] = None,
-    deployments: Annotated[Path | None, typer.Option(help="CSV with deploymentID (= camera folder), latitude, "
-                                                          "longitude and optional Camtrap DP deployment columns.")
-                           ] = None,
-    utc_offset: Annotated[str, typer.Option(help="UTC offset of camera clocks for images without EXIF "
-                                                 "OffsetTimeOriginal, e.g. +02:00.")] = "+00:00",
+    megadetector: Annotated[Path | None, typer.Option("--megadetector", help="Write MegaDetector batch-output JSON "
+                                                                             "with each animal's individual as its "
+                                                                             "classification (Timelapse).")] = None,
+    deployments: Annotated[Path | None, typer.Option(help="CSV: deploymentID (= camera folder), locationID, latitude, "
+                                                          "longitude, deploymentStart/End, setupBy, utcOffset, … "
+                                                          "(any Camtrap DP deployment column).")] = None,
+    utc_offset: Annotated[str | None, typer.Option(help="UTC offset of camera clocks for images without EXIF "
+                                                        "OffsetTimeOriginal and deployments without utcOffset, e.g. "
+                                                        "+02:00 (default +00:00, warned).")] = None,
     title: Annotated[str | None, typer.Option(help="Package / report title.")] = None,
+    species: Annotated[str | None, typer.Option(help="Species label of every animal.")] = None,
+    species_level: Annotated[int | None, typer.Option(help="Folder level that names the species: 2 for "
+                                                           "Station/SPECIES/image.jpg.")] = None,
+    taxa: Annotated[Path | None, typer.Option(help="CSV: species (label), scientificName, vernacularName "
+                                                   "[, taxonRank, taxonID].")] = None,
+    project: Annotated[Path | None, typer.Option(help="JSON or TOML: title, description, contributors, licenses, "
+                                                      "project {samplingDesign, …}, bibliographicCitation.")] = None,
+    contributor: Annotated[list[str] | None, typer.Option(help="'Name <email> (role)'; repeat for several. Roles: "
+                                                                "contact, principalInvestigator, rightsHolder, "
+                                                                "publisher, contributor.")] = None,
+    data_license: Annotated[str | None, typer.Option(help="Licence of the data (name like CC0-1.0, or a URL).")
+                            ] = None,
+    media_license: Annotated[str | None, typer.Option(help="Licence of the media files.")] = None,
+    media_base: Annotated[str | None, typer.Option(help="URL or package-relative folder the images are published "
+                                                        "under (filePath = base/CAMERA/…); default: paths inside "
+                                                        "the package, else file: URIs.")] = None,
+    gallery: Annotated[Path | None, typer.Option("--gallery", "-g", help="Gallery to read current identities from "
+                                                                         "(default: the one watch used).")] = None,
     max_animals: Annotated[int, typer.Option(help="HTML: at most this many new/uncertain animals shown.")] = 200,
 ) -> None:
-    """Camtrap DP package and/or HTML review page from a watch output folder."""
-    if camtrap_dp is None and html is None:
-        raise FieldreidError("Nothing to do: pass --camtrap-dp PKG and/or --html report.html.")
-    if camtrap_dp is not None:
-        from fieldreid.report.camtrapdp import write_package
+    """Camtrap DP package, HTML review page and/or MegaDetector JSON from a watch output folder.
 
-        pkg, warnings = write_package(out, camtrap_dp, deployments_csv=deployments, utc_offset=utc_offset,
-                                      title=title)
+    Identities are read from the gallery now, so merges, renames and confirmations made since the watch show.
+    """
+    if camtrap_dp is None and html is None and megadetector is None:
+        raise FieldreidError("Nothing to do: pass --camtrap-dp PKG, --html report.html and/or --megadetector md.json.")
+    if not (Path(out) / "results.db").is_file():
+        raise FieldreidError(f"{out} holds no results.db: pass the output folder of `fieldreid watch`.")
+    if camtrap_dp is not None:
+        from fieldreid.report.camtrapdp import Options, write_package
+
+        opts = Options(deployments_csv=deployments, utc_offset=utc_offset, title=title, species=species,
+                       species_level=species_level, taxa_csv=taxa, project_file=project,
+                       contributors=list(contributor or []), data_license=data_license, media_license=media_license,
+                       media_base=media_base, gallery=gallery)
+        pkg, warnings = write_package(out, camtrap_dp, options=opts)
         for w in warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
-        err.print(f"Camtrap DP package → {pkg}")
+        err.print(f"Camtrap DP package → {escape(str(pkg))}", highlight=False)
     if html is not None:
         from fieldreid.report.html import write_html
 
-        path = write_html(out, html, title=title, max_animals=max_animals)
-        err.print(f"HTML report → {path}")
+        path = write_html(out, html, title=title, max_animals=max_animals, gallery=gallery)
+        err.print(f"HTML report → {escape(str(path))}", highlight=False)
+    if megadetector is not None:
+        from fieldreid.report.tables import write_megadetector
+
+        n = write_megadetector(out, megadetector, gallery=gallery)
+        err.print(f"MegaDetector JSON ({n} images) → {escape(str(megadetector))}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

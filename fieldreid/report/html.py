@@ -83,12 +83,18 @@ class _Matches:
         return blob
 
 
-def write_html(out: Path, path: Path, title: str | None = None, max_animals: int = 200) -> Path:
-    """Write the review page for watch output folder ``out`` to ``path`` (atomically)."""
+def write_html(out: Path, path: Path, title: str | None = None, max_animals: int = 200,
+               gallery: Path | None = None) -> Path:
+    """Write the review page for watch output folder ``out`` to ``path`` (atomically). Identities are shown as
+    the gallery (``gallery``, default the one watch used) holds them now: merged, renamed, confirmed."""
+    from fieldreid.gallery.store import box_key
+    from fieldreid.report.identities import IdentityResolver, review_view
+
     db = StateDB(Path(out) / "results.db", readonly=True)
     try:
         con = db.con
-        gallery = db.meta("gallery")
+        gallery = str(gallery) if gallery else db.meta("gallery")
+        resolver = IdentityResolver(gallery)
         matches = _Matches(con, Path(gallery) if gallery else None)
         counts = db.counts()
         dec = db.decision_counts()
@@ -106,19 +112,30 @@ def write_html(out: Path, path: Path, title: str | None = None, max_animals: int
                  "<h2>New and uncertain animals</h2>"]
         rows = con.execute(
             "SELECT c.decision, c.identity, c.score, c.top, c.n_frames, c.calibrated, c.event_id, i.path, i.camera, "
-            "i.captured, d.thumb, d.conf FROM decisions c JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON "
+            "i.captured, d.thumb, d.conf, c.sha256, d.x1, d.y1, d.x2, d.y2 FROM decisions c JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON "
             "d.sha256 = c.sha256 AND d.idx = c.idx WHERE c.representative = 1 AND c.decision IN ('new', 'uncertain') "
             "ORDER BY c.decision DESC, i.captured LIMIT ?", (int(max_animals),)).fetchall()
         if not rows:
             parts.append("<p>None: every animal seen was matched with confidence.</p>")
-        for decision, identity, score, top, n_frames, calibrated, event, file, camera, captured, thumb, conf in rows:
+        view = review_view(gallery, {(r[12], box_key(r[13:17])) for r in rows})
+        for (decision, identity, score, top, n_frames, calibrated, event, file, camera, captured, thumb, conf, sha,
+             *box) in rows:
+            res = resolver.resolve(identity, sha, box_key(box))
+            standing = view.get((sha, box_key(box)))
+            identity = res.identity if identity else None
             figs = [f'<div class="fig">{_img(thumb, file)}<b>this animal</b></div>']
             for ident, s in json.loads(top or "[]")[:4]:
+                ident = resolver.resolve(ident).identity or ident
                 if decision == "new" and ident == identity:
                     continue
                 figs.append(f'<div class="fig">{_img(matches.thumb(ident), ident)}{html.escape(ident)}<br>'
                             f"cosine {s:.3f}</div>")
             label = identity or "—"
+            if getattr(standing, "verdict", None):
+                identity = standing.identity
+                label = f"{identity or '—'} (reviewed by {standing.who}: {standing.verdict})"
+            elif res.human_by:
+                label += f" (confirmed by {res.human_by})"
             note = "" if calibrated else " (uncalibrated thresholds)"
             parts.append(
                 f'<div class="animal {decision}"><div class="meta"><b>{decision.upper()}</b>{note}<br>'

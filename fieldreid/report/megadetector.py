@@ -6,6 +6,11 @@ could not be processed carries ``failure`` instead of ``detections``. A video (f
 decode videos: they are always failures) also carries ``frame_rate``, which format 1.4 requires of every
 video entry; a failed one gets -1.0, as MegaDetector writes it (its validator accepts a negative rate only
 beside a ``failure``).
+
+Individuals (re-identification) travel the way the format carries any classifier's output, which Timelapse
+and AddaxAI read: ``classification_categories`` maps an id to each individual (``"1": "zebra-0041"``),
+``classification_category_descriptions`` gives its species, and an animal detection that was identified has
+``classifications: [[id, conf]]`` (see :func:`fieldreid.report.tables.write_detections_json` for the conf).
 """
 
 from __future__ import annotations
@@ -83,13 +88,19 @@ def info_block(detector: str, conf_threshold: float, extra_info: dict | None = N
 
 
 def write_batch_output(path: str | Path, images: Iterable[dict], detector: str, conf_threshold: float,
-                       extra_info: dict | None = None) -> int:
+                       extra_info: dict | None = None, classification_categories: dict[str, str] | None = None,
+                       classification_descriptions: dict[str, str] | None = None) -> int:
     """Stream the JSON to a temp file and rename it over ``path`` (a crash never leaves a half-written file;
     memory stays flat however many images there are). Returns the number of image entries."""
     n = 0
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write('{"info": ' + json.dumps(info_block(detector, conf_threshold, extra_info))
-                 + ', "detection_categories": ' + json.dumps(MD_CATEGORIES) + ', "images": [\n')
+                 + ', "detection_categories": ' + json.dumps(MD_CATEGORIES))
+        if classification_categories:
+            fh.write(', "classification_categories": ' + json.dumps(classification_categories))
+            if classification_descriptions:
+                fh.write(', "classification_category_descriptions": ' + json.dumps(classification_descriptions))
+        fh.write(', "images": [\n')
         for entry in images:
             fh.write((",\n" if n else "") + json.dumps(entry, allow_nan=False))
             n += 1

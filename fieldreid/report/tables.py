@@ -43,12 +43,47 @@ def atomic_text(path: str | Path) -> Iterator[IO[str]]:
         yield fh
 
 
-def write_detections_json(con, path: Path, detector: str, conf_threshold: float, extra_info: dict | None = None) -> int:
-    """MegaDetector batch output from the results database; returns the number of image entries."""
+def _md_individual(decision: str | None, identity: str | None, score: float | None) -> tuple[str, float] | None:
+    """(individual, conf) of an animal for the MegaDetector JSON: ``known`` - the match and its cosine;
+    ``uncertain`` - the best candidate and its (lower) cosine, so a threshold in Timelapse hides it; ``new`` - the
+    animal's own new identity with conf 1.0 (it was made from this animal)."""
+    if not identity or decision not in ("known", "new", "uncertain"):
+        return None
+    conf = 1.0 if decision == "new" else min(1.0, max(0.0, float(score or 0.0)))
+    return identity, round(conf, 3)
+
+
+def write_detections_json(con, path: Path, detector: str, conf_threshold: float, extra_info: dict | None = None,
+                          resolver=None) -> int:
+    """MegaDetector batch output from the results database; returns the number of image entries.
+
+    An identified animal carries its individual as a classification (``classification_categories``: one id per
+    individual, its species in ``classification_category_descriptions``). ``resolver``
+    (:class:`fieldreid.report.identities.IdentityResolver`) maps recorded identities to the gallery's current ones.
+    """
+    from fieldreid.gallery.store import box_key
+
+    def current(decision, identity, score, sha, box) -> tuple[tuple[str, float] | None, str | None]:
+        if resolver is not None and identity:
+            res = resolver.resolve(identity, sha, box_key(box))
+            identity = res.identity
+            return _md_individual(decision, identity, score), resolver.species(identity)
+        return _md_individual(decision, identity, score), None
+
+    species_of: dict[str, str] = {}
+    for decision, identity, score, sha, searched, x1, y1, x2, y2 in con.execute(
+            "SELECT c.decision, c.identity, c.score, c.sha256, c.species, d.x1, d.y1, d.x2, d.y2 FROM decisions c "
+            "JOIN detections d ON d.sha256 = c.sha256 AND d.idx = c.idx"):
+        ind, sp = current(decision, identity, score, sha, (x1, y1, x2, y2))
+        if ind is not None:
+            species_of.setdefault(ind[0], sp or searched or "animal")
+    cat_id = {name: str(i) for i, name in enumerate(sorted(species_of), start=1)}
     rows = con.execute(
-        "SELECT f.path, f.status, f.reason, i.width, i.height, d.category, d.conf, d.x1, d.y1, d.x2, d.y2 "
+        "SELECT f.path, f.status, f.reason, i.width, i.height, d.category, d.conf, d.x1, d.y1, d.x2, d.y2, "
+        "c.decision, c.identity, c.score, i.sha256 "
         "FROM files f LEFT JOIN images i ON i.sha256 = f.sha256 AND f.status IN ('done', 'duplicate') "
-        "LEFT JOIN detections d ON d.sha256 = i.sha256 WHERE f.status != 'pending' ORDER BY f.path, d.conf DESC")
+        "LEFT JOIN detections d ON d.sha256 = i.sha256 LEFT JOIN decisions c ON c.sha256 = d.sha256 AND c.idx = d.idx "
+        "WHERE f.status != 'pending' ORDER BY f.path, d.conf DESC")
 
     def entries() -> Iterator[dict]:
         for (file, status, reason), group in groupby(rows, key=lambda r: r[:3]):
@@ -61,10 +96,36 @@ def write_detections_json(con, path: Path, detector: str, conf_threshold: float,
                 if cat is not None and w:
                     det = md_detection(cat, r[6], (r[7], r[8], r[9], r[10]), (h, w))
                     if det is not None:
+                        ind = current(r[11], r[12], r[13], r[14], (r[7], r[8], r[9], r[10]))[0]
+                        if ind is not None and ind[0] in cat_id:
+                            det["classifications"] = [[cat_id[ind[0]], ind[1]]]
                         dets.append(det)
             yield detections_entry(file, dets)
 
-    return write_batch_output(path, entries(), detector, conf_threshold, extra_info)
+    info = dict(extra_info or {})
+    if cat_id:
+        info.setdefault("classifier", "fieldreid re-identification (individuals)")
+    return write_batch_output(path, entries(), detector, conf_threshold, info,
+                              {v: k for k, v in cat_id.items()} or None,
+                              {cat_id[k]: v for k, v in species_of.items()} or None)
+
+
+def write_megadetector(out: Path, path: Path, gallery: Path | None = None) -> int:
+    """``fieldreid report --megadetector``: the batch output of watch output folder ``out`` with identities as the
+    gallery holds them now."""
+    from fieldreid import __version__
+    from fieldreid.report.identities import IdentityResolver
+    from fieldreid.watch.state import StateDB
+
+    db = StateDB(Path(out) / "results.db", readonly=True)
+    try:
+        g = gallery or (Path(db.meta("gallery")) if db.meta("gallery") else None)
+        conf = float(db.meta("conf") or 0.2)
+        return write_detections_json(db.con, Path(path), db.meta("detector") or "detector", conf,
+                                     {"fieldreid_version": __version__, "embedder": db.meta("embedder") or ""},
+                                     resolver=IdentityResolver(g))
+    finally:
+        db.close()
 
 
 IMAGE_COLUMNS = ["file", "camera", "status", "reason", "duplicate_of", "sha256", "captured", "utc_offset",

@@ -7,7 +7,7 @@ SHARED ?= ../shared
 # torch/torchvision pinned to the builds that lie on this machine's disk (a CUDA build that runs on the CPU).
 # On a Jetson use NVIDIA's wheels instead: make install TORCH_SPEC="" after installing them.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= train,server,sync,dev
+EXTRAS ?= train,server,sync,review,dev
 
 # Never reach a model hub, never write into $HOME.
 export HF_HUB_OFFLINE := 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from fieldreid.cli import config, export, gallery, run, sync, train, watch
+from fieldreid.cli import config, export, gallery, review, run, sync, train, verify, watch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Identify individual animals in camera-trap images, offline.")
@@ -18,7 +18,9 @@ gallery.register(app)
 config.register(app)
 sync.register(app)
 watch.register(app)
+review.register(app)  # review (the web app over a watch output)
 train.register(app)
+verify.register(app)  # verify (local-feature match of two photos, drawn)
 
 
 def main() -> None:  # pragma: no cover - console entry point

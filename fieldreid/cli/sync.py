@@ -51,16 +51,34 @@ def serve_cmd(
                                 "(repeatable; default $FIELDREID_TRUSTED_PROXIES, else none: rate limits key on "
                                 "the TCP peer).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    review: Annotated[Path | None, typer.Option("--review", help="Also serve `fieldreid review` at /review over this "
+                                                "watch output folder; its token comes from "
+                                                "$FIELDREID_REVIEW_TOKEN (16+ characters).")] = None,
+    review_gallery: Annotated[Path | None, typer.Option(help="The gallery /review decides in (default: the one the "
+                                                             "output folder's results.db names), e.g. the lab's "
+                                                             "curated gallery that import-gallery reads.")] = None,
 ) -> None:
     """Run the lab HTTP API that devices sync with."""
+    import os
+
     from fieldreid.server.app import Limits, serve
 
     if host not in ("127.0.0.1", "::1", "localhost"):
         err.print(f"[yellow]warning:[/] listening on {host}: the API speaks plain HTTP; put a TLS reverse proxy "
                   "in front (README: Lab server).")
+    review_app = None
+    if review is not None:
+        from fieldreid.review.app import TOKEN_ENV, create_app
+
+        token = os.environ.get(TOKEN_ENV, "")
+        if len(token) < 16:
+            raise FieldreidError(f"--review serves people over the network: set ${TOKEN_ENV} to a secret of at "
+                                 "least 16 characters, then open /review/?token=SECRET.")
+        review_app = create_app(review, review_gallery, token=token, loopback_only=False)
+        err.print(f"review of {review} at /review/ (open /review/?token=... with ${TOKEN_ENV})", highlight=False)
     serve(db, str(data_dir) if data_dir else None, host, port,
           Limits(rate=rate, burst=4 * rate, max_push_bytes=int(max_push_mb * 1024 * 1024),
-                 trusted_proxies=trusted_proxy or None), log_level)
+                 trusted_proxies=trusted_proxy or None), log_level, review=review_app)
 
 
 def sync_cmd(

@@ -98,7 +98,8 @@ class Limits:
         self.trusted_proxies = parse_networks(trusted_proxies)
 
 
-def create_app(lab: LabDB, limits: Limits | None = None) -> FastAPI:
+def create_app(lab: LabDB, limits: Limits | None = None, review=None) -> FastAPI:
+    """The lab API; ``review`` (an app of :func:`fieldreid.review.app.create_app`) is mounted at ``/review``."""
     limits = limits or Limits()
     app = FastAPI(title="fieldreid lab", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lab = lab
@@ -189,11 +190,13 @@ def create_app(lab: LabDB, limits: Limits | None = None) -> FastAPI:
             raise HTTPException(422, "The chunk is not valid msgpack.") from None
         return await run_in_threadpool(ingest_chunk, lab, device_id, project, idempotency_key, chunk)
 
+    if review is not None:  # people review in the browser here; devices never reach it (its own token and cookie)
+        app.mount("/review", review)
     return app
 
 
 def serve(db: str | None, data_dir: str | None, host: str = "127.0.0.1", port: int = 8750,
-          limits: Limits | None = None, log_level: str = "info") -> None:
+          limits: Limits | None = None, log_level: str = "info", review=None) -> None:
     """Run the API with uvicorn in this process (one worker: SQLite and the rate limiter live here)."""
     try:
         import uvicorn
@@ -201,5 +204,5 @@ def serve(db: str | None, data_dir: str | None, host: str = "127.0.0.1", port: i
         raise missing_extra("uvicorn", "server", "the lab server") from exc
     lab = LabDB(db, data_dir)
     # uvicorn's own proxy-header handling stays off: the app decides (client_address) from the TCP peer
-    uvicorn.run(create_app(lab, limits), host=host, port=port, log_level=log_level, access_log=False,
+    uvicorn.run(create_app(lab, limits, review), host=host, port=port, log_level=log_level, access_log=False,
                 proxy_headers=False, server_header=False)

@@ -43,3 +43,15 @@ def missing_extra(package: str, extra: str, why: str = "") -> BackendUnavailable
     return BackendUnavailableError(
         f"{package} is not installed{reason}. Install it with: pip install 'fieldreid[{extra}]'"
     )
+
+
+class GalleryError(FieldreidError):
+    """A gallery file is missing, corrupt, from a newer fieldreid, or asked to do something impossible."""
+
+
+class ModelMismatchError(GalleryError):
+    """Query embeddings come from a different model than the gallery's."""
+
+
+class IdentityNotFoundError(GalleryError):
+    """An identity id that is not in the gallery."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -13,6 +14,24 @@ from fieldreid.errors import InputError, ModelError
 #: MegaDetector's detection categories; the JSON output uses these string ids.
 MD_CATEGORIES: dict[str, str] = {"1": "animal", "2": "person", "3": "vehicle"}
 CATEGORY_IDS: dict[str, int] = {"animal": 1, "person": 2, "vehicle": 3}
+
+
+class DecisionKind(StrEnum):
+    """The open-set answer for one animal. A member equals its bare string (``DecisionKind.NEW == "new"``),
+    so the values stored in galleries, results databases and CSV files are the plain words."""
+
+    KNOWN = "known"          # best score >= upper: that identity
+    NEW = "new"              # best score < lower (or an empty gallery): an animal not in the gallery
+    UNCERTAIN = "uncertain"  # in between: a curator decides
+
+
+class FileState(StrEnum):
+    """What ``fieldreid watch`` did with a camera file (``files.status`` in the results database)."""
+
+    PENDING = "pending"      # not yet readable (still being copied): tried again on every pass
+    DONE = "done"            # read, hashed, decoded; its results are stored with it
+    FAILED = "failed"        # unreadable, with the reason
+    DUPLICATE = "duplicate"  # the same content (sha256) as a done image
 
 
 @dataclass(frozen=True)

@@ -438,3 +438,39 @@ def test_import_does_not_pull_torch() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "", f"importing fieldreid.detect imported {out.stdout.strip()}"
+
+
+class RecordingEngine(StubEngine):
+    """A stub engine that keeps the input tensors it was given."""
+
+    def _run(self, feed):
+        self.tensors = [*getattr(self, "tensors", []), feed["images"].copy()]
+        return super()._run(feed)
+
+
+def test_detector_reads_its_preprocessing_from_the_model() -> None:
+    """The detector follows ``fieldreid.preprocess`` (channel order, normalisation, padding); a model without
+    it gets the YOLO convention (RGB, pad 114, [0, 1])."""
+    from fieldreid.types import PreprocessSpec
+
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[:, :, 0] = 200  # blue in BGR
+    names = '["person", "chair", "dog"]'
+    plain = Detector(RecordingEngine(stub_prediction(), {"fieldreid.names": names}))
+    plain.detect_one(image)
+    [t] = plain.engine.tensors
+    assert plain.preprocess_spec.color == "RGB" and plain.preprocess_spec.pad_value == 114
+    np.testing.assert_allclose(t[0, :, 32, 32], [0.0, 0.0, 200 / 255], atol=1e-6)  # RGB: blue is the last plane
+    np.testing.assert_allclose(t[0, :, 0, 32], [114 / 255] * 3, atol=1e-6)  # the letterbox padding above it
+    spec = PreprocessSpec(size=(64, 64), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), color="BGR",
+                          resize="letterbox", pad_value=0)
+    own = Detector(RecordingEngine(stub_prediction(), {"fieldreid.names": names,
+                                                       "fieldreid.preprocess": spec.to_json()}))
+    own.detect_one(image)
+    [t] = own.engine.tensors
+    np.testing.assert_allclose(t[0, :, 32, 32], [(200 / 255 - 0.5) / 0.25, -2.0, -2.0], atol=1e-5)  # BGR, normalised
+    np.testing.assert_allclose(t[0, :, 0, 32], [-2.0] * 3, atol=1e-6)  # padded with 0, then normalised
+    stretch = PreprocessSpec(size=(64, 64), resize="stretch")
+    with pytest.raises(ModelError, match="letterboxed"):
+        Detector(RecordingEngine(stub_prediction(), {"fieldreid.names": names,
+                                                     "fieldreid.preprocess": stretch.to_json()}))

@@ -39,7 +39,7 @@ from fieldreid.storage.fsutil import (
 )
 from fieldreid.types import Detections
 from fieldreid.watch import WatchConfig, Watcher
-from fieldreid.watch import runner as runner_mod
+from fieldreid.watch import loader as loader_mod
 from fieldreid.watch.scanner import ScanStats, candidate_at, scan
 from fieldreid.watch.state import StateDB
 
@@ -295,7 +295,7 @@ def test_decoder_errors_are_per_file_failures(tmp_path, owl, monkeypatch) -> Non
     def odd(*a, **k):
         raise RuntimeError("plugin bug")
 
-    monkeypatch.setattr(runner_mod, "read_image", odd)
+    monkeypatch.setattr(loader_mod, "read_image", odd)
     with _watcher(tmp_path / "cards", tmp_path) as w:
         counts = w.run(once=True)
     files = _files(tmp_path / "out")

@@ -8,6 +8,7 @@
 * :mod:`~fieldreid.cli.config` — ``init``.
 * :mod:`~fieldreid.cli.sync` — ``serve``, ``sync``, ``server ...``.
 * :mod:`~fieldreid.cli.train` — ``train``, ``distill``.
+* :mod:`~fieldreid.cli.verify` — ``verify``.
 """
 from fieldreid.cli.app import app, main
 

@@ -23,7 +23,8 @@ from fieldreid.cli.common import open_crop_detector as _open_crop_detector
 from fieldreid.cli.common import open_detector as _open_detector
 from fieldreid.cli.common import open_embedder as _open_embedder
 from fieldreid.cli.common import progress_bar as _progress
-from fieldreid.errors import InputError
+from fieldreid.errors import FieldreidError, InputError
+from fieldreid.types import DecisionKind
 
 GalleryOpt = Annotated[Path, typer.Option("--gallery", "-g", help="Gallery file (SQLite).")]
 ConfOpt = Annotated[float, typer.Option(help="Detector confidence for animal boxes.")]
@@ -138,7 +139,7 @@ def identify_cmd(
     backend: BackendOpt = "auto",
 ) -> None:
     """Identify animals: known / new / uncertain per crop, with score, runner-up and top-k candidates."""
-    from fieldreid.frames.decode import iter_files
+    from fieldreid.frames.files import iter_files
     from fieldreid.gallery.enroll import Item, embed_items, source_key
     from fieldreid.gallery.openset import Identifier
     from fieldreid.gallery.store import Gallery
@@ -191,7 +192,7 @@ def identify_cmd(
                                          "failures": [{"file": f, "reason": r} for f, r in failures]})
         else:
             atomic_write_text(out_path, _decisions_csv(decisions, failures))
-    counts = {c: sum(d.decision == c for d in decisions) for c in ("known", "new", "uncertain")}
+    counts = {c: sum(d.decision == c for d in decisions) for c in DecisionKind}
     err.print(f"{len(files)} files, {len(decisions)} animals: {counts['known']} known, {counts['new']} new, "
               f"{counts['uncertain']} uncertain; {len(failures)} failed → {out_path}")
     if decisions and not all(d.calibrated for d in decisions):
@@ -264,12 +265,26 @@ def eval_cmd(
     conf: ConfOpt = 0.2,
     batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
     backend: BackendOpt = "auto",
+    verify: Annotated[bool, typer.Option("--verify", help="Also measure local-feature verification: each "
+                                                          "query's top-K re-scored by the fused probability "
+                                                          "(cosine + RANSAC inliers); top-1 and open-set GM "
+                                                          "before/after, ms per query.")] = False,
+    verify_k: Annotated[list[int] | None, typer.Option("--verify-k", help="K candidates re-scored (repeatable; "
+                                                                          "default 20 and 10).")] = None,
+    verify_fit_split: Annotated[str | None, typer.Option(help="With --verify: fit the fusion and its threshold "
+                                                              "on the rows of this split (other animals); "
+                                                              "default: two identity folds cross-fit.")] = None,
+    keypoints: Annotated[int, typer.Option(help="With --verify: keypoint cap per crop.")] = 1000,
 ) -> None:
     """Evaluate an embedder: one-vs-all top-1/5/10 + mAP (MiewID) and open-set BAKS/BAUS (AnimalCLEF)."""
     from fieldreid.evaluation.metrics import evaluate
     from fieldreid.gallery.openset import Thresholds
     from fieldreid.storage.fsutil import atomic_write_json
 
+    if verify and verify_k and min(verify_k) < 1:
+        raise InputError(f"--verify-k must be at least 1, got {min(verify_k)}.")
+    if verify and verify_fit_split is not None and verify_fit_split == split:
+        raise InputError(f"--verify-fit-split {verify_fit_split} is the evaluated split; fit on other animals.")
     emb, res = _embed_labelled(metadata, split, crops, embedder, detector, backend, conf, batch,
                                whole_frame_fallback=True)
     th = emb.thresholds or Thresholds()  # what decisions use before a gallery is calibrated
@@ -288,6 +303,10 @@ def eval_cmd(
               "n_images_whole_image": res.n_whole_image, "n_images_failed":
               len(res.failures), "thresholds_source": source, **evaluate(res.vectors, labels, lower=lo, upper=up, seed=seed,
                                            unknown_fraction=unknown_fraction, enrol_fraction=enrol_fraction)}
+    if verify:
+        result["verify"] = _verify_eval(res, labels, metadata, split, verify_fit_split, crops, embedder, detector,
+                                        backend, conf, batch, verify_k or [20, 10], keypoints, seed,
+                                        unknown_fraction, enrol_fraction)
     if out_path is not None:
         atomic_write_json(out_path, result)
     if as_json:
@@ -311,7 +330,55 @@ def eval_cmd(
         if m:
             t.add_row(f"{name} (lower {m['lower']:.3f}, upper {m['upper']:.3f})",
                       f"BAKS {m['BAKS']:.3f}  BAUS {m['BAUS']:.3f}  GM {m['geometric_mean']:.3f}")
+    for k, v in (result.get("verify") or {}).get("per_k", {}).items():
+        g, f = v["open_set"]["global"], v["open_set"]["fused"]
+        t.add_row(f"verify K={k}: top-1 before → after (true animal in top-K)",
+                  f"{v['top1_before']:.3f} → {v['top1_after']:.3f} ({v['true_identity_in_top_k']:.3f})")
+        t.add_row(f"verify K={k}: open-set GM at calibrated threshold, global → fused",
+                  f"{g['GM_at_calibrated']:.3f} → {f['GM_at_calibrated']:.3f}")
+        t.add_row(f"verify K={k}: pays / ms per query", f"{'yes' if v['pays'] else 'no'} / {v['ms_per_query']:.0f}")
+    if result.get("verify"):
+        t.add_row("verify: features ms per image", f"{result['verify']['features_ms_per_image']:.1f}")
     out.print(t)
+
+
+def _verify_eval(res, labels, metadata, split, fit_split, crops, embedder, detector, backend, conf, batch, ks,
+                 keypoints, seed, unknown_fraction, enrol_fraction) -> dict:
+    """``eval --verify``: local features of every evaluated crop (same boxes), then
+    :func:`fieldreid.evaluation.rerank.verify_eval`."""
+    import time
+
+    from fieldreid.evaluation.rerank import verify_eval
+    from fieldreid.verify.features import KIND, features_of
+
+    items, vectors, boxes, fit_mask = list(res.items), res.vectors, list(res.boxes), None
+    if fit_split is not None:
+        _, fit = _embed_labelled(metadata, fit_split, crops, embedder, detector, backend, conf, batch,
+                                 whole_frame_fallback=True)
+        items += fit.items
+        vectors = np.concatenate([vectors, fit.vectors])
+        boxes += fit.boxes
+        labels = list(labels) + [it.identity for it in fit.items]
+        fit_mask = np.r_[np.zeros(len(res.items), bool), np.ones(len(fit.items), bool)]
+    feats, keep, failures = [], [], []
+    t0 = time.perf_counter()
+    with _progress(len(items), "features") as progress:
+        task = progress.add_task("features", total=len(items))
+        for i, (it, box) in enumerate(zip(items, boxes, strict=True)):
+            try:
+                feats.append(features_of(it.path, box, keypoints))
+                keep.append(i)
+            except FieldreidError as exc:
+                failures.append((str(it.path), str(exc)))
+            progress.advance(task)
+    ms_feat = 1e3 * (time.perf_counter() - t0) / max(1, len(items))
+    _print_failures(failures)
+    keep_arr = np.asarray(keep, np.int64)
+    out_v = verify_eval(vectors[keep_arr], np.asarray(labels, dtype=object)[keep_arr], feats, ks=ks,
+                        fit_mask=None if fit_mask is None else fit_mask[keep_arr], seed=seed,
+                        unknown_fraction=unknown_fraction, enrol_fraction=enrol_fraction)
+    return {"features": KIND, "keypoints": keypoints, "fit_split": fit_split,
+            "features_ms_per_image": ms_feat, "n_feature_failures": len(failures), **out_v}
 
 
 def calibrate_cmd(

@@ -26,7 +26,7 @@ from fieldreid.errors import FieldreidError
 
 
 def _collect(paths: list[Path]) -> list[Path]:
-    from fieldreid.frames.decode import iter_files
+    from fieldreid.frames.files import iter_files
 
     files = list(iter_files(paths))
     if not files:

@@ -2,6 +2,11 @@
 
 numpy + OpenCV + an :class:`~fieldreid.engines.Engine` only; torch is never imported here.
 
+Preprocessing travels with the model, as the embedder's does: ``fieldreid.preprocess`` in the model's
+metadata (written by :mod:`fieldreid.export.detector_onnx`) gives the input size, letterbox padding value,
+interpolation, channel order and normalisation. A model without it (an Ultralytics or YOLOv5 export) gets
+:func:`yolo_preprocess`: the YOLO convention, letterbox with grey (114) padding, RGB, pixels / 255.
+
 >>> det = Detector("engines/md_v5a.onnx")                      # doctest: +SKIP
 >>> [d.xyxy for d in det.detect([cv2.imread("IMG_0001.JPG")])]  # doctest: +SKIP
 """
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -21,7 +27,7 @@ from fieldreid.detect.decode import LAYOUTS, decode
 from fieldreid.detect.letterbox import preprocess, scale_boxes
 from fieldreid.engines import Engine, load_engine
 from fieldreid.errors import InputError, ModelError
-from fieldreid.types import Detections
+from fieldreid.types import Detections, PreprocessSpec
 
 #: Default confidence threshold. MegaDetector's authors recommend about 0.2 for deciding what to show
 #: or count (lower finds more animals at the price of more false boxes on vegetation), and 0.005 when a
@@ -30,6 +36,13 @@ from fieldreid.types import Detections
 DEFAULT_CONF = 0.2
 DEFAULT_IOU = 0.45
 DEFAULT_BATCH = 8  # images per run for dynamic-batch models: ~40 MB of input tensor at 640x640
+
+
+def yolo_preprocess(size: tuple[int, int]) -> PreprocessSpec:
+    """The fallback for a detector whose metadata has no ``fieldreid.preprocess``: what YOLOv5, Ultralytics
+    and MegaDetector feed their models (letterbox to ``size`` (h, w), pad 114, RGB, [0, 1], no mean/std)."""
+    return PreprocessSpec(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), color="RGB", resize="letterbox",
+                          pad_value=114)
 
 
 def _json_or_literal(text: str):
@@ -151,7 +164,15 @@ class Detector:
         in_shape = self.engine.inputs[0].shape
         if len(in_shape) != 4 or (isinstance(in_shape[1], int) and in_shape[1] not in (-1, 3)):
             raise ModelError(f"A detector input must be [B, 3, H, W]; {self.path} has {in_shape}.")
-        self.input_size = self._resolve_imgsz(imgsz, in_shape, meta)
+        declared = PreprocessSpec.from_json(meta["fieldreid.preprocess"]) if "fieldreid.preprocess" in meta else None
+        if declared is not None and declared.resize != "letterbox":
+            raise ModelError(f"{self.path}: a detector's input is letterboxed, but its preprocessing metadata says "
+                             f"resize={declared.resize!r}; re-export it with fieldreid's converter.")
+        self.input_size = self._resolve_imgsz(imgsz if imgsz is not None or declared is None else declared.size,
+                                              in_shape, meta)
+        #: how images become this model's input (from its metadata, else :func:`yolo_preprocess`)
+        self.preprocess_spec = replace(declared, size=self.input_size) if declared is not None \
+            else yolo_preprocess(self.input_size)
         fixed_batch = in_shape[0] if isinstance(in_shape[0], int) and in_shape[0] > 0 else None
         #: images per engine run: the model's fixed batch, or ``batch_size`` for a dynamic batch axis
         self.batch = fixed_batch or int(batch_size)
@@ -270,7 +291,7 @@ class Detector:
         results: list[Detections] = []
         for start in range(0, len(images), self.batch):
             chunk = images[start:start + self.batch]
-            tensor, infos = preprocess(chunk, self.input_size, self.stride)
+            tensor, infos = preprocess(chunk, stride=self.stride, spec=self.preprocess_spec)
             for raw, info in zip(self._run_batch(tensor), infos, strict=True):
                 cls = raw[:, 5].astype(np.int64)
                 known = (cls >= 0) & (cls < len(self._categories))

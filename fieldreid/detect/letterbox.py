@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from fieldreid.errors import InputError
+from fieldreid.errors import InputError, ModelError
+from fieldreid.types import PreprocessSpec
+
+#: ``PreprocessSpec.interpolation`` -> the OpenCV resize flag used for the letterbox
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST, "bicubic": cv2.INTER_CUBIC,
+                  "area": cv2.INTER_AREA}
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ def letterbox(
     auto: bool = False,
     scaleup: bool = True,
     color: int | tuple[int, int, int] = 114,
+    interpolation: int = cv2.INTER_LINEAR,
 ) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
     """Resize ``image`` (HxWx3 BGR uint8) keeping its aspect ratio and pad it to ``new_shape`` (h, w).
 
@@ -84,7 +90,7 @@ def letterbox(
         dw, dh = dw % stride, dh % stride
     dw, dh = dw / 2, dh / 2
     if (w, h) != (unpad_w, unpad_h):
-        image = cv2.resize(image, (unpad_w, unpad_h), interpolation=cv2.INTER_LINEAR)
+        image = cv2.resize(image, (unpad_w, unpad_h), interpolation=interpolation)
     top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
     left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
     if isinstance(color, int | np.integer):
@@ -130,11 +136,26 @@ def preprocess(
     new_shape: int | tuple[int, int] = (640, 640),
     stride: int = 32,
     color: int = 114,
+    spec: PreprocessSpec | None = None,
 ) -> tuple[np.ndarray, list[LetterboxInfo]]:
     """Letterbox a list of BGR images into one ``(B, 3, H, W)`` float32 RGB tensor scaled to [0, 1].
 
     All images go to the same fixed ``new_shape`` (no ``auto`` padding) so they stack into one batch.
+    With ``spec`` (the model's :class:`~fieldreid.types.PreprocessSpec`, ``resize="letterbox"``) its size,
+    padding value, interpolation, channel order and ``mean``/``std`` (on [0, 1] pixels) are used instead.
     """
+    rgb, mean, std, interpolation = True, None, None, cv2.INTER_LINEAR
+    if spec is not None:
+        if spec.resize != "letterbox":
+            raise ModelError(f"A detector's input is letterboxed; its preprocessing says resize={spec.resize!r}.")
+        if spec.interpolation not in INTERPOLATIONS:
+            raise ModelError(f"Unknown interpolation {spec.interpolation!r} in the detector's preprocessing "
+                             f"(known: {', '.join(INTERPOLATIONS)}).")
+        new_shape, color, rgb = spec.size, spec.pad_value, spec.color == "RGB"
+        interpolation = INTERPOLATIONS[spec.interpolation]
+        if tuple(spec.mean) != (0.0, 0.0, 0.0) or tuple(spec.std) != (1.0, 1.0, 1.0):
+            mean = np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
+            std = np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
     if len(images) == 0:
         h, w = _as_hw(new_shape)
         return np.zeros((0, 3, h, w), np.float32), []
@@ -143,9 +164,13 @@ def preprocess(
     infos: list[LetterboxInfo] = []
     for i, img in enumerate(images):
         img = check_image(img, i)
-        boxed, ratio, pad = letterbox(img, (h, w), stride=stride, auto=False, color=color)
-        # BGR HWC uint8 -> RGB CHW float32 in one pass over the pixels.
-        batch[i] = boxed[:, :, ::-1].transpose(2, 0, 1)
+        boxed, ratio, pad = letterbox(img, (h, w), stride=stride, auto=False, color=color,
+                                      interpolation=interpolation)
+        # BGR HWC uint8 -> RGB (or BGR) CHW float32 in one pass over the pixels.
+        batch[i] = (boxed[:, :, ::-1] if rgb else boxed).transpose(2, 0, 1)
         infos.append(LetterboxInfo(ratio, pad, (img.shape[0], img.shape[1])))
     batch /= np.float32(255.0)  # divide (not multiply by 1/255) to match the reference pipelines bit for bit
+    if mean is not None:
+        batch -= mean
+        batch /= std
     return batch, infos

@@ -127,7 +127,7 @@ def list_crops(source: str | Path | Sequence[str | Path], split: str | None = No
 
     ``split`` only means something for a ``metadata.csv``: for a folder it is an error, not ignored.
     """
-    from fieldreid.frames.decode import iter_files
+    from fieldreid.frames.files import iter_files
     from fieldreid.gallery.enroll import read_metadata
 
     if isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv":
@@ -544,9 +544,9 @@ def quantize_detector(fp32_path: str | Path, out_path: str | Path, calib_images:
     if not val_images:
         raise InputError("The detector INT8 gate needs validation images (real camera-trap frames).")
     with Detector(fp32_path, backend="onnxruntime", conf=conf) as det:
-        size, stride = det.input_size, det.stride
+        spec, stride = det.preprocess_spec, det.stride  # calibrate on exactly what the detector feeds the model
         ref = det.detect(list(val_images))
-    calib, _ = preprocess(list(calib_images), size, stride=stride)
+    calib, _ = preprocess(list(calib_images), stride=stride, spec=spec)
     with atomic_output(out_path) as tmp:
         if log:
             log(f"INT8 detector: quantising with {len(calib)} calibration frames")

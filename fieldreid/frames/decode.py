@@ -13,8 +13,6 @@ decoded-pixel budget (``max_pixels``, default 100 MP) before the decoder allocat
 from __future__ import annotations
 
 import io
-import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 
 from fieldreid.errors import ImageReadError
 from fieldreid.frames.exif import header_exif
+from fieldreid.frames.files import IMAGE_SUFFIXES, VIDEO_SUFFIXES, iter_files  # noqa: F401 (re-exported)
 from fieldreid.storage.fsutil import (
     DEFAULT_MAX_FILE_BYTES,
     FileChangedError,
@@ -30,8 +29,6 @@ from fieldreid.storage.fsutil import (
     read_regular_file,
 )
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mts", ".wmv", ".3gp", ".mpg", ".mpeg"}
 JPEG_SUFFIXES = {".jpg", ".jpeg"}
 _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                   8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -62,28 +59,6 @@ class Frame:
         """(sy, sx) that map ``pixels`` coordinates to full-resolution coordinates."""
         h, w = self.pixels.shape[:2]
         return self.size[0] / h, self.size[1] / w
-
-
-def iter_files(paths: Iterable[str | Path], recursive: bool = True) -> Iterator[Path]:
-    """Image and video files under ``paths`` (files given directly are always yielded), sorted per folder.
-
-    Videos are yielded too so callers can record them as failures instead of silently skipping them.
-    Hidden files and folders (``.DS_Store``, ``._IMG_0001.JPG`` from macOS) are skipped.
-    """
-    wanted = IMAGE_SUFFIXES | VIDEO_SUFFIXES
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            walker = os.walk(p) if recursive else [(str(p), [], [e.name for e in os.scandir(p) if e.is_file()])]
-            for root, dirs, files in walker:
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    if not name.startswith(".") and Path(name).suffix.lower() in wanted:
-                        yield Path(root) / name
-        elif p.exists():
-            yield p
-        else:
-            raise ImageReadError(p, "does not exist")
 
 
 def _header(data: bytes, path: Path) -> tuple[tuple[int, int], int]:

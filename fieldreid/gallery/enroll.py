@@ -81,7 +81,7 @@ def read_metadata(csv_path: str | Path, split: str | None = None, species: str |
 
 def read_folder(root: str | Path, species: str | None = None) -> list[Item]:
     """``root/<identity>/<images>``: one sub-folder per identity (hidden folders and files skipped)."""
-    from fieldreid.frames.decode import iter_files
+    from fieldreid.frames.files import iter_files
 
     root = Path(root)
     items = []

@@ -27,6 +27,7 @@ import numpy as np
 from fieldreid.errors import InputError
 from fieldreid.gallery.search import Searcher
 from fieldreid.gallery.store import UNKNOWN_SPECIES
+from fieldreid.types import DecisionKind
 
 #: Used while a gallery has no calibrated thresholds for a species/model. Chosen for fine-tuned re-ID
 #: embedders (AnimalCLEF 2025 entries report best single thresholds of 0.6-0.7); ImageNet features score
@@ -49,11 +50,11 @@ class Thresholds:
         if self.lower > self.upper:
             raise InputError(f"Thresholds need lower <= upper (got lower={self.lower}, upper={self.upper}).")
 
-    def decide(self, score: float | None) -> str:
+    def decide(self, score: float | None) -> DecisionKind:
         """``known`` / ``new`` / ``uncertain`` for a best score (None: empty gallery → new)."""
         if score is None or not np.isfinite(score) or score < self.lower:
-            return "new"
-        return "known" if score >= self.upper else "uncertain"
+            return DecisionKind.NEW
+        return DecisionKind.KNOWN if score >= self.upper else DecisionKind.UNCERTAIN
 
 
 def thresholds_for(gallery, species: str, model_id: str, model: Thresholds | None = None) -> Thresholds:
@@ -68,7 +69,7 @@ def thresholds_for(gallery, species: str, model_id: str, model: Thresholds | Non
 class Decision:
     """One crop's outcome, with everything needed to audit it later."""
 
-    decision: str
+    decision: DecisionKind
     identity: str | None
     score: float | None
     runner_up: str | None
@@ -157,9 +158,9 @@ class Identifier:
             sp = self._species_for(best[0] if best else None, species)
             th = thresholds_for(self.gallery, sp, model_id, self.model_thresholds)
             decision = th.decide(best[1] if best else None)
-            identity = best[0] if best and decision != "new" else None
+            identity = best[0] if best and decision != DecisionKind.NEW else None
             created = False
-            if decision == "new" and self.create_provisional:
+            if decision == DecisionKind.NEW and self.create_provisional:
                 identity = self.gallery.add_provisional(sp, vec[i], model_id, sources[i] or f"crop-{i}",
                                                         boxes[i])
                 created = True

@@ -1,5 +1,10 @@
 """The identity gallery: one SQLite file holding identities, their embeddings, sightings and thresholds.
 
+This module is the core store (opening, transactions, identities, embeddings, thresholds, sightings);
+the file's tables and migrations are in :mod:`fieldreid.gallery.schema`, the curator's logged changes
+(rename/merge/split/confirm/delete/log) in :mod:`fieldreid.gallery.curation` (mixed into :class:`Gallery`).
+The file is opened by :func:`fieldreid.storage.sqlite.open_db`, as the watch results database is.
+
 Why SQLite, and how it is set up:
 
 * **WAL journal**: readers (a ``watch`` loop searching) never block the writer (``enroll`` or a curator
@@ -37,177 +42,40 @@ cheaply and reload fully only when it must.
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import sqlite3
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from fieldreid.errors import FieldreidError, InputError
+from fieldreid.errors import GalleryError, IdentityNotFoundError, InputError, ModelMismatchError
+from fieldreid.gallery.curation import Change, Curation
+from fieldreid.gallery.schema import (
+    APPLICATION_ID,
+    DECISIONS,
+    MIGRATIONS,
+    ORIGINS,
+    SCHEMA_VERSION,
+    STATUSES,
+    UNKNOWN_SPECIES,
+    box_key,
+    default_who,
+    parse_box,
+    utc_now,
+)
+from fieldreid.storage.sqlite import QUICK_CHECK_MAX_BYTES, Schema, open_db, rollback
 
-
-class GalleryError(FieldreidError):
-    """A gallery file is missing, corrupt, from a newer fieldreid, or asked to do something impossible."""
-
-
-class ModelMismatchError(GalleryError):
-    """Query embeddings come from a different model than the gallery's."""
-
-
-class IdentityNotFoundError(GalleryError):
-    """An identity id that is not in the gallery."""
-
-
-#: "FRID" - marks a SQLite file as a fieldreid gallery (PRAGMA application_id).
-APPLICATION_ID = 0x46524944
-SQLITE_MAGIC = b"SQLite format 3\x00"
-#: quick_check reads every page; above this size opening would take seconds, so only the header is checked
-#: (run :meth:`Gallery.check` explicitly).
-QUICK_CHECK_MAX_BYTES = 256 * 1024 * 1024
-STATUSES = ("confirmed", "provisional")
-ORIGINS = ("lab", "field")
-DECISIONS = ("known", "new", "uncertain")
-#: the species of an animal whose species nobody could tell (what a generic detector says)
-UNKNOWN_SPECIES = "animal"
-
-_V1 = [
-    """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
-    """CREATE TABLE identities (
-        id TEXT PRIMARY KEY,
-        name TEXT,
-        species TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('confirmed', 'provisional')),
-        origin TEXT NOT NULL CHECK (origin IN ('lab', 'field')),
-        created TEXT NOT NULL,
-        updated TEXT NOT NULL)""",
-    """CREATE TABLE embeddings (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        identity_id TEXT NOT NULL REFERENCES identities(id) ON UPDATE CASCADE ON DELETE CASCADE,
-        model_id TEXT NOT NULL,
-        dim INTEGER NOT NULL,
-        dtype TEXT NOT NULL CHECK (dtype IN ('float32', 'float16')),
-        vector BLOB NOT NULL,
-        source TEXT NOT NULL,
-        box TEXT NOT NULL DEFAULT '',
-        created TEXT NOT NULL,
-        UNIQUE (model_id, source, box))""",
-    "CREATE INDEX embeddings_identity ON embeddings(identity_id)",
-    """CREATE TABLE sightings (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        image TEXT NOT NULL,
-        box TEXT NOT NULL DEFAULT '',
-        captured TEXT,
-        camera TEXT,
-        decision TEXT NOT NULL CHECK (decision IN ('known', 'new', 'uncertain')),
-        identity_id TEXT,
-        score REAL,
-        runner_up_id TEXT,
-        runner_up_score REAL,
-        upper REAL NOT NULL,
-        lower REAL NOT NULL,
-        threshold_method TEXT NOT NULL,
-        model_id TEXT NOT NULL,
-        gallery_version INTEGER NOT NULL,
-        created TEXT NOT NULL)""",
-    "CREATE INDEX sightings_identity ON sightings(identity_id)",
-    """CREATE TABLE thresholds (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        species TEXT NOT NULL,
-        model_id TEXT NOT NULL,
-        upper REAL NOT NULL,
-        lower REAL NOT NULL,
-        method TEXT NOT NULL,
-        created TEXT NOT NULL)""",
-    """CREATE TABLE changes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        action TEXT NOT NULL,
-        who TEXT NOT NULL,
-        at TEXT NOT NULL,
-        details TEXT NOT NULL,
-        gallery_version INTEGER NOT NULL)""",
-    """CREATE TABLE provisional_counters (species TEXT PRIMARY KEY, next INTEGER NOT NULL)""",
-    f"PRAGMA application_id = {APPLICATION_ID}",
+# names other modules import from here (the gallery's public face), defined in schema / curation / errors
+__all__ = [
+    "APPLICATION_ID", "DECISIONS", "GALLERY_SCHEMA", "MIGRATIONS", "ORIGINS", "QUICK_CHECK_MAX_BYTES", "SCHEMA_VERSION", "STATUSES",
+    "UNKNOWN_SPECIES", "Change", "DiskFullError", "EmbeddingInfo", "Gallery", "GalleryError", "Identity",
+    "IdentityNotFoundError", "ModelMismatchError", "StoredThresholds", "VectorBlock", "box_key", "default_who",
+    "free_bytes", "parse_box", "storage_error", "utc_now",
 ]
-
-
-
-def _dedupe_sightings(con: sqlite3.Connection) -> None:
-    """v2: sightings recorded twice before they had a unique key (one folder processed into two output
-    folders, an ``identify`` run repeated) - same image, box, capture time, camera and model - keep the
-    first. A copy already handed to a push chunk stays (the lab may hold it); unsent queue rows go with
-    their sighting."""
-    queue = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sync_outbox'").fetchone()
-    keep_sent = " AND id NOT IN (SELECT sighting_id FROM sync_outbox WHERE chunk IS NOT NULL)" if queue else ""
-    con.execute("DELETE FROM sightings WHERE id NOT IN (SELECT min(id) FROM sightings GROUP BY image, box, "
-                f"coalesce(captured, ''), coalesce(camera, ''), model_id){keep_sent}")
-    if queue:
-        con.execute("DELETE FROM sync_outbox WHERE sighting_id NOT IN (SELECT id FROM sightings)")
-
-
-_V2: list = [
-    # the source image's content hash: a sighting is unique by (source content, box) from now on
-    "ALTER TABLE sightings ADD COLUMN source_sha256 TEXT",
-    # the folder a relative ``image`` path is relative to (a watch camera root), so the crop can be read back
-    "ALTER TABLE sightings ADD COLUMN source_root TEXT",
-    # the query embedding (float32) the decision was made from; sync pushes it with the sighting
-    "ALTER TABLE sightings ADD COLUMN vector BLOB",
-    _dedupe_sightings,
-    "CREATE UNIQUE INDEX sightings_source_box ON sightings(source_sha256, box)",
-]
-
-#: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``: SQL statements or
-#: callables taking the connection, all in one transaction. Append, never edit.
-MIGRATIONS: list[list] = [_V1, _V2]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def _strings(obj) -> set[str]:
-    """Every string in a change's details (values, list items, dict keys): the ids a change names."""
-    if isinstance(obj, str):
-        return {obj}
-    if isinstance(obj, dict):
-        return set().union(*(_strings(k) | _strings(v) for k, v in obj.items()))
-    if isinstance(obj, list | tuple):
-        return set().union(*(_strings(v) for v in obj))
-    return set()
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def default_who() -> str:
-    """Who is making a change: ``$FIELDREID_USER``, else the login name, else ``unknown``."""
-    who = os.environ.get("FIELDREID_USER")
-    if who:
-        return who
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name in some containers
-        return "unknown"
-
-
-def box_key(box: Sequence[float] | None) -> str:
-    """Canonical text of a box (full-resolution pixels, x1,y1,x2,y2 rounded to 0.1 px); '' = whole image."""
-    if box is None or len(box) == 0:
-        return ""
-    if len(box) != 4:
-        raise InputError(f"A box needs 4 numbers (x1, y1, x2, y2), got {len(box)}")
-    return ",".join(f"{float(v):.1f}" for v in box)
-
-
-def parse_box(text: str) -> tuple[float, float, float, float] | None:
-    if not text:
-        return None
-    x1, y1, x2, y2 = (float(v) for v in text.split(","))
-    return x1, y1, x2, y2
 
 
 @dataclass(frozen=True)
@@ -244,16 +112,6 @@ class StoredThresholds:
 
 
 @dataclass(frozen=True)
-class Change:
-    id: int
-    action: str
-    who: str
-    at: str
-    details: dict
-    gallery_version: int
-
-
-@dataclass(frozen=True)
 class VectorBlock:
     """Embeddings loaded for search: row ids, identity ids, and an (N, D) matrix (float32 or float16)."""
 
@@ -265,7 +123,6 @@ class VectorBlock:
 SQLITE_FULL, SQLITE_IOERR, SQLITE_READONLY = 13, 10, 8  # primary result codes
 #: an I/O error on a file system with less free space than this is reported as a full disk
 LOW_SPACE_BYTES = 1024 * 1024
-WAL_MAGIC = (0x377F0682, 0x377F0683)
 
 
 class DiskFullError(GalleryError):
@@ -305,78 +162,14 @@ def storage_error(path: Path, exc: BaseException, doing: str = "write") -> Galle
     return None
 
 
-def _wal_frames(path: Path, page_size: int) -> bool:
-    """True if ``path``'s write-ahead log holds at least one frame for pages of this size: the main file's
-    own header is then not the whole story (a checkpoint may not have finished)."""
-    wal = path.with_name(path.name + "-wal")
-    try:
-        with wal.open("rb") as fh:
-            head = fh.read(32)
-        size = wal.stat().st_size
-    except OSError:
-        return False
-    if len(head) < 32:
-        return False
-    magic, _version, wal_page = struct.unpack(">III", head[:12])
-    return magic in WAL_MAGIC and wal_page == page_size and size >= 32 + 24 + page_size
+#: what a gallery file is, for :func:`fieldreid.storage.sqlite.open_db`
+GALLERY_SCHEMA = Schema(
+    kind="fieldreid gallery", short="gallery", application_id=APPLICATION_ID, migrations=MIGRATIONS,
+    error=GalleryError, where="check the --gallery path",
+    restore="restore it from a backup or sync it again from the lab", storage_failure=storage_error)
 
 
-def _check_header(path: Path) -> bool:
-    """Refuse files that are not whole SQLite databases, without letting SQLite write anything.
-
-    Returns True when the main file alone looks short but a write-ahead log sits next to it: its pages
-    may live in the log (a checkpoint cut short by a full disk), so SQLite's own recovery must judge it.
-    """
-    size = path.stat().st_size
-    if size == 0:
-        return  # SQLite's own convention: an empty file is a new, empty database
-    with path.open("rb") as fh:
-        head = fh.read(100)
-    if not head.startswith(SQLITE_MAGIC):
-        raise GalleryError(f"{path} is not a fieldreid gallery (not a SQLite database). Nothing was changed; "
-                           "check the --gallery path.")
-    if len(head) < 100:
-        raise GalleryError(f"{path} is truncated ({size} bytes, shorter than a SQLite header). Nothing was "
-                           "changed; restore it from a backup or sync it again from the lab.")
-    page_size = struct.unpack(">H", head[16:18])[0]
-    page_size = 65536 if page_size == 1 else page_size
-    if page_size < 512 or page_size & (page_size - 1):
-        raise GalleryError(f"{path} has a corrupt header (page size {page_size}). Nothing was changed; restore "
-                           "it from a backup.")
-    n_pages, change_counter, valid_for = (struct.unpack(">I", head[o:o + 4])[0] for o in (28, 24, 92))
-    expected = n_pages * page_size if n_pages and change_counter == valid_for else 0
-    if size % page_size or size < expected:
-        if _wal_frames(path, page_size):
-            return True
-        raise GalleryError(f"{path} is truncated or damaged ({size} bytes, expected {expected or 'whole pages'}). "
-                           "Nothing was changed; restore it from a backup or sync it again from the lab.")
-    return False
-
-
-def _check_with_wal(path: Path, timeout: float) -> None:
-    """A main file that looks short, with a write-ahead log: let SQLite read it through the log on a
-    read-only connection (which never checkpoints into the file) and refuse it only if that fails."""
-    try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout)
-    except sqlite3.Error as exc:
-        raise storage_error(path, exc, "open") or GalleryError(
-            f"Cannot open gallery {path}: {exc}. Nothing was changed.") from exc
-    try:
-        rows = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
-    except sqlite3.Error as exc:
-        err = storage_error(path, exc, "open")
-        if err is not None:
-            raise err from exc
-        rows = [str(exc)]
-    finally:
-        con.close()
-    if rows != ["ok"]:
-        detail = "; ".join(str(r) for r in rows[:3])
-        raise GalleryError(f"{path} is damaged even with its write-ahead log ({detail}). Nothing was changed; "
-                           "restore it from a backup or sync it again from the lab.")
-
-
-class Gallery:
+class Gallery(Curation):
     """An identity gallery in one SQLite file. Use as a context manager or call :meth:`close`.
 
     ``storage`` (``float32`` or ``float16``) applies to a new gallery; an existing one keeps its own.
@@ -388,113 +181,38 @@ class Gallery:
                  check: str = "auto") -> None:
         self.path = Path(path)
         self.who = who or default_who()
+        self._depth = 0  # nesting of transaction(): calls inside an open one join it
         if storage not in ("float32", "float16"):
             raise InputError(f"storage must be float32 or float16, got {storage!r}")
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise InputError(f"synchronous must be FULL, NORMAL or EXTRA, got {synchronous!r}")
-        existed = self.path.exists()
-        if existed:
+        if self.path.exists():
             if not self.path.is_file():
                 raise GalleryError(f"{self.path} is not a file; pass the gallery's .db file with --gallery.")
-            if _check_header(self.path):
-                _check_with_wal(self.path, timeout)
         elif not create:
             raise GalleryError(f"No gallery at {self.path}. Create one with `fieldreid enroll SOURCE --gallery "
                                f"{self.path}`.")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        mode = "rw" if existed else "rwc"
-        try:
-            self._con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode={mode}", uri=True,
-                                        timeout=timeout, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise storage_error(self.path, exc, "open") or GalleryError(
-                f"Cannot open gallery {self.path}: {exc}.") from exc
-        try:
-            self._open(existed, storage, synchronous.upper(), check)
-        except BaseException:
-            self._con.close()
-            raise
 
-    # ------------------------------------------------------------------ opening
-    def _open(self, existed: bool, storage: str, synchronous: str, check: str) -> None:
-        con = self._con
-        try:
-            app_id = con.execute("PRAGMA application_id").fetchone()[0]
-            user_version = con.execute("PRAGMA user_version").fetchone()[0]
-            n_tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise storage_error(self.path, exc, "open") or GalleryError(
-                f"{self.path} is corrupt or not a gallery ({exc}). Nothing was changed; restore it from a "
-                "backup.") from exc
-        if (n_tables or user_version) and app_id != APPLICATION_ID:
-            raise GalleryError(f"{self.path} is a SQLite database but not a fieldreid gallery. Nothing was changed; "
-                               "check the --gallery path.")
-        if user_version > SCHEMA_VERSION:
-            raise GalleryError(f"{self.path} was written by a newer fieldreid (gallery schema {user_version}; this "
-                               f"version knows up to {SCHEMA_VERSION}). Upgrade fieldreid: pip install -U fieldreid.")
-        if existed and n_tables and (check == "quick" or (
-                check == "auto" and self.path.stat().st_size <= QUICK_CHECK_MAX_BYTES)):
-            self._quick_check()
-        try:
-            mode = con.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                con.execute("PRAGMA journal_mode=WAL")
-            con.execute(f"PRAGMA synchronous={synchronous}")
-            con.execute("PRAGMA foreign_keys=ON")
-            self._migrate(storage)
-        except sqlite3.DatabaseError as exc:
-            raise storage_error(self.path, exc, "open") or GalleryError(
-                f"Cannot prepare gallery {self.path}: {exc}.") from exc
+        def first_rows(con: sqlite3.Connection) -> None:
+            now = utc_now()
+            con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+                ("version", "0"), ("structure", "0"), ("storage", storage), ("created", now)])
+            con.execute("INSERT INTO changes (action, who, at, details, gallery_version) "
+                        "VALUES ('create', ?, ?, ?, 0)", (self.who, now, json.dumps({"storage": storage})))
 
-    def _quick_check(self) -> None:
-        try:
-            rows = self._con.execute("PRAGMA quick_check").fetchall()
-        except sqlite3.DatabaseError as exc:
-            rows = [(str(exc),)]
-        if [r[0] for r in rows] != ["ok"]:
-            detail = "; ".join(str(r[0]) for r in rows[:3])
-            raise GalleryError(f"{self.path} is corrupt ({detail}). Nothing was changed; restore it from a backup "
-                               "or sync it again from the lab.")
+        # header, WAL, synchronous, busy timeout, application id, quick check, migrations: one opener
+        self._con = open_db(self.path, GALLERY_SCHEMA, mode="rwc" if create else "rw", synchronous=synchronous,
+                            timeout=timeout, check=check, foreign_keys=True, on_create=first_rows)
 
     def check(self) -> list[str]:
         """Full ``PRAGMA integrity_check``: ``[]`` when the file is sound, else SQLite's problem list."""
         rows = [r[0] for r in self._con.execute("PRAGMA integrity_check").fetchall()]
         return [] if rows == ["ok"] else rows
 
-    def _migrate(self, storage: str) -> None:
-        con = self._con
-        if con.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-            return
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            current = con.execute("PRAGMA user_version").fetchone()[0]  # re-read under the write lock
-            for version in range(current, SCHEMA_VERSION):
-                for stmt in MIGRATIONS[version]:
-                    if callable(stmt):
-                        stmt(con)
-                    else:
-                        con.execute(stmt)
-                if version == 0:
-                    now = utc_now()
-                    con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
-                        ("version", "0"), ("structure", "0"), ("storage", storage), ("created", now)])
-                    con.execute("INSERT INTO changes (action, who, at, details, gallery_version) "
-                                "VALUES ('create', ?, ?, ?, 0)", (self.who, now, json.dumps({"storage": storage})))
-                con.execute(f"PRAGMA user_version = {version + 1}")
-            con.execute("COMMIT")
-        except BaseException:
-            self._rollback()
-            raise
-
     def _rollback(self) -> None:
-        """Undo the open transaction, if SQLite has not already: after a failed COMMIT (full disk, I/O
-        error) SQLite rolls back by itself, and a second ROLLBACK would raise and hide the cause."""
-        if self._con.in_transaction:
-            try:
-                self._con.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # the first error is the one to report; an uncommitted transaction never becomes visible
+        rollback(self._con)
 
     def close(self) -> None:
         self._con.close()
@@ -509,8 +227,21 @@ class Gallery:
     @contextmanager
     def transaction(self, action: str | None = None, details: dict | None = None, structural: bool = False
                ) -> Iterator[sqlite3.Connection]:
-        """One write transaction. With ``action``: bump the version (and ``structure``) and log the change."""
+        """One write transaction. With ``action``: bump the version (and ``structure``) and log the change.
+
+        Calls made inside an open transaction (``merge``, ``confirm``, ``add_embeddings``, ...) join it: each
+        logs its own change, and all of them commit together with the outer block, or none does
+        (``fieldreid review`` makes each decision this way).
+        """
         con = self._con
+        if self._depth:  # joined: the outermost block commits or rolls back
+            self._depth += 1
+            try:
+                yield con
+                self._log_change(action, details, structural)
+            finally:
+                self._depth -= 1
+            return
         try:
             con.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -519,17 +250,10 @@ class Gallery:
                 raise err from exc
             raise GalleryError(f"Gallery {self.path} is locked by another process for too long ({exc}). Try again "
                                "when the other command has finished.") from exc
+        self._depth = 1
         try:
             yield con
-            if action is not None and details is not None and details.pop("_unchanged", False):
-                action = None  # e.g. a re-run enrolment that found everything present: nothing to log
-            if action is not None:
-                version = int(self.meta("version")) + 1
-                self.set_meta("version", str(version))
-                if structural:
-                    self.set_meta("structure", str(int(self.meta("structure")) + 1))
-                con.execute("INSERT INTO changes (action, who, at, details, gallery_version) VALUES (?, ?, ?, ?, ?)",
-                            (action, self.who, utc_now(), json.dumps(details or {}, sort_keys=True), version))
+            self._log_change(action, details, structural)
             con.execute("COMMIT")
         except BaseException as exc:
             self._rollback()
@@ -537,6 +261,20 @@ class Gallery:
             if err is not None:
                 raise err from exc
             raise
+        finally:
+            self._depth = 0
+
+    def _log_change(self, action: str | None, details: dict | None, structural: bool) -> None:
+        """Inside a transaction: bump the version (and ``structure``) and append the change to the log."""
+        if action is not None and details is not None and details.pop("_unchanged", False):
+            action = None  # e.g. a re-run enrolment that found everything present: nothing to log
+        if action is not None:
+            version = int(self.meta("version")) + 1
+            self.set_meta("version", str(version))
+            if structural:
+                self.set_meta("structure", str(int(self.meta("structure")) + 1))
+            self._con.execute("INSERT INTO changes (action, who, at, details, gallery_version) VALUES (?, ?, ?, ?, ?)",
+                              (action, self.who, utc_now(), json.dumps(details or {}, sort_keys=True), version))
 
     def meta(self, key: str) -> str | None:
         row = self._con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -905,118 +643,15 @@ class Gallery:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
+    def sighting_keys(self, images: set[str] | Sequence[str]) -> set[tuple[str, str]]:
+        """(image, box) of the sightings recorded for these images (a watch replaying after a crash)."""
+        out: set[tuple[str, str]] = set()
+        imgs = sorted(set(images))
+        for a in range(0, len(imgs), 500):
+            chunk = imgs[a:a + 500]
+            out.update(self._con.execute(f"SELECT image, box FROM sightings WHERE image IN ({', '.join('?' * len(chunk))})",
+                                         chunk).fetchall())
+        return out
+
     def count_sightings(self) -> int:
         return int(self._con.execute("SELECT count(*) FROM sightings").fetchone()[0])
-
-    # ------------------------------------------------------------------ management (each logged)
-    def rename(self, identity_id: str, new_id: str | None = None, name: str | None = None) -> str:
-        """Change an identity's id (embeddings and sightings follow) and/or its display name."""
-        old = self._identity_row(identity_id)
-        target = new_id or identity_id
-        if new_id and new_id != identity_id and self.has_identity(new_id):
-            raise GalleryError(f"Identity '{new_id}' already exists; use `fieldreid gallery merge` to combine them.")
-        with self.transaction("rename", {"identity": identity_id, "new_id": target, "old_name": old[1], "name": name},
-                         structural=target != identity_id) as con:
-            if target != identity_id:
-                # ON UPDATE CASCADE moves the embeddings; sightings are provenance, updated explicitly
-                con.execute("UPDATE identities SET id = ?, updated = ? WHERE id = ?", (target, utc_now(), identity_id))
-                con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ?", (target, identity_id))
-                con.execute("UPDATE sightings SET runner_up_id = ? WHERE runner_up_id = ?", (target, identity_id))
-            if name is not None:
-                con.execute("UPDATE identities SET name = ?, updated = ? WHERE id = ?", (name, utc_now(), target))
-        return target
-
-    def merge(self, sources: Sequence[str], target: str) -> int:
-        """Move every embedding and sighting of ``sources`` to ``target`` and delete the sources.
-
-        Returns the number of embeddings moved. Species must agree, except that an animal filed under
-        ``animal`` (a device that could not tell the species) may join an identity of any species.
-        """
-        tgt = self._identity_row(target)
-        srcs = [s for s in dict.fromkeys(sources) if s != target]
-        if not srcs:
-            raise InputError("merge needs at least one source identity other than the target.")
-        for s in srcs:
-            row = self._identity_row(s)
-            if row[2] != tgt[2] and row[2] != UNKNOWN_SPECIES:
-                raise GalleryError(f"Cannot merge '{s}' ({row[2]}) into '{target}' ({tgt[2]}): different species.")
-        details: dict = {"sources": srcs, "target": target}
-        with self.transaction("merge", details, structural=True) as con:
-            moved = 0
-            for s in srcs:
-                moved += con.execute("UPDATE embeddings SET identity_id = ? WHERE identity_id = ?",
-                                     (target, s)).rowcount
-                con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ?", (target, s))
-                con.execute("UPDATE sightings SET runner_up_id = ? WHERE runner_up_id = ?", (target, s))
-                con.execute("DELETE FROM identities WHERE id = ?", (s,))
-            con.execute("UPDATE identities SET updated = ? WHERE id = ?", (utc_now(), target))
-            details["embeddings_moved"] = moved
-        return moved
-
-    def split(self, identity_id: str, embedding_ids: Sequence[int], new_id: str | None = None,
-              name: str | None = None) -> str:
-        """Move the given embeddings (and the sightings of the same image+box) to a new identity.
-
-        Without ``new_id`` the new identity is provisional (``<species>-P0001``); with one it is confirmed.
-        """
-        row = self._identity_row(identity_id)
-        species = row[2]
-        emb = {e.id: e for e in self.embeddings(identity_id)}
-        ids = [int(i) for i in dict.fromkeys(embedding_ids)]
-        missing = [i for i in ids if i not in emb]
-        if not ids or missing:
-            raise InputError(f"split needs embedding ids of '{identity_id}'; not its embeddings: {missing or 'none given'}. "
-                             f"See them with `fieldreid gallery show {identity_id}`.")
-        if new_id and self.has_identity(new_id):
-            raise GalleryError(f"Identity '{new_id}' already exists; choose another id or use merge.")
-        details: dict = {"identity": identity_id, "embeddings": ids}
-        with self.transaction("split", details, structural=True) as con:
-            if new_id:
-                target = new_id
-                self._insert_identity(target, species, name or new_id, "confirmed", row[4])
-            else:
-                target = self.next_provisional(species)
-                self._insert_identity(target, species, name, "provisional", row[4])
-            for i in ids:
-                con.execute("UPDATE embeddings SET identity_id = ? WHERE id = ?", (target, i))
-                con.execute("UPDATE sightings SET identity_id = ? WHERE identity_id = ? AND image = ? AND box = ?",
-                            (target, identity_id, emb[i].source, emb[i].box))
-            details["new_identity"] = target
-        return target
-
-    def confirm(self, identity_id: str, new_id: str | None = None, name: str | None = None) -> str:
-        """Provisional → confirmed, optionally giving it a permanent id (e.g. ``nyala-0042``) and a name."""
-        row = self._identity_row(identity_id)
-        target = identity_id
-        if new_id and new_id != identity_id:
-            target = self.rename(identity_id, new_id, name)
-            name = None
-        with self.transaction("confirm", {"identity": target, "previous_id": identity_id, "was": row[3]}) as con:
-            con.execute("UPDATE identities SET status = 'confirmed', updated = ? WHERE id = ?", (utc_now(), target))
-            if name is not None:
-                con.execute("UPDATE identities SET name = ? WHERE id = ?", (name, target))
-        return target
-
-    def delete(self, identity_id: str) -> int:
-        """Delete an identity and its embeddings. Sightings stay (they are history) and still name it."""
-        row = self._identity_row(identity_id)
-        details: dict = {"identity": identity_id, "species": row[2], "status": row[3]}
-        with self.transaction("delete", details, structural=True) as con:
-            n = con.execute("DELETE FROM embeddings WHERE identity_id = ?", (identity_id,)).rowcount
-            con.execute("DELETE FROM identities WHERE id = ?", (identity_id,))
-            details["embeddings_deleted"] = n
-        return n
-
-    def log(self, limit: int | None = None, identity_id: str | None = None) -> list[Change]:
-        """The change log, newest first."""
-        rows = self._con.execute("SELECT id, action, who, at, details, gallery_version FROM changes ORDER BY id DESC"
-                                 ).fetchall()
-        out = []
-        for r in rows:
-            details = json.loads(r[4])
-            if identity_id is not None and identity_id not in _strings(details):
-                continue  # whole ids only: nyala-1's log must not show nyala-10
-            out.append(Change(r[0], r[1], r[2], r[3], details, r[5]))
-            if limit and len(out) >= limit:
-                break
-        return out

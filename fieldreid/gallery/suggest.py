@@ -18,6 +18,7 @@ import numpy as np
 
 from fieldreid.gallery.openset import Thresholds, thresholds_for
 from fieldreid.gallery.store import Gallery, utc_now
+from fieldreid.types import DecisionKind
 
 _TABLE = """CREATE TABLE IF NOT EXISTS suggestions (
     identity_id TEXT PRIMARY KEY,
@@ -84,7 +85,7 @@ def suggest_matches(gallery: Gallery, model_thresholds: Thresholds | None = None
             score = float(best[order[0]])
             th = thresholds_for(gallery, lab[top], model_id, model_thresholds)
             decision = th.decide(score)
-            if decision == "new":
+            if decision == DecisionKind.NEW:
                 continue
             second = lab_ids[order[1]] if len(order) > 1 else None
             found.append(Suggestion(fid, top, lab[top], score, decision, second,

@@ -23,7 +23,7 @@ import numpy as np
 
 from fieldreid.errors import FieldreidError
 from fieldreid.gallery.store import Gallery, GalleryError, utc_now
-from fieldreid.sync.queue import ensure_tables, get_state, set_state
+from fieldreid.sync.queue import get_state, set_state
 
 
 class BundleError(FieldreidError):
@@ -35,7 +35,6 @@ def version_key(project: str, species: str) -> str:
 
 
 def pulled_version(gallery: Gallery, project: str, species: str) -> int:
-    ensure_tables(gallery)
     return int(get_state(gallery, version_key(project, species), "0"))
 
 
@@ -71,7 +70,6 @@ def apply_bundle(gallery: Gallery, payload: dict, project: str, species: str, de
 
     ``_fail_after`` (tests only) raises after the named step, inside the transaction, to prove atomicity.
     """
-    ensure_tables(gallery)
     current = pulled_version(gallery, project, species)
     _check(gallery, payload, project, species, current)
     dim = int(payload["dim"])

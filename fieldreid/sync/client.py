@@ -36,7 +36,7 @@ from fieldreid.gallery.store import Gallery
 from fieldreid.server.fields import SPECIES_RE, SPECIES_RULE
 from fieldreid.server.signing import SignatureError, packb, parse_public_key, verify_bundle
 from fieldreid.sync.apply import BundleError, apply_bundle, pulled_version
-from fieldreid.sync.queue import CropFn, EmbedFn, Outbox, crop_from_file, ensure_tables, get_state
+from fieldreid.sync.queue import CropFn, EmbedFn, Outbox, crop_from_file, get_state
 
 TOKEN_ENV = "FIELDREID_TOKEN"
 CONFIG_ENV = "FIELDREID_SYNC_CONFIG"
@@ -225,7 +225,6 @@ class SyncClient:
 
     def project_for(self, gallery: Gallery) -> tuple[str, dict]:
         me = self.me()
-        ensure_tables(gallery)
         bound = get_state(gallery, "project")
         project = self.config.project or bound
         if project is None:

@@ -1,6 +1,7 @@
 """The device's offline push queue, kept in the gallery file itself (survives reboots and power cuts).
 
-Tables added next to the gallery's own (all prefixed ``sync_``; the gallery schema does not know them):
+Its tables (all prefixed ``sync_``) are part of the gallery's schema - created by the gallery's
+migration v3 (:data:`fieldreid.gallery.schema.SYNC_TABLES`) when the file is opened, never here:
 
 * ``sync_state`` — device id, project, pulled versions, the sighting watermark, this gallery's uuid.
 * ``sync_outbox`` — one row per queued sighting: its embedding and JPEG crop (taken when the sighting
@@ -27,43 +28,12 @@ import numpy as np
 
 from fieldreid.gallery.store import Gallery, parse_box
 
-_TABLES = [
-    "CREATE TABLE IF NOT EXISTS sync_state (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS sync_outbox (
-        sighting_id INTEGER PRIMARY KEY,
-        vector BLOB,
-        crop BLOB,
-        chunk TEXT,
-        created TEXT NOT NULL DEFAULT (datetime('now')))""",
-    "CREATE INDEX IF NOT EXISTS sync_outbox_chunk ON sync_outbox(chunk)",
-    """CREATE TABLE IF NOT EXISTS sync_chunks (
-        key TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL,
-        n INTEGER NOT NULL,
-        created TEXT NOT NULL DEFAULT (datetime('now')),
-        rejected TEXT)""",
-    """CREATE TABLE IF NOT EXISTS sync_field_ids (
-        local_id TEXT PRIMARY KEY,
-        embedding_ids TEXT NOT NULL)""",
-]
-
 SENT = "-"  # sync_outbox.chunk of a sighting the lab has acknowledged
 CROP_MAX_SIDE = 256
 CROP_QUALITY = 85
 #: (image path, box, source content sha256 or None) -> JPEG crop or None
 CropFn = Callable[[str, str, str | None], bytes | None]
 EmbedFn = Callable[[bytes], np.ndarray | None]
-
-
-def ensure_tables(gallery: Gallery) -> None:
-    if gallery.read("SELECT count(*) FROM sqlite_master WHERE name = 'sync_field_ids'").fetchone()[0]:
-        if "rejected" not in {r[1] for r in gallery.read("PRAGMA table_info(sync_chunks)")}:
-            with gallery.transaction() as c:  # a queue made before refused chunks were recorded
-                c.execute("ALTER TABLE sync_chunks ADD COLUMN rejected TEXT")
-        return
-    with gallery.transaction() as c:
-        for stmt in _TABLES:
-            c.execute(stmt)
 
 
 def get_state(gallery: Gallery, key: str, default: str | None = None) -> str | None:
@@ -144,8 +114,6 @@ class Outbox:
 
     def __init__(self, gallery: Gallery) -> None:
         self.gallery = gallery
-        ensure_tables(gallery)
-
 
     def add(self, sighting_id: int, vector: np.ndarray | None = None, crop_jpeg: bytes | None = None) -> None:
         """Queue one recorded sighting with its embedding and crop (a no-op if already queued)."""

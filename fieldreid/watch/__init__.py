@@ -1,7 +1,10 @@
 """``fieldreid watch``: camera-trap folders processed exactly once, with events fused and state in SQLite.
 
-See :mod:`fieldreid.watch.runner` for the loop and the commit protocol, :mod:`fieldreid.watch.state` for
-the results database, :mod:`fieldreid.watch.events` for burst fusion.
+The stages, in the order a file meets them: :mod:`~fieldreid.watch.scanner` (which files need work),
+:mod:`~fieldreid.watch.loader` (read, hash, decode), :mod:`~fieldreid.watch.commit` (one batch, one
+transaction), :mod:`~fieldreid.watch.events` (bursts linked into tracks), :mod:`~fieldreid.watch.decide`
+(decisions, then their gallery side effects); :mod:`~fieldreid.watch.runner` runs the loop and explains the
+commit protocol, :mod:`~fieldreid.watch.state` holds the results database.
 """
 
 from fieldreid.watch.runner import RESULTS_DB, WatchConfig, Watcher

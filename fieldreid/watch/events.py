@@ -41,6 +41,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fieldreid.types import DecisionKind
+
 #: Cosine a detection needs to join a track whose last box it continues closely (small boxes, a short
 #: time apart): with position vouching for it, appearance only has to agree. Frames of one burst score
 #: 0.7-0.95 with ImageNet features (small, blurred crops at the low end).
@@ -218,9 +220,9 @@ def exclusive_identities(tracks: Sequence[Track], decisions: Sequence) -> list:
             continue
         alt = next(((ident, score) for ident, score in d.top if ident not in blocked), None)
         if alt is None or alt[1] < d.lower:
-            out[i] = replace(d, decision="new", identity=None, score=alt[1] if alt else None)
+            out[i] = replace(d, decision=DecisionKind.NEW, identity=None, score=alt[1] if alt else None)
             continue
-        decision = "known" if alt[1] >= d.upper else "uncertain"
+        decision = DecisionKind.KNOWN if alt[1] >= d.upper else DecisionKind.UNCERTAIN
         out[i] = replace(d, decision=decision, identity=alt[0], score=alt[1])
         taken[i] = alt[0]
     return out

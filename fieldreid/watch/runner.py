@@ -1,8 +1,8 @@
 """``fieldreid watch``: a camera-trap folder in, every image processed exactly once, results out.
 
 Loop: a *pass* streams the files that need work (:mod:`~fieldreid.watch.scanner`) through a reader thread
-(read bytes, re-stat, sha256, EXIF, decode: one batch ahead, bounded queue) into the detector and embedder,
-and commits each batch; then events whose gap has passed are decided; then the loop sleeps on a
+(:mod:`~fieldreid.watch.loader`: read bytes, re-stat, sha256, EXIF, decode: one batch ahead, bounded queue)
+into the detector and embedder, and commits each batch (:mod:`~fieldreid.watch.commit`); then events whose gap has passed are decided; then the loop sleeps on a
 ``threading.Event`` that inotify (watchdog) or a signal sets, with a timeout for the periodic rescan
 (SD cards, FUSE and network mounts send no events) - no polling loop, no spinning.
 
@@ -12,7 +12,7 @@ and commits each batch; then events whose gap has passed are decided; then the l
    embeddings, crop thumbnails and event membership are written in ONE SQLite transaction. ``kill -9``
    before COMMIT: nothing of the batch exists, the restart re-reads those files. After COMMIT: all of it
    exists and the files are skipped. Nothing outside the results database is touched by a batch.
-2. *Event decision* (write-ahead): tracks are linked and decided against the gallery *without writing to
+2. *Event decision* (write-ahead, :mod:`~fieldreid.watch.decide`): tracks are linked and decided against the gallery *without writing to
    it*; the decisions of every sighting and ``events.status = 'decided'`` are committed in one transaction.
 3. *Gallery side effects*, replayed from step 2's record until done: a provisional identity for each new
    track via :meth:`Gallery.add_provisional`, keyed by (model, source image, box) - the gallery returns
@@ -29,10 +29,8 @@ within ``settle`` seconds, or truncated/empty/undecodable while younger than ``g
 
 from __future__ import annotations
 
-import hashlib
 import os  # noqa: F401  (tests reach os.fsync through this module)
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -44,19 +42,14 @@ import numpy as np
 
 from fieldreid.crop import CROP_RULE
 from fieldreid.embed.pipeline import Pipeline, prefetch_batches
-from fieldreid.errors import FieldreidError, ImageReadError
-from fieldreid.frames.decode import DEFAULT_MAX_PIXELS, VIDEO_SUFFIXES, Frame, encode_jpeg, read_image
-from fieldreid.frames.exif import CaptureInfo, read_capture_info
-from fieldreid.gallery.openset import Decision, Identifier
-from fieldreid.gallery.store import Gallery, box_key
-from fieldreid.storage.fsutil import (
-    DEFAULT_MAX_FILE_BYTES,
-    FileChangedError,
-    FileRefusedError,
-    ReadInterrupted,
-    path_text,
-    read_regular_file,
-)
+from fieldreid.errors import FieldreidError
+from fieldreid.frames.decode import DEFAULT_MAX_PIXELS
+from fieldreid.gallery.openset import Identifier
+from fieldreid.gallery.store import Gallery
+from fieldreid.storage.fsutil import DEFAULT_MAX_FILE_BYTES, path_text
+from fieldreid.types import DecisionKind
+from fieldreid.watch.commit import commit_batch, image_results, split_duplicates
+from fieldreid.watch.decide import apply_gallery, commit_decisions, decision_row, event_sightings
 from fieldreid.watch.events import (
     DEFAULT_GAP_S,
     DEFAULT_LINK_THRESHOLD,
@@ -65,13 +58,13 @@ from fieldreid.watch.events import (
     exclusive_identities,
     link_tracks,
 )
+from fieldreid.watch.loader import Loaded, LoadLimits, load
 from fieldreid.watch.scanner import Candidate, FolderGoneError, ScanStats, candidate_at, scan
 from fieldreid.watch.state import StateDB
 
 RESULTS_DB = "results.db"
 #: a camera folder (or the watched folder, for all its cameras) may name its animals' species in this file
 SPECIES_FILE = ".fieldreid-species"
-EMBED_DTYPE = "<f2"  # float16 on disk: half the size, cosine changes < 1e-3 (unit vectors)
 MAX_DIRTY = 10_000  # more inotify paths than this between passes: do a full scan instead
 
 
@@ -97,18 +90,6 @@ class WatchConfig:
     write_outputs: bool = True
     max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES
     max_pixels: int | None = DEFAULT_MAX_PIXELS
-
-
-@dataclass
-class Loaded:
-    """One candidate after the reader thread: ready (frame), or pending/failed with a reason."""
-
-    cand: Candidate
-    status: str
-    reason: str | None = None
-    sha: str | None = None
-    frame: Frame | None = None
-    capture: CaptureInfo | None = None
 
 
 @dataclass
@@ -184,6 +165,7 @@ class Watcher:
                                      model_thresholds=getattr(embedder, "thresholds", None))
         self.pipe = Pipeline(detector, embedder, batch_size=cfg.batch, keep_crops=True, min_crop_conf=cfg.conf,
                              prefetch=False)
+        self._limits = LoadLimits(cfg.max_file_bytes, cfg.max_pixels, cfg.grace, self.pipe.detector_min_side)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self._dirty: set[str] = set()
@@ -229,119 +211,20 @@ class Watcher:
 
     # ------------------------------------------------------------------ reading (reader thread)
     def _load(self, c: Candidate) -> Loaded:
-        if c.refused:  # a link, FIFO or device: never opened
-            return Loaded(c, "failed", c.refused)
-        if c.path.suffix.lower() in VIDEO_SUFFIXES:
-            return Loaded(c, "failed", "video files are not processed (extract frames first)")
-        try:
-            data, st = read_regular_file(c.path, self.cfg.max_file_bytes, follow_symlinks=False,
-                                         identity=c.identity, stop=self.stop_event)
-        except FileRefusedError as exc:
-            return Loaded(c, "failed", exc.reason)
-        except FileChangedError:
-            return Loaded(c, "pending", "file replaced by another while being read (still being copied?)")
-        except ReadInterrupted:
-            return Loaded(c, "pending", "reading was interrupted by a stop request")
-        except FileNotFoundError:
-            return Loaded(c, "failed", "file disappeared before it could be read")
-        except OSError as exc:
-            return Loaded(c, "pending", f"cannot read file yet ({exc.strerror or exc})")
-        if st.st_size != c.size or st.st_mtime_ns != c.mtime_ns or len(data) != st.st_size:
-            return Loaded(c, "pending", "file changed while being read (still being copied?)")
-        sha = hashlib.sha256(data).hexdigest()
-        capture = read_capture_info(data, st.st_mtime)
-        try:
-            frame = read_image(c.path, min_side=self.pipe.detector_min_side, data=data, keep_data=True,
-                               max_pixels=self.cfg.max_pixels)
-        except ImageReadError as exc:
-            young = time.time() - st.st_mtime < self.cfg.grace
-            if young and c.path.suffix.lower() not in VIDEO_SUFFIXES:
-                return Loaded(c, "pending", f"{exc.reason}; retrying until the file has been unchanged for "
-                                            f"{self.cfg.grace:g} s", sha)
-            return Loaded(c, "failed", exc.reason, sha)
-        except Exception as exc:  # any other decoder failure (MemoryError, a library's own error): this file only
-            return Loaded(c, "failed", f"the decoder failed ({type(exc).__name__}: {exc})"[:300], sha)
-        return Loaded(c, "ready", None, sha, frame, capture)
+        return load(c, self._limits, self.stop_event)
 
     def _load_batch(self, batch: list[Candidate]) -> list[Loaded]:
         return [self._load(c) for c in batch]
 
     # ------------------------------------------------------------------ one batch
-    def _thumb(self, crop: np.ndarray) -> bytes | None:
-        s = self.cfg.thumb_size
-        if s <= 0 or crop.size == 0:
-            return None
-        return encode_jpeg(crop, s, quality=80)
-
     def _process_batch(self, items: list[Loaded]) -> tuple[int, int]:
         """Detect/embed the ready items and commit the whole batch in one transaction; (done, pending)."""
-        in_batch: dict[str, str] = {}
-        ready: list[Loaded] = []
-        dup_of: dict[int, str] = {}
-        for i, it in enumerate(items):
-            if it.status != "ready":
-                continue
-            prior = in_batch.get(it.sha) or self.state.done_path_for_hash(it.sha)
-            if prior is not None and prior != it.cand.rel:
-                dup_of[i] = prior
-                it.frame = None
-                continue
-            if prior == it.cand.rel:  # same path, same content (touched or re-copied): nothing new
-                dup_of[i] = prior
-                continue
-            in_batch[it.sha] = it.cand.rel
-            ready.append(it)
+        ready, dup_of = split_duplicates(items, self.state)
         results = self.pipe.process([it.frame for it in ready]) if ready else []
-        rows = []
-        for it, res in zip(ready, results, strict=True):
-            it.frame = None  # let the pixels go
-            if res.failure:
-                rows.append((it, None))
-                continue
-            det = res.detections
-            emb = {int(j): res.embeddings[r] for r, j in enumerate(res.animal_index)}
-            crops = {int(j): res.crops[r] for r, j in enumerate(res.animal_index)} if res.crops else {}
-            dets = []
-            for j in range(len(det)):
-                vec = emb.get(j)
-                dets.append((j, int(det.category[j]), float(det.confidence[j]), *(float(v) for v in det.xyxy[j]),
-                             None if vec is None else np.asarray(vec, EMBED_DTYPE).tobytes(),
-                             self._thumb(crops[j]) if j in crops else None))
-            rows.append((it, (res.size, dets)))
-        now = time.time()
-        done = pending = 0
-        with self.state.transaction() as con:
-            for i, it in enumerate(items):
-                c = it.cand
-                if it.status == "pending":
-                    pending += 1
-                    self.state.upsert_file(con, c.rel, c.camera, c.size, c.mtime_ns, "pending", it.sha, it.reason)
-                elif it.status == "failed":
-                    self.state.upsert_file(con, c.rel, c.camera, c.size, c.mtime_ns, "failed", it.sha, it.reason)
-                elif i in dup_of:
-                    same = dup_of[i] == c.rel
-                    self.state.upsert_file(con, c.rel, c.camera, c.size, c.mtime_ns, "done" if same else "duplicate",
-                                           it.sha, None, None if same else dup_of[i])
-            for it, payload in rows:
-                c = it.cand
-                if payload is None:
-                    self.state.upsert_file(con, c.rel, c.camera, c.size, c.mtime_ns, "failed", it.sha,
-                                           "could not be processed")
-                    continue
-                (h, w), dets = payload
-                cap = it.capture
-                event_id = self.state.assign_event(con, c.camera, cap.timestamp, self.cfg.gap)
-                con.execute("INSERT INTO images (sha256, path, camera, captured, captured_ts, utc_offset, time_source, "
-                            "make, model, width, height, latitude, longitude, event_id, processed) VALUES "
-                            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (it.sha, c.rel, c.camera, cap.captured, cap.timestamp, cap.utc_offset, cap.time_source,
-                             cap.make, cap.model, w, h, cap.latitude, cap.longitude, event_id, now))
-                con.executemany("INSERT INTO detections (sha256, idx, category, conf, x1, y1, x2, y2, embedding, thumb) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [(it.sha, *d) for d in dets])
-                self.state.upsert_file(con, c.rel, c.camera, c.size, c.mtime_ns, "done", it.sha)
-                done += 1
+        done_pending = commit_batch(self.state, items, dup_of, image_results(ready, results, self.cfg.thumb_size),
+                                    self.cfg.gap)
         self._changed = True
-        return done, pending
+        return done_pending
 
     # ------------------------------------------------------------------ passes
     def _lookup(self, rel: str):
@@ -399,15 +282,6 @@ class Watcher:
                      f"its animals are all new (the gallery holds: {', '.join(self.gallery.species()) or 'none'})")
         return species
 
-    def _event_sightings(self, event_id: int) -> list[Sighting]:
-        rows = self.state.con.execute(
-            "SELECT d.sha256, d.idx, i.captured_ts, i.path, d.conf, d.embedding, d.x1, d.y1, d.x2, d.y2, i.width, "
-            "i.height FROM detections d JOIN images i ON i.sha256 = d.sha256 WHERE i.event_id = ? AND d.embedding "
-            "IS NOT NULL", (event_id,))
-        return [Sighting(sha, idx, (ts, path), conf, np.frombuffer(blob, EMBED_DTYPE).astype(np.float32),
-                         (x1, y1, x2, y2), path, (w, h) if w and h else None)
-                for sha, idx, ts, path, conf, blob, x1, y1, x2, y2, w, h in rows]
-
     def _link(self, sightings: list[Sighting], species: str | None = None) -> list:
         """Tracks of an event. With several detections, each is first searched on its own: what it alone is
         *known* as keeps two gallery animals out of one track, and the upper threshold in force is the
@@ -418,14 +292,14 @@ class Watcher:
                                            sources=[s.path for s in sightings], boxes=[s.box for s in sightings],
                                            species=species)
         for s, d in zip(sightings, singles, strict=True):
-            s.known_as = d.identity if d.decision == "known" else None
+            s.known_as = d.identity if d.decision == DecisionKind.KNOWN else None
         rules = LinkRules(appearance=self.cfg.link_threshold, strict=max(d.upper for d in singles))
         return link_tracks(sightings, rules)
 
     def _decide_event(self, event_id: int) -> None:
         """Step 2 of the protocol: decide every track, commit decisions + 'decided' in one transaction."""
         species = self._event_species(event_id)
-        tracks = self._link(self._event_sightings(event_id), species)
+        tracks = self._link(event_sightings(self.state, event_id), species)
         decided = []
         for track in tracks:
             rep = track.representative
@@ -436,81 +310,13 @@ class Watcher:
         now = time.time()
         for t_i, (track, d) in enumerate(zip(tracks, exclusive_identities(tracks, decided), strict=True)):
             rep = track.representative
-            for s in track.members:
-                rows.append(self._decision_row(d, s, event_id, t_i, track.n_frames, s is rep, now))
-        with self.state.transaction() as con:
-            con.executemany(f"INSERT OR REPLACE INTO decisions VALUES ({', '.join('?' * 20)})", rows)
-            con.execute("UPDATE events SET status = ? WHERE id = ?", ("decided" if rows else "closed", event_id))
-
-    @staticmethod
-    def _decision_row(d: Decision, s: Sighting, event_id: int, track: int, n_frames: int, rep: bool,
-                      now: float) -> tuple:
-        import json
-
-        return (s.sha256, s.idx, event_id, track, n_frames, d.decision, d.identity, d.score, d.runner_up,
-                d.runner_up_score, d.upper, d.lower, int(d.calibrated), d.threshold_method, d.model_id,
-                d.gallery_version, d.species, json.dumps([[i, round(sc, 6)] for i, sc in d.top]), int(rep), now)
+            rows.extend(decision_row(d, s, event_id, t_i, track.n_frames, s is rep, now) for s in track.members)
+        commit_decisions(self.state, event_id, rows)
 
     def _apply_gallery(self, event_id: int, recovering: bool = False) -> None:
         """Step 3: provisional identities and gallery sightings, idempotent; then 'closed'."""
-        con = self.state.con
-        rows = con.execute(
-            "SELECT c.sha256, c.idx, c.track, c.decision, c.identity, c.score, c.runner_up, c.runner_up_score, "
-            "c.upper, c.lower, c.threshold_method, c.model_id, c.gallery_version, c.species, c.representative, "
-            "i.path, i.captured, i.utc_offset, i.camera, d.x1, d.y1, d.x2, d.y2, d.embedding FROM decisions c "
-            "JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON d.sha256 = c.sha256 AND d.idx = c.idx "
-            "WHERE c.event_id = ? ORDER BY c.track, i.captured_ts, i.path, c.idx", (event_id,)).fetchall()
-        by_track: dict[int, list] = {}
-        for r in rows:
-            by_track.setdefault(r[2], []).append(r)
-        identity_of: dict[int, str | None] = {}
-        for track, members in by_track.items():
-            rep = next(m for m in members if m[14])
-            identity_of[track] = rep[4]
-            if rep[3] == "new" and rep[4] is None:
-                vecs = np.stack([np.frombuffer(m[23], EMBED_DTYPE).astype(np.float64) for m in members])
-                fused = vecs.sum(0)
-                fused = (fused / max(float(np.linalg.norm(fused)), 1e-12)).astype(np.float32)
-                identity_of[track] = self.gallery.add_provisional(rep[13], fused, rep[11], rep[15],
-                                                                  (rep[19], rep[20], rep[21], rep[22]))
-        existing: set[tuple[str, str]] = set()
-        if recovering and rows:
-            existing = self._gallery_sighting_keys({r[15] for r in rows})
-        sightings = []
-        for r in rows:
-            key = (r[15], box_key((r[19], r[20], r[21], r[22])))
-            if key in existing:
-                continue
-            captured = r[16] + (r[17] or "")
-            sightings.append({"image": r[15], "box": (r[19], r[20], r[21], r[22]), "captured": captured,
-                              "camera": r[18], "decision": r[3], "identity_id": identity_of[r[2]], "score": r[5],
-                              "runner_up_id": r[6], "runner_up_score": r[7], "upper": r[8], "lower": r[9],
-                              "threshold_method": r[10], "model_id": r[11], "gallery_version": r[12],
-                              # unique by (content, box) in the gallery; the crop is read back under the root
-                              "source_sha256": r[0], "source_root": str(self.root.resolve()),
-                              "vector": None if r[23] is None else np.frombuffer(r[23], EMBED_DTYPE)})
-        if sightings:
-            self.gallery.add_sightings(sightings)
-        with self.state.transaction() as wcon:
-            for track, ident in identity_of.items():
-                wcon.execute("UPDATE decisions SET identity = ? WHERE event_id = ? AND track = ?",
-                             (ident, event_id, track))
-            wcon.execute("UPDATE events SET status = 'closed' WHERE id = ?", (event_id,))
+        apply_gallery(self.state, self.gallery, event_id, self.root, recovering)
         self._changed = True
-
-    def _gallery_sighting_keys(self, images: set[str]) -> set[tuple[str, str]]:
-        """(image, box) of sightings already in the gallery for these images (replay after a crash)."""
-        con = sqlite3.connect(f"{Path(self.cfg.gallery).resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
-        try:
-            out: set[tuple[str, str]] = set()
-            imgs = sorted(images)
-            for a in range(0, len(imgs), 500):
-                chunk = imgs[a:a + 500]
-                out.update(con.execute(f"SELECT image, box FROM sightings WHERE image IN ({', '.join('?' * len(chunk))})",
-                                       chunk).fetchall())
-            return out
-        finally:
-            con.close()
 
     def close_events(self, force: bool = False) -> int:
         """Decide and close events whose gap has passed (all open ones with ``force``); returns how many."""

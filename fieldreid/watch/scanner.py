@@ -1,5 +1,8 @@
 """Walking the watched folder: a stream of files that need work, one stat each, nothing held in memory.
 
+The walk and the "needs work" rule are :func:`fieldreid.frames.files.walk` and
+:func:`fieldreid.frames.files.needs_work`; this module turns them into :class:`Candidate` s per camera.
+
 Sub-folders of the watched folder are cameras (deployments): ``ROOT/<camera>/.../IMG_0001.JPG``; files
 directly in ``ROOT`` belong to a camera named after ``ROOT`` itself. New sub-folders are simply walked
 on the next pass. Hidden files and folders (``.DS_Store``, ``._IMG``, rsync's ``.name.XXXX`` temporaries)
@@ -23,11 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
-from fieldreid.frames.decode import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from fieldreid.frames.files import needs_work, walk, wanted
 from fieldreid.storage.fsutil import file_kind, path_text
-
-WANTED = IMAGE_SUFFIXES | VIDEO_SUFFIXES
-FINAL = ("done", "failed", "duplicate")
 
 
 class FolderGoneError(FieldreidError):
@@ -78,60 +78,17 @@ class ScanStats:
     refused: int = 0  # wanted names that are not regular files (links, FIFOs, devices): recorded as failed
 
 
-def _walk(root: Path, stats: ScanStats | None = None) -> Iterator[tuple[str, os.DirEntry]]:
-    """(relative posix path, entry) of wanted names that are not folders, depth first, sorted per folder,
-    streamed. Symbolic links to folders are not followed; a folder already walked (same device and inode:
-    a bind-mount loop) is not walked again."""
-    stack = [("", str(root))]
-    seen: set[tuple[int, int]] = set()
-    while stack:
-        prefix, folder = stack.pop()
-        try:
-            st = os.stat(folder)
-            if st.st_ino:  # some FUSE file systems report no inode numbers: nothing to compare then
-                if (st.st_dev, st.st_ino) in seen:
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except FileNotFoundError:
-            if not prefix:
-                raise
-            continue
-        except (NotADirectoryError, PermissionError):
-            continue
-        subdirs = []
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            try:
-                wanted = Path(e.name).suffix.lower() in WANTED
-                if e.is_symlink():
-                    if stats is not None:
-                        stats.links += 1
-                    if wanted:
-                        yield prefix + e.name, e
-                elif e.is_dir(follow_symlinks=False):
-                    subdirs.append(e)
-                elif wanted:
-                    yield prefix + e.name, e
-            except OSError:
-                continue
-        for d in reversed(subdirs):
-            stack.append((f"{prefix}{d.name}/", d.path))
-
-
 def _candidate(root: Path, path: str, rel_fs: str, st: os.stat_result, lookup, settle: float,
                stats: ScanStats) -> Candidate | None:
     """The candidate for one listed entry (its ``lstat``), or None when it needs no work now."""
     stats.seen += 1
     rel = path_text(rel_fs)
-    row = lookup(rel)
-    if row is not None and row[0] in FINAL and row[1] == st.st_size and row[2] == st.st_mtime_ns:
+    why = refusal(st)
+    work = needs_work(lookup(rel), st.st_size, st.st_mtime_ns, st.st_mtime, settle, time.time(), why is None)
+    if work == "skip":
         stats.skipped += 1
         return None
-    why = refusal(st)
-    if why is None and time.time() - st.st_mtime < settle:
+    if work == "wait":
         stats.fresh += 1
         return None
     if why is not None:
@@ -151,7 +108,7 @@ def candidate_at(root: Path, path: str | os.PathLike, lookup, settle: float, sta
     parts = rel_fs.split(os.sep)
     if rel_fs == os.curdir or parts[0] == os.pardir or any(p.startswith(".") for p in parts):
         return None
-    if Path(parts[-1]).suffix.lower() not in WANTED:
+    if not wanted(parts[-1]):
         return None
     folder = base
     try:
@@ -180,7 +137,7 @@ def scan(root: Path, lookup, settle: float, stats: ScanStats | None = None) -> I
     if not root.is_dir():
         raise FolderGoneError(f"The watched folder {root} is not there (card removed or mount dropped?).")
     try:
-        for rel_fs, entry in _walk(root, stats):
+        for rel_fs, entry in walk(root, on_link=lambda: setattr(stats, "links", stats.links + 1)):
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:  # vanished between listing and stat

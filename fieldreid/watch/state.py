@@ -27,13 +27,16 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fieldreid.errors import FieldreidError
 from fieldreid.storage.fsutil import FolderLock, OutputWriteError, folder_write_problem, path_text
+from fieldreid.storage.sqlite import Schema, open_db, rollback
+from fieldreid.types import DecisionKind, FileState
 
 APPLICATION_ID = 0x46525752  # "FRWR": fieldreid watch results
-STATUSES = ("pending", "done", "failed", "duplicate")
+STATUSES = tuple(FileState)
 
 _V1 = [
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -120,6 +123,13 @@ class StateError(FieldreidError):
     """The results database is unusable (not ours, from a newer fieldreid, corrupt)."""
 
 
+#: what a results database is, for :func:`fieldreid.storage.sqlite.open_db`
+RESULTS_SCHEMA = Schema(
+    kind="fieldreid results database", short="results database", application_id=APPLICATION_ID,
+    migrations=MIGRATIONS, error=StateError, where="choose another --out folder",
+    restore="move it aside and run again (the images will be processed afresh)")
+
+
 def _is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return True
@@ -130,13 +140,6 @@ def _is_read_only(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return True
     return isinstance(exc, sqlite3.Error) and "readonly" in str(exc)
-
-
-def _read_only_mount(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except (OSError, AttributeError):
-        return False
 
 
 def write_error(path: Path, exc: BaseException) -> OutputWriteError:
@@ -163,46 +166,18 @@ class StateDB:
         if readonly:
             if not self.path.exists():
                 raise StateError(f"No results database at {self.path}; run `fieldreid watch` first.")
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
         else:
             self._lock = FolderLock(self.path.parent)  # one writer per output folder; permission errors say so
-            uri = f"{self.path.resolve().as_uri()}?mode=rwc"
+        schema = replace(RESULTS_SCHEMA, storage_failure=None if readonly else self._not_writable)
         try:
-            try:
-                self.con = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None,
-                                           check_same_thread=False)
-            except sqlite3.Error as exc:
-                self._raise_if_not_writable(readonly, exc)
-                raise StateError(f"Cannot open results database {self.path}: {exc}.") from exc
-            self.con.row_factory = None
-            try:
-                try:
-                    self._prepare(readonly, synchronous)
-                except sqlite3.OperationalError:
-                    if not (readonly and _read_only_mount(self.path.parent)):
-                        raise
-                    # WAL on read-only media (an archived card): SQLite cannot create the -shm index there;
-                    # nothing can write on that mount, so reading it as immutable is exact
-                    self.con.close()
-                    self.con = sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None,
-                                               check_same_thread=False)
-                    self._prepare(readonly, synchronous)
-            except sqlite3.DatabaseError as exc:
-                self.con.close()
-                self._raise_if_not_writable(readonly, exc)
-                raise StateError(f"{self.path} is corrupt or not a fieldreid results database ({exc}). Move it "
-                                 "aside and run again (the images will be processed afresh).") from exc
-            except BaseException:
-                self.con.close()
-                raise
+            self.con = open_db(self.path, schema, mode="ro" if readonly else "rwc", synchronous=synchronous,
+                               check="none")
         except BaseException:
             self._release_lock()
             raise
 
-    def _raise_if_not_writable(self, readonly: bool, exc: BaseException) -> None:
+    def _not_writable(self, path: Path, exc: BaseException, doing: str = "open") -> OutputWriteError | None:
         """A write that failed because the folder or the database files cannot be written: say so."""
-        if readonly:
-            return
         why = folder_write_problem(self.path.parent)
         if why is None:
             for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
@@ -214,39 +189,16 @@ class StateDB:
                     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                         why = f"{p.name}: {(err.strerror or str(err)).lower()}"
                         break
-        if why is not None:
-            raise OutputWriteError(f"Cannot write the results database {path_text(self.path)}: {why}. This is a "
-                                   "permission problem, not damaged results: make the output folder and its files "
-                                   "writable (a read-only mount, or files of another user?) or choose another "
-                                   "--out.") from exc
+        if why is None:
+            return None
+        return OutputWriteError(f"Cannot write the results database {path_text(self.path)}: {why}. This is a "
+                                "permission problem, not damaged results: make the output folder and its files "
+                                "writable (a read-only mount, or files of another user?) or choose another --out.")
 
     def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-
-    def _prepare(self, readonly: bool, synchronous: str) -> None:
-        con = self.con
-        app_id = con.execute("PRAGMA application_id").fetchone()[0]
-        version = con.execute("PRAGMA user_version").fetchone()[0]
-        n_tables = con.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if n_tables and app_id != APPLICATION_ID:
-            raise StateError(f"{self.path} is a SQLite file but not a fieldreid results database; choose another "
-                             "--out folder.")
-        if version > SCHEMA_VERSION:
-            raise StateError(f"{self.path} was written by a newer fieldreid (schema {version}); upgrade fieldreid.")
-        if readonly:
-            return
-        if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-            con.execute("PRAGMA journal_mode=WAL")
-        con.execute(f"PRAGMA synchronous={synchronous}")
-        if version < SCHEMA_VERSION:
-            with self.transaction():
-                current = con.execute("PRAGMA user_version").fetchone()[0]
-                for v in range(current, SCHEMA_VERSION):
-                    for stmt in MIGRATIONS[v]:
-                        con.execute(stmt)
-                    con.execute(f"PRAGMA user_version = {v + 1}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -260,10 +212,7 @@ class StateDB:
             yield con
             con.execute("COMMIT")
         except BaseException as exc:
-            try:
-                con.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
+            rollback(con)
             if isinstance(exc, sqlite3.OperationalError | OSError) and not isinstance(exc, OutputWriteError):
                 raise write_error(self.path, exc) from exc
             raise
@@ -273,6 +222,22 @@ class StateDB:
             self.con.close()
         finally:
             self._release_lock()
+
+    # ---------------------------------------------------------------- named rows
+    def rows(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
+        """A read whose rows are addressed by column name (``row["sha256"]``)."""
+        cur = self.con.cursor()
+        cur.row_factory = sqlite3.Row
+        return cur.execute(sql, args).fetchall()
+
+    @staticmethod
+    def insert(con: sqlite3.Connection, table: str, rows: list[dict], or_replace: bool = False) -> None:
+        """Inside a transaction: insert rows given as ``{column: value}`` (all with the same columns)."""
+        if not rows:
+            return
+        cols = list(rows[0])
+        verb = "INSERT OR REPLACE" if or_replace else "INSERT"
+        con.executemany(f"{verb} INTO {table} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})", rows)
 
     # ---------------------------------------------------------------- meta
     def meta(self, key: str) -> str | None:
@@ -300,7 +265,7 @@ class StateDB:
 
     def decision_counts(self) -> dict[str, int]:
         """Animals (tracks) per decision: one per track, not per frame."""
-        out = {"known": 0, "new": 0, "uncertain": 0}
+        out = dict.fromkeys(DecisionKind, 0)
         out.update(dict(self.con.execute(
             "SELECT decision, count(*) FROM decisions WHERE representative = 1 GROUP BY decision")))
         return out

@@ -202,6 +202,94 @@ def bench_embedder(shared: Path, embedder_onnx: Path, n: int = 48) -> dict:
     return res
 
 
+def camtrap_box_crops(shared: Path, n: int) -> list[np.ndarray]:
+    """Animal boxes (MegaDetector v5a, conf >= 0.2) cut by the crop rule from full-size camera-trap frames."""
+    import csv
+
+    folder = shared / "data" / "camtrap" / "animl-southwest"
+    boxes = folder / "megadetector_v5a_boxes.csv"
+    crops: list[np.ndarray] = []
+    if not boxes.is_file():
+        return crops
+    with boxes.open() as fh:
+        for row in csv.DictReader(fh):
+            if len(crops) >= n or not row["conf"] or float(row["conf"]) < 0.2:
+                continue
+            img = cv2.imread(str(folder / row["FileName"]))
+            if img is None:
+                continue
+            H, W = img.shape[:2]
+            x, y, bw, bh = (float(row[k]) for k in ("bbox1", "bbox2", "bbox3", "bbox4"))
+            crops.append(cut(img, (x * W, y * H, (x + bw) * W, (y + bh) * H)))
+    return crops
+
+
+def bench_preprocess(shared: Path, embedder_onnx: Path, n: int = 64) -> dict:
+    """Embedder preprocessing per crop: the exact float32 numpy resize vs the C resize (interleaved), the model's
+    own time per crop at batch 16, and the embedding cosine between the two routes (target: >= 0.999, and
+    preprocessing <= 25 % of embedding time)."""
+    from fieldreid.embed.runtime import preprocess_images
+
+    emb = Embedder(embedder_onnx, backend="onnxruntime", threads=THREADS)
+    spec = emb.preprocess_spec
+    crops = real_crops(shared, n) + camtrap_box_crops(shared, n // 2)
+    t_exact, t_fast = [], []
+    for c in crops:
+        t_exact.append(_timed(lambda x: preprocess_images(x, spec, exact=True), [c])[0])
+        t_fast.append(_timed(lambda x: preprocess_images(x, spec), [c])[0])
+    x = preprocess_images(crops, spec, exact=True)
+    emb.embed_tensor(x[:16])
+    t_model = [_timed(emb.embed_tensor, x[i:i + 16])[0] / 16 for i in range(0, len(x) - 15, 16)]
+    a, b = emb.embed_tensor(x), emb.embed_tensor(preprocess_images(crops, spec))
+    cos = np.sum(a * b, axis=1)
+    model = statistics.median(t_model)
+    return {"crops": len(crops), "mean_megapixels": round(float(np.mean([c.shape[0] * c.shape[1] for c in crops]) / 1e6), 3),
+            "exact_numpy_per_crop": _ms(t_exact), "c_resize_per_crop": _ms(t_fast),
+            "speedup": round(statistics.median(t_exact) / statistics.median(t_fast), 2),
+            "model_per_crop_batch16": _ms(t_model),
+            "c_resize_share_of_embedding": round(statistics.median(t_fast) / (statistics.median(t_fast) + model), 3),
+            "cosine_c_vs_exact_min": round(float(cos.min()), 6), "cosine_c_vs_exact_mean": round(float(cos.mean()), 6)}
+
+
+def bench_int8(shared: Path, embedder_onnx: Path, n: int = 96) -> dict:
+    """INT8 embedder on ONNX Runtime CPU: U8S8 (the cpu-int8 profile) and S8S8 (TensorRT's symmetric form) vs
+    FP32, timed alternately at batch 16, with the cosine to FP32 on crops not used for calibration and the CPU's
+    INT8 flags (target: >= 1.3x FP32 on a VNNI CPU)."""
+    import tempfile
+
+    from fieldreid.embed.runtime import preprocess_images
+    from fieldreid.engines.ort import OnnxRuntimeEngine, cpu_int8_flags
+    from fieldreid.export.quantize import quantize_qdq
+
+    spec = Embedder(embedder_onnx, backend="onnxruntime").preprocess_spec
+    x = preprocess_images(real_crops(shared, n), spec)
+    calib, val = x[: n * 2 // 3], x[n * 2 // 3:]
+    res: dict = {"cpu_flags": cpu_int8_flags(), "calibration_crops": len(calib), "validation_crops": len(val)}
+    with tempfile.TemporaryDirectory(prefix="fieldreid-bench-int8-") as tmp:
+        paths = {"fp32": embedder_onnx}
+        for act in ("uint8", "int8"):
+            paths[act] = quantize_qdq(embedder_onnx, Path(tmp) / f"{act}.onnx", calib, activations=act)
+        engines = {k: OnnxRuntimeEngine(p, device="cpu", threads=THREADS) for k, p in paths.items()}
+        batch = np.ascontiguousarray(val[:16])
+        times: dict[str, list[float]] = {k: [] for k in engines}
+        for eng in engines.values():
+            eng.run(batch)
+        for _ in range(7):
+            for k, eng in engines.items():
+                times[k].append(_timed(eng.run, batch)[0] / len(batch))
+        outs = {}
+        for k, eng in engines.items():
+            v = np.concatenate([next(iter(eng.run(val[i:i + 16]).values())) for i in range(0, len(val), 16)])
+            outs[k] = v / np.linalg.norm(v, axis=1, keepdims=True)
+            eng.close()
+    fp32 = statistics.median(times["fp32"])
+    for k in ("fp32", "uint8", "int8"):
+        cos = np.sum(outs[k] * outs["fp32"], axis=1)
+        res[k] = {"per_crop_batch16": _ms(times[k]), "throughput_vs_fp32": round(fp32 / statistics.median(times[k]), 2),
+                  "cosine_to_fp32_mean": round(float(cos.mean()), 5), "cosine_to_fp32_min": round(float(cos.min()), 5)}
+    return res
+
+
 def write_markdown(results: dict, path: Path) -> None:
     d, det, emb = results.get("decode", {}), results.get("detector", {}), results.get("embedder", {})
     lines = [f"# Benchmark results ({results['when']}, {results['machine']})", ""]
@@ -239,6 +327,23 @@ def write_markdown(results: dict, path: Path) -> None:
             lines.append(f"| batch {bs} | {r['fieldreid_ort_per_crop']['median_ms']} | "
                          f"{r['naive_timm_eager_per_crop']['median_ms']} | {r['speedup']}x |")
         lines += ["", f"ORT vs torch embedding cosine (min over 16 crops): {emb['cosine_ort_vs_torch_min']}", ""]
+    pre = results.get("preprocess")
+    if pre:
+        lines += [f"Embedder preprocessing per crop ({pre['crops']} crops, mean {pre['mean_megapixels']} MP): exact numpy "
+                  f"{pre['exact_numpy_per_crop']['median_ms']} ms, C resize {pre['c_resize_per_crop']['median_ms']} ms "
+                  f"({pre['speedup']}x), model {pre['model_per_crop_batch16']['median_ms']} ms at batch 16; C resize "
+                  f"{pre['c_resize_share_of_embedding']:.0%} of embedding time; cosine to exact min "
+                  f"{pre['cosine_c_vs_exact_min']}", ""]
+    q = results.get("int8")
+    if q:
+        flags = ", ".join(k for k, v in q["cpu_flags"].items() if v is True) or "none"
+        lines += [f"| INT8 embedder, ORT CPU, batch 16 ({q['cpu_flags']['cpu']}; {flags}) | ms/crop | vs FP32 | "
+                  "cosine mean / min |", "|---|---|---|---|"]
+        for k, label in (("fp32", "FP32"), ("uint8", "U8S8 (cpu-int8)"), ("int8", "S8S8 (TensorRT form)")):
+            r = q[k]
+            lines.append(f"| {label} | {r['per_crop_batch16']['median_ms']} | {r['throughput_vs_fp32']}x | "
+                         f"{r['cosine_to_fp32_mean']} / {r['cosine_to_fp32_min']} |")
+        lines.append("")
     path.write_text("\n".join(lines))
 
 
@@ -261,6 +366,10 @@ def main() -> int:
     results["detector"] = bench_detector(files, default_model("detector"), args.shared / "weights" / "yolov5n-coco.pt")
     print("embedder", file=sys.stderr)
     results["embedder"] = bench_embedder(args.shared, default_model("embedder"))
+    print("embedder preprocessing: exact numpy vs C resize", file=sys.stderr)
+    results["preprocess"] = bench_preprocess(args.shared, default_model("embedder"))
+    print("INT8 embedder on ONNX Runtime CPU: U8S8 and S8S8 vs FP32", file=sys.stderr)
+    results["int8"] = bench_int8(args.shared, default_model("embedder"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     write_markdown(results, args.out.with_name("RESULTS.md"))

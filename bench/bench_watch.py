@@ -77,9 +77,10 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
-def run_fieldreid(folder: Path, out: Path, gallery: Path, n: int, batch: int) -> dict:
+def run_fieldreid(folder: Path, out: Path, gallery: Path, n: int, batch: int | None, *extra: str) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "fieldreid"), "watch", str(folder), "--gallery", str(gallery), "--out",
-           str(out), "--once", "--settle", "0", "--threads", str(THREADS), "--batch", str(batch)]
+           str(out), "--once", "--settle", "0", "--threads", str(THREADS), *(["--batch", str(batch)] if batch else []),
+           *extra]
     if not Path(cmd[0]).exists():
         cmd = [sys.executable, "-m", "fieldreid.cli", *cmd[1:]]
     samples: list[tuple[float, int, int]] = []
@@ -200,11 +201,14 @@ def run_interleaved(files: list[Path], copies: int, root: Path, work: Path, yolo
     with Watcher(cfg, det, emb, log=lambda m: None) as w:
         w.run_pass([str(files[0])])  # warm-up both routes (not timed)
         naive(naive_files[0])
+        times = w.pipe.times  # per stage: decode (reader thread), detect, crop, embed, database
+        times.reset()
         for a in range(0, per_copy, chunk):
             ours_paths = [str(files[k * per_copy + i]) for k in range(copies) for i in range(a, min(a + chunk, per_copy))]
             t = time.perf_counter()
             w.run_pass(ours_paths)
-            w.close_events()
+            with times("events+decide"):
+                w.close_events()
             t_ours += time.perf_counter() - t
             n_ours += len(ours_paths)
             t = time.perf_counter()
@@ -214,12 +218,19 @@ def run_interleaved(files: list[Path], copies: int, root: Path, work: Path, yolo
             n_naive += len(naive_files[a:a + chunk])
             print(f"  {n_ours} fieldreid, {n_naive} naive", file=sys.stderr)
         t = time.perf_counter()
-        w.close_events(force=True)
-        w.flush(force=True)
+        with times("events+decide"):
+            w.close_events(force=True)
+        with times("outputs"):
+            w.flush(force=True)
         t_ours += time.perf_counter() - t
         counts = w.state.counts()
+    stages = times.per_image_ms(n_ours)
+    print("fieldreid ms per image by stage (decode runs in the reader thread, overlapping the others): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + f"; loop {1e3 * t_ours / n_ours:.1f}",
+          file=sys.stderr)
     return {"fieldreid": {"images": n_ours, "seconds": round(t_ours, 2), "images_per_s": round(n_ours / t_ours, 2),
-                          "file_states": counts},
+                          "file_states": counts, "ms_per_image_by_stage": stages,
+                          "ms_per_image_loop": round(1e3 * t_ours / n_ours, 2)},
             "naive": {"images": n_naive, "seconds": round(t_naive, 2), "images_per_s": round(n_naive / t_naive, 2),
                       "animal_crops_embedded": crops},
             "speedup": round((n_ours / t_ours) / (n_naive / t_naive), 2)}
@@ -235,6 +246,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "watch_results.json")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = ap.parse_args()
+    from fieldreid.engines.ort import cpu_int8_flags
+
     src = camtrap_jpegs(args.shared)
     tmp = Path(tempfile.mkdtemp(prefix="fieldreid-bench-watch-"))
     try:
@@ -247,10 +260,15 @@ def main() -> int:
         print("long run: fieldreid watch --once in a subprocess, RSS sampled", file=sys.stderr)
         ours = run_fieldreid(tmp / "cards", tmp / "out", tmp / "gallery.db", len(files), args.batch)
         print(json.dumps(ours), file=sys.stderr)
+        print("long run again with --low-memory (no ONNX Runtime arena, its own smaller batches)", file=sys.stderr)
+        small = run_fieldreid(tmp / "cards", tmp / "out-low", tmp / "gallery-low.db", len(files), None, "--low-memory")
+        print(json.dumps(small), file=sys.stderr)
         result = {
             "when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "cpu_flags": cpu_int8_flags(),
             "load_average_at_end": os.getloadavg(), "threads": THREADS, "source_images": len(src),
             "copies": args.copies, "throughput_interleaved": inter, "watch_subprocess_long_run": ours,
+            "watch_subprocess_long_run_low_memory": small,
             "notes": "Throughput: both routes in one process, alternating chunks (fieldreid: all copies, through "
                      "Watcher.run_pass + event closing + outputs; naive: copy 0, yolov5 predict(path) + timm eager "
                      "per crop), models loaded before timing. fieldreid additionally hashes, reads EXIF, commits "

@@ -132,6 +132,17 @@ def test_ort_runs_affine_with_dynamic_batch(affine):
             np.testing.assert_allclose(out["y"], x * 2 + 1)
 
 
+def test_ort_low_memory_turns_the_arena_off(affine):
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with OnnxRuntimeEngine(affine, threads=1) as normal, \
+            load_engine(affine, backend="onnxruntime", threads=1, low_memory=True) as small:
+        assert not normal.low_memory and small.low_memory
+        assert normal.session.get_session_options().enable_cpu_mem_arena
+        opts = small.session.get_session_options()
+        assert not opts.enable_cpu_mem_arena and not opts.enable_mem_pattern
+        np.testing.assert_array_equal(small.run(x)["y"], normal.run(x)["y"])
+
+
 def test_ort_describes_io_and_device(affine):
     with OnnxRuntimeEngine(affine, device="cpu") as eng:
         assert isinstance(eng, Engine) and eng.backend == "onnxruntime"

@@ -317,3 +317,62 @@ def test_gate_refuses_int8_that_is_fine_on_calibration_crops_but_not_on_held_out
                   r"/ ([\d.]+) 5th percentile / ([\d.]+) worst", flat)
     assert m and float(m[2]) < 0.95, flat
     assert not (tmp_path / "m.int8.onnx").exists()
+
+
+def _activation_zero_points(path: Path) -> list[np.ndarray]:
+    """Zero points of the QuantizeLinear nodes fed by activations (not by initialisers: weights)."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    return [inits[n.input[2]] for n in m.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits and len(n.input) > 2]
+
+
+def test_uint8_activations_are_asymmetric_and_int8_stays_symmetric(tmp_path):
+    from fieldreid.embed.runtime import preprocess_images
+    from fieldreid.export.quantize import quantize_qdq
+
+    model = _broken_embedder(tmp_path / "m.onnx", outlier=1.0)
+    calib = preprocess_images(_crops(16)[0], PreprocessSpec(size=(SIZE, SIZE), mean=(0.5,) * 3, std=(0.5,) * 3))
+    quantize_qdq(model, tmp_path / "s8.onnx", calib)
+    quantize_qdq(model, tmp_path / "u8.onnx", calib, activations="uint8")
+    s8, u8 = _activation_zero_points(tmp_path / "s8.onnx"), _activation_zero_points(tmp_path / "u8.onnx")
+    assert s8 and all(z.dtype == np.int8 and not z.any() for z in s8)  # TensorRT's form: zero point 0
+    assert u8 and all(z.dtype == np.uint8 for z in u8) and any(z.any() for z in u8)
+    with pytest.raises(InputError, match="activations"):
+        quantize_qdq(model, tmp_path / "x.onnx", calib, activations="int4")
+
+
+def test_profiles_choose_activation_types_and_tensorrt_refuses_uint8(tmp_path):
+    from fieldreid.export.profiles import ProfileError, load_profile, parse_profile
+
+    assert load_profile("cpu-int8").activations == "uint8"
+    assert load_profile("jetson-orin-int8").activations == "int8"
+    base = {"backend": "tensorrt", "precision": "int8", "input": {"height": 224, "width": 224},
+            "batch": {"min": 1, "opt": 4, "max": 8}, "calibration": {"crops": 64, "activations": "uint8"}}
+    with pytest.raises(ProfileError, match="TensorRT needs symmetric int8"):
+        parse_profile(base)
+    with pytest.raises(ProfileError, match="calibration.activations must be one of"):
+        parse_profile({**base, "backend": "onnxruntime", "calibration": {"crops": 64, "activations": "u8"}})
+
+
+def test_export_with_uint8_profile_records_activations_and_speed(tmp_path):
+    from fieldreid.export.run import ExportOptions, run_export
+
+    model = _broken_embedder(tmp_path / "m.onnx")
+    folder = _write_crops(tmp_path / "crops", 64)
+    profile = tmp_path / "cpu-int8-16.toml"
+    profile.write_text('backend = "onnxruntime"\nprecision = "int8"\n[input]\nheight = 16\nwidth = 16\n'
+                       '[batch]\nmin = 1\nopt = 4\nmax = 16\n[calibration]\ncrops = 40\nactivations = "uint8"\n'
+                       '[gate]\nmin_cosine = 0.98\n')
+    lines: list[str] = []
+    run_export(model, ExportOptions(calib=folder, profile=str(profile)), log=lines.append)
+    manifest = json.loads((tmp_path / "m.int8.onnx.json").read_text())
+    assert manifest["quantization"]["activations"] == "uint8 asymmetric per-tensor"
+    assert manifest["runs_on"] == ["onnxruntime (CPU)"]
+    speed = manifest["speed_vs_fp32_here"]
+    assert speed["speedup"] > 0 and {"avx512_vnni", "avx_vnni", "cpu"} <= set(speed)
+    assert sum("x FP32 throughput" in line for line in lines) == 1
+    with pytest.raises(InputError, match="uint8 activations"):  # never handed to TensorRT
+        run_export(tmp_path / "m.int8.onnx", ExportOptions(int8=True))

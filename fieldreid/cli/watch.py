@@ -40,7 +40,8 @@ def watch(
                                                      "~/.config/fieldreid/config.toml; `fieldreid init` writes it).")
                       ] = None,
     conf: Annotated[float, typer.Option(help="Detector confidence threshold (boxes kept and animals embedded).")] = 0.2,
-    batch: Annotated[int, typer.Option(help="Images per batch (= per committed transaction).")] = 8,
+    batch: Annotated[int | None, typer.Option(help="Images per batch (= per committed transaction); default 8, "
+                                                   "2 with --low-memory.")] = None,
     gap: Annotated[float, typer.Option(help="Seconds between two images of one camera that still make one event.")
                    ] = 60.0,
     idle_close: Annotated[float, typer.Option(help="Close an open event after this many wall-clock seconds with no "
@@ -62,6 +63,10 @@ def watch(
                                                    "decoding: a larger JPEG is decoded reduced (1/2..1/8) to fit, "
                                                    "any other image is recorded as failed. 100e6 = 100 MP.")
                           ] = 100e6,
+    low_memory: Annotated[bool, typer.Option("--low-memory", help="For small devices: ONNX Runtime without its CPU "
+                                                                  "memory arena, batches of 2 images and 8 crops "
+                                                                  "(peak RSS about half, some throughput lost).")
+                          ] = False,
 ) -> None:
     """Process a camera-trap folder exactly once per image, then keep watching it for new images.
 
@@ -76,18 +81,25 @@ def watch(
     out = device.require(out, "out", "--out", "output folder")
     detector, embedder = device.choose(detector, "detector"), device.choose(embedder, "embedder")
     backend = device.choose(backend, "backend") or "auto"
+    if batch is None:
+        batch = 2 if low_memory else 8
     if batch < 1:
         raise FieldreidError("--batch must be at least 1.")
     if max_file_mb <= 0 or max_pixels < 1:
         raise FieldreidError("--max-file-mb and --max-pixels must be positive.")
-    opts = {"threads": threads} if threads else {}
+    opts: dict = {"threads": threads} if threads else {}
+    if low_memory:
+        opts["low_memory"] = True
     if opts:
+        from fieldreid.cli.common import configured_model
         from fieldreid.defaults import default_model
         from fieldreid.detect import Detector
         from fieldreid.embed.runtime import Embedder
 
-        det = Detector(detector or default_model("detector"), backend=backend, conf=conf, **opts)
-        emb = Embedder(embedder or default_model("embedder"), backend=backend, **opts)
+        det = Detector(detector or configured_model("detector") or default_model("detector"), backend=backend,
+                       conf=conf, batch_size=min(batch, 8), **opts)
+        emb = Embedder(embedder or configured_model("embedder") or default_model("embedder"), backend=backend,
+                       batch_size=8 if low_memory else 32, **opts)
     else:
         det = open_detector(detector, backend, conf)
         emb = open_embedder(embedder, backend)

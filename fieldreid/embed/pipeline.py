@@ -122,6 +122,50 @@ def _batched(items: Iterable[Path], n: int) -> Iterator[list[Path]]:
         yield batch
 
 
+class StageTimes:
+    """Seconds spent per stage (decode, detect, crop, embed, database...), summed; thread-safe, always on.
+
+    >>> times = StageTimes()
+    >>> with times("detect"):
+    ...     pass
+    >>> sorted(times.per_image_ms(1))
+    ['detect']
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def __call__(self, stage: str) -> _Timed:
+        return _Timed(self, stage)
+
+    def per_image_ms(self, images: int) -> dict[str, float]:
+        """Milliseconds per image of each stage (stages in the order they were first timed)."""
+        with self._lock:
+            return {k: round(1e3 * v / max(1, images), 2) for k, v in self.seconds.items()}
+
+    def reset(self) -> None:
+        with self._lock:
+            self.seconds.clear()
+
+
+class _Timed:
+    __slots__ = ("times", "stage", "start")
+
+    def __init__(self, times: StageTimes, stage: str) -> None:
+        self.times, self.stage = times, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.times.add(self.stage, time.perf_counter() - self.start)
+
+
 class Pipeline:
     """Detector plus optional embedder over a stream of image paths; crops by :mod:`fieldreid.crop`.
 
@@ -158,6 +202,8 @@ class Pipeline:
         self.min_crop_conf = min_crop_conf
         self.keep_crops = keep_crops
         self.prefetch = prefetch
+        #: time spent in detect / crop / embed (and decode, when this pipeline decodes)
+        self.times = StageTimes()
 
     @property
     def detector_min_side(self) -> int | None:
@@ -170,7 +216,8 @@ class Pipeline:
         keep = self.crop_side is not None
 
         def decode(batch: list[Path]) -> list:
-            return _decode(batch, min_side, keep)
+            with self.times("decode"):
+                return _decode(batch, min_side, keep)
 
         batches = _batched(paths, self.batch_size)
         decoded = prefetch_batches(batches, decode) if self.prefetch else map(decode, batches)
@@ -182,7 +229,8 @@ class Pipeline:
         if self.detector is None:
             dets = [Detections.empty() for _ in frames]
         else:
-            dets = self.detector.detect([f.pixels for f in frames]) if frames else []
+            with self.times("detect"):
+                dets = self.detector.detect([f.pixels for f in frames]) if frames else []
         by_frame: dict[int, ImageResult] = {}
         cut: list[tuple[ImageResult, list[np.ndarray]]] = []
         for frame, det in zip(frames, dets, strict=True):
@@ -191,11 +239,13 @@ class Pipeline:
                               det.category)
             res = ImageResult(path=frame.path, size=frame.size, detections=full)
             if self.crop_side is not None:
-                cut.append((res, self._crops(frame, res)))
+                with self.times("crop"):
+                    cut.append((res, self._crops(frame, res)))
             by_frame[id(frame)] = res
         if self.embedder is not None and cut:
             # one embedder call for the crops of the whole batch (a labelled image has one crop: batch 1 is slow)
-            vectors = self.embedder.embed([c for _, cs in cut for c in cs])
+            with self.times("embed"):
+                vectors = self.embedder.embed([c for _, cs in cut for c in cs])
             start = 0
             for res, cs in cut:
                 res.embeddings = vectors[start:start + len(cs)]

@@ -30,12 +30,35 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_int8_flags() -> dict[str, object]:
+    """The CPU model and its INT8 dot-product instructions (what decides whether INT8 can pay on ORT CPU).
+
+    Recorded beside every benchmark figure; empty flags off Linux (no /proc/cpuinfo).
+    """
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    names = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp")
+    return {"cpu": model, **{n: n in flags for n in names}}
+
+
 class OnnxRuntimeEngine(Engine):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
+                 low_memory: bool = False) -> None:
         self._want_device = device
         self._threads = threads
+        #: ``low_memory``: no CPU memory arena and no memory-pattern planning, so freed tensors go back to the
+        #: allocator at once (peak RSS of ``watch`` ~halves; see README *Measured*), at some throughput.
+        self.low_memory = bool(low_memory)
         super().__init__(path)
 
     def _load(self) -> None:
@@ -51,6 +74,9 @@ class OnnxRuntimeEngine(Engine):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        if self.low_memory:
+            opts.enable_cpu_mem_arena = False
+            opts.enable_mem_pattern = False
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if self._want_device in ("auto", "cuda") and "CUDAExecutionProvider" in available:

@@ -33,6 +33,8 @@ from fieldreid.errors import InputError
 PRECISIONS = ("fp32", "fp16", "int8")
 PROFILE_BACKENDS = ("onnxruntime", "tensorrt")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: ``[calibration] activations``: "int8" symmetric (TensorRT needs it), "uint8" asymmetric (ONNX Runtime CPU)
+ACTIVATION_TYPES = ("int8", "uint8")
 #: package folder (inside ``fieldreid``) that holds the default profiles
 PACKAGED_PROFILES = "default_profiles"
 #: default for ``[gate] min_cosine_p05``: the 5th-percentile embedding cosine to FP32 on held-out crops
@@ -76,6 +78,7 @@ class ExportProfile:
     calibration_crops: int = 0
     calibration_method: str = "minmax"
     per_channel: bool = True
+    activations: str = "int8"
     min_cosine: float = 0.99
     max_top1_drop: float = 0.01
     min_cosine_p05: float = DEFAULT_MIN_COSINE_P05
@@ -109,7 +112,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "input": {"height": ((int,), True), "width": ((int,), True)},
     "batch": {"min": ((int,), True), "opt": ((int,), True), "max": ((int,), True)},
     "tensorrt": {"workspace_mib": ((int,), False)},
-    "calibration": {"crops": ((int,), False), "method": ((str,), False), "per_channel": ((bool,), False)},
+    "calibration": {"crops": ((int,), False), "method": ((str,), False), "per_channel": ((bool,), False),
+                    "activations": ((str,), False)},
     "gate": {"min_cosine": ((int, float), False), "min_cosine_p05": ((int, float), False),
              "max_top1_drop": ((int, float), False)},
 }
@@ -187,6 +191,14 @@ def parse_profile(data: dict, name: str = "", source: str = "<dict>") -> ExportP
         raise ProfileError(
             f"{source}: calibration.method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}."
         )
+    activations = cal.get("activations", "int8")
+    if activations not in ACTIVATION_TYPES:
+        raise ProfileError(
+            f"{source}: calibration.activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}."
+        )
+    if activations == "uint8" and backend == "tensorrt":
+        raise ProfileError(f"{source}: TensorRT needs symmetric int8 activations (zero point 0); "
+                           "calibration.activations = \"uint8\" is for ONNX Runtime on a CPU.")
     gate = t["gate"]
     min_cosine = float(gate.get("min_cosine", 0.99))
     max_drop = float(gate.get("max_top1_drop", 0.01))
@@ -210,6 +222,7 @@ def parse_profile(data: dict, name: str = "", source: str = "<dict>") -> ExportP
         calibration_crops=crops,
         calibration_method=method,
         per_channel=cal.get("per_channel", True),
+        activations=activations,
         min_cosine=min_cosine,
         max_top1_drop=max_drop,
         min_cosine_p05=min_p05,

@@ -137,6 +137,12 @@ def _resolve_precision(opts: ExportOptions, profile) -> tuple[str | None, bool]:
     return chosen[0], False
 
 
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    from fieldreid.engines.manifest import onnx_metadata
+
+    return onnx_metadata(path)
+
+
 def _onnx_kind(path: Path) -> str:
     from fieldreid.engines.manifest import onnx_metadata
 
@@ -243,6 +249,7 @@ def _int8_embedder(onnx_path: Path, out: Path, opts: ExportOptions, profile, log
         MIN_CALIBRATION_CROPS,
         VALIDATION_CROPS,
         quantize_embedder,
+        speed_vs_fp32,
     )
 
     if opts.calib is None:
@@ -251,6 +258,8 @@ def _int8_embedder(onnx_path: Path, out: Path, opts: ExportOptions, profile, log
     count = opts.calib_count or (profile.calibration_crops if profile else 0) or DEFAULT_CALIBRATION_CROPS
     method = opts.calib_method or (profile.calibration_method if profile else "minmax")
     per_channel = profile.per_channel if profile else True
+    # Without a profile: symmetric int8 activations, the QDQ form both TensorRT and ONNX Runtime run.
+    activations = profile.activations if profile else "int8"
     min_cos = opts.min_cosine if opts.min_cosine is not None else (profile.min_cosine if profile else DEFAULT_MIN_COSINE)
     min_p05 = (opts.min_cosine_p05 if opts.min_cosine_p05 is not None
                else (profile.min_cosine_p05 if profile else DEFAULT_MIN_COSINE_P05))
@@ -264,19 +273,34 @@ def _int8_embedder(onnx_path: Path, out: Path, opts: ExportOptions, profile, log
                                per_channel=per_channel, min_cosine=min_cos, max_top1_drop=max_drop,
                                fallback=opts.fallback,
                                min_calibration=opts.min_calibration or MIN_CALIBRATION_CROPS, log=log,
-                               min_cosine_p05=min_p05)
+                               min_cosine_p05=min_p05, activations=activations)
     log(f"INT8 gate PASS on {report.gate.n} held-out crops: {report.gate.cosine_text()}"
         + (f", top-1 {report.gate.top1_fp32:.3f} -> {report.gate.top1_int8:.3f}" if report.gate.top1_fp32 is not None
            else ""))
     meta = onnx_metadata(out)
+    from fieldreid.embed.runtime import preprocess_images
+    from fieldreid.types import PreprocessSpec
+
+    speed = speed_vs_fp32(onnx_path, out, preprocess_images(
+        val[:16], PreprocessSpec.from_json(meta["fieldreid.preprocess"])))
+    vnni = "AVX-512 VNNI" if speed["avx512_vnni"] else "AVX-VNNI" if speed["avx_vnni"] else "no VNNI"
+    log(f"INT8 on ONNX Runtime CPU here ({vnni}): {speed['speedup']:.2f}x FP32 throughput "
+        f"({speed['int8_ms_per_item']:.1f} vs {speed['fp32_ms_per_item']:.1f} ms/crop, batch {speed['batch']})"
+        + ("" if speed["speedup"] > 1.0 else
+           " — slower than FP32: on this CPU keep the FP32 model"
+           + (" (symmetric int8 activations are TensorRT's form; --profile cpu-int8 quantises uint8 "
+              "activations, which ONNX Runtime's CPU kernels run fast)" if activations == "int8" else "")))
     info = {
         "kind": "embedder",
         "model_id": meta.get("fieldreid.model_id", ""),
         "precision": "int8-qdq",
-        "runs_on": ["onnxruntime (CPU)", "tensorrt (strongly typed, from this QDQ file)"],
+        "runs_on": (["onnxruntime (CPU)", "tensorrt (strongly typed, from this QDQ file)"] if activations == "int8"
+                    else ["onnxruntime (CPU)"]),
         "source": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": "fp32"},
         "preprocess": json.loads(meta.get("fieldreid.preprocess", "{}")),
-        "quantization": {"format": "QDQ", "activations": "int8 symmetric per-tensor",
+        "speed_vs_fp32_here": speed,
+        "quantization": {"format": "QDQ", "activations": ("int8 symmetric per-tensor" if activations == "int8"
+                                                          else "uint8 asymmetric per-tensor"),
                          "weights": f"int8 symmetric {'per-channel' if per_channel else 'per-tensor'}",
                          "calibration_method": method, "calibration_crops": report.calibration_crops,
                          "calibration_source": str(opts.calib), "calibration_split": opts.calib_split,
@@ -300,16 +324,19 @@ def _int8_detector(onnx_path: Path, out: Path, opts: ExportOptions, profile, log
     count = opts.calib_count or (profile.calibration_crops if profile else 0) or DEFAULT_CALIBRATION_CROPS
     method = opts.calib_method or (profile.calibration_method if profile else "minmax")
     per_channel = profile.per_channel if profile else True
+    activations = profile.activations if profile else "int8"
     frames, val, _, held = _held_out(opts, count, 200, 1600, log)
     agree = quantize_detector(onnx_path, out, frames, val, method=method, per_channel=per_channel,
-                              min_calibration=opts.min_calibration or MIN_CALIBRATION_CROPS, log=log)
+                              min_calibration=opts.min_calibration or MIN_CALIBRATION_CROPS, log=log,
+                              activations=activations)
     log(f"INT8 detector gate: {agree['matched_fraction']:.1%} of {agree['ref_boxes']} FP32 boxes matched, "
         f"mean IoU {agree['mean_iou']:.3f} PASS")
     meta = onnx_metadata(out)
     info = {"kind": "detector", "model_id": meta.get("fieldreid.model_id", ""), "precision": "int8-qdq",
             "source": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": "fp32"},
             "quantization": {"format": "QDQ", "calibration_frames": len(frames), "calibration_method": method,
-                             "per_channel": per_channel, "calibration_source": str(opts.calib),
+                             "per_channel": per_channel, "activations": activations,
+                             "calibration_source": str(opts.calib),
                              "calibration_split": opts.calib_split},
             "gate": {**agree, "validation_source": held["validation"]["source"],
                      "validation_split": held["validation"]["split"], "held_out": held["validation"]["held_out"]},
@@ -354,6 +381,10 @@ def run_export(model: str | Path, opts: ExportOptions | None = None,
     else:
         kind = "detector"
     _check_options(model, opts, profile, kind, is_onnx, make_int8, qdq_input)
+    if qdq_input and _onnx_metadata(model).get("fieldreid.int8.activations") == "uint8":
+        raise InputError(f"{model} is an INT8 ONNX with uint8 activations, made for ONNX Runtime on a CPU; "
+                         "TensorRT needs symmetric int8 activations: export the FP32 ONNX it was made from with "
+                         "--int8 (or a TensorRT int8 --profile).")
     if qdq_input and plan_precision is None:
         raise BackendUnavailableError(f"{model} is already an INT8 QDQ ONNX; building its plan needs "
                                       "TensorRT, which is not installed here. To quantise again, export the FP32 "
@@ -387,7 +418,10 @@ def run_export(model: str | Path, opts: ExportOptions | None = None,
         res.gate = info["gate"]
         res.written += [int8_path, int8_path.with_name(int8_path.name + ".json")]
         plan_source = int8_path
-        if plan_precision is None:
+        if plan_precision is None and info["quantization"].get("activations", "").startswith("uint8"):
+            res.notes.append("uint8 activations: this INT8 ONNX is for ONNX Runtime on a CPU; for TensorRT export "
+                             "the FP32 ONNX with --int8 or a TensorRT int8 --profile (symmetric int8).")
+        elif plan_precision is None:
             res.notes.append("TensorRT is not installed here: no INT8 plan built; the QDQ ONNX runs on ONNX Runtime "
                              f"and a Jetson builds its plan with `fieldreid export {int8_path} --int8`.")
 

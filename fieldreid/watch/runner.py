@@ -172,6 +172,7 @@ class Watcher:
         self._dirty_full = False
         self._dirty_lock = threading.Lock()
         self._changed = False
+        self._verify: bool | None = None  # does a stored fusion pay (checked once per run)
         self._last_flush = 0.0
         self._last_status = time.monotonic()
         self._t0 = time.monotonic()
@@ -214,15 +215,17 @@ class Watcher:
         return load(c, self._limits, self.stop_event)
 
     def _load_batch(self, batch: list[Candidate]) -> list[Loaded]:
-        return [self._load(c) for c in batch]
+        with self.pipe.times("decode"):  # read, hash, EXIF, decode (the reader thread, overlapping the rest)
+            return [self._load(c) for c in batch]
 
     # ------------------------------------------------------------------ one batch
     def _process_batch(self, items: list[Loaded]) -> tuple[int, int]:
         """Detect/embed the ready items and commit the whole batch in one transaction; (done, pending)."""
         ready, dup_of = split_duplicates(items, self.state)
         results = self.pipe.process([it.frame for it in ready]) if ready else []
-        done_pending = commit_batch(self.state, items, dup_of, image_results(ready, results, self.cfg.thumb_size),
-                                    self.cfg.gap)
+        with self.pipe.times("database"):  # thumbnails, rows, one transaction
+            done_pending = commit_batch(self.state, items, dup_of,
+                                        image_results(ready, results, self.cfg.thumb_size), self.cfg.gap)
         self._changed = True
         return done_pending
 
@@ -296,6 +299,24 @@ class Watcher:
         rules = LinkRules(appearance=self.cfg.link_threshold, strict=max(d.upper for d in singles))
         return link_tracks(sightings, rules)
 
+    def _track_features(self, rep: Sighting) -> list | None:
+        """Local features of a track's representative crop (one per track, not per frame) when the gallery
+        holds a fusion that pays for this model (``calibrate --verify``); else None: cosine decides."""
+        import json
+
+        from fieldreid.storage.fsutil import text_path
+        from fieldreid.verify.features import features_of
+
+        if self._verify is None:
+            self._verify = any(json.loads(d).get("pays") for (d,) in self.gallery.read(
+                "SELECT data FROM fusion WHERE model_id = ?", (self.embedder.model_id,)))
+        if not self._verify:
+            return None
+        try:
+            return [features_of(self.root / text_path(rep.path), rep.box)]
+        except FieldreidError:
+            return [None]  # unreadable now: the cosine decides this track
+
     def _decide_event(self, event_id: int) -> None:
         """Step 2 of the protocol: decide every track, commit decisions + 'decided' in one transaction."""
         species = self._event_species(event_id)
@@ -304,7 +325,8 @@ class Watcher:
         for track in tracks:
             rep = track.representative
             [d] = self.identifier.identify(track.fused[None], self.embedder.model_id, sources=[rep.path],
-                                           boxes=[rep.box], species=species)
+                                           boxes=[rep.box], species=species,
+                                           query_features=self._track_features(rep))
             decided.append(d)
         rows = []
         now = time.time()

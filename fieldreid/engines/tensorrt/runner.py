@@ -409,9 +409,10 @@ class TensorRTEngine(Engine):
     backend = "tensorrt"
 
     def __init__(self, path: str | Path, device: int | str = 0, pinned: bool = False,
-                 threads: int | None = None) -> None:
-        # ``threads`` is accepted so that ``load_engine(path, "auto", threads=2)`` works whichever backend
-        # ``auto`` picks; TensorRT has no CPU thread pool to size.
+                 threads: int | None = None, low_memory: bool = False) -> None:
+        # ``threads`` and ``low_memory`` are accepted so that ``load_engine(path, "auto", threads=2,
+        # low_memory=True)`` works whichever backend ``auto`` picks; TensorRT has no CPU thread pool to size and
+        # no CPU memory arena to turn off (its host memory is the I/O buffers, allocated once per shape).
         self._device_index = _device_index(device)
         self._pinned = bool(pinned)
         self._runtime = self._engine = self._context = None

@@ -273,3 +273,15 @@ def test_watch_mode_new_camera_folder_and_idle_wakeups(models, owl, tmp_path) ->
         w.close()
     assert not th.is_alive()
     assert (tmp_path / "out" / "images.csv").exists()
+
+
+def test_stage_times_cover_every_stage_of_a_pass(models, owl, tmp_path) -> None:
+    cam = tmp_path / "cards" / "cam1"
+    cam.mkdir(parents=True)
+    shutil.copy(owl, cam / "a.JPG")
+    _age(*cam.iterdir())
+    with _watcher(models, tmp_path / "cards", tmp_path) as w:
+        w.run_pass()
+        ms = w.pipe.times.per_image_ms(1)
+    assert list(ms) == ["decode", "detect", "crop", "embed", "database"]  # the owl is an animal: all five
+    assert all(v > 0 for v in ms.values())

@@ -86,6 +86,8 @@ def enroll_cmd(
     drop_missing: Annotated[bool, typer.Option(help="With --reembed: drop embeddings whose image is gone.")] = False,
     storage: Annotated[str, typer.Option(help="Vector storage of a new gallery: float32 | float16.")] = "float32",
     who: WhoOpt = None,
+    features: Annotated[bool, typer.Option("--features/--no-features", help="Also store each crop's local "
+                                                                           "features (verification).")] = True,
 ) -> None:
     """Enrol labelled animals into a gallery (idempotent: re-running adds only what is missing)."""
     from fieldreid.gallery.enroll import enroll, load_source
@@ -110,7 +112,7 @@ def enroll_cmd(
         with _progress(len(items), "enroll") as progress:
             task = progress.add_task("enroll", total=len(items))
             report = enroll(items, g, emb, det, crops=crops, batch_size=batch,
-                            on_progress=lambda k: progress.update(task, completed=k))
+                            on_progress=lambda k: progress.update(task, completed=k), features=features)
         total_ids = len(g.identities())
     _print_failures(report.failures)
     err.print(f"{report.added} embeddings added, {report.already_present} already present, "
@@ -118,6 +120,8 @@ def enroll_cmd(
               f"({total_ids} in {gallery}, model {report.model_id})")
     if report.whole_image:
         err.print(f"{report.whole_image} crop(s) embedded whole: the detector found no animal box in them")
+    if features:
+        err.print(f"local features stored for {report.features_indexed} gallery image(s) (verification)")
 
 
 def identify_cmd(
@@ -155,6 +159,7 @@ def identify_cmd(
         g.check_model(emb.model_id, emb.dim)
         ident = Identifier(g, species=species, create_provisional=new_identities, record=record, k=k,
                            model_thresholds=emb.thresholds)
+        verify = _verification_pays(g, emb.model_id)
         decisions, failures = [], []
         with _progress(len(files), "identify") as progress:
             task = progress.add_task("identify", total=len(files))
@@ -168,7 +173,10 @@ def identify_cmd(
                         decisions += ident.identify(res.vectors, emb.model_id,
                                                     sources=[source_key(it.path) for it in res.items],
                                                     boxes=res.boxes,
-                                                    source_sha256=[_content_sha256(it.path) for it in res.items])
+                                                    source_sha256=[_content_sha256(it.path) for it in res.items],
+                                                    query_features=_query_features(
+                                                        verify, [(it.path, b) for it, b in
+                                                                 zip(res.items, res.boxes, strict=True)]))
                     progress.update(task, completed=a + len(chunk))
             else:
                 from fieldreid.embed.pipeline import Pipeline
@@ -183,7 +191,9 @@ def identify_cmd(
                         boxes = [r.detections.xyxy[i].tolist() for i in r.animal_index]
                         decisions += ident.identify(r.embeddings, emb.model_id,
                                                     sources=[source_key(r.path)] * len(boxes), boxes=boxes,
-                                                    source_sha256=[_content_sha256(r.path)] * len(boxes))
+                                                    source_sha256=[_content_sha256(r.path)] * len(boxes),
+                                                    query_features=_query_features(
+                                                        verify, [(r.path, b) for b in boxes]))
         if out_path.suffix.lower() == ".json":
             from fieldreid.crop import CROP_RULE
 
@@ -206,6 +216,28 @@ def identify_cmd(
                   "animals.",
                   highlight=False)
     _print_failures(failures)
+
+
+def _verification_pays(g, model_id: str) -> bool:
+    """Whether calibration stored a fusion that pays for some species of this model (then each crop's local
+    features are computed for the Identifier to re-rank with)."""
+    return any(json.loads(d).get("pays") for (d,) in g.read("SELECT data FROM fusion WHERE model_id = ?",
+                                                             (model_id,)))
+
+
+def _query_features(wanted: bool, crops: list) -> list | None:
+    """Local features of each (image path, box) crop by the one crop rule, None where unreadable."""
+    if not wanted:
+        return None
+    from fieldreid.verify.features import features_of
+
+    out = []
+    for path, box in crops:
+        try:
+            out.append(features_of(path, box))
+        except FieldreidError:
+            out.append(None)
+    return out
 
 
 def _content_sha256(path: Path) -> str | None:
@@ -404,6 +436,11 @@ def calibrate_cmd(
     batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
     backend: BackendOpt = "auto",
     who: WhoOpt = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Also fit, per species, the fusion of cosine and "
+                                                          "local-feature inliers and decide whether "
+                                                          "verification pays (held-out top-1 gain >= 0.01); "
+                                                          "identify then re-ranks where it does.")] = False,
+    verify_k: Annotated[int, typer.Option(help="With --verify: gallery images re-scored per query.")] = 20,
 ) -> None:
     """Choose open-set thresholds per species from labelled images and store them in the gallery."""
     from fieldreid.evaluation.metrics import calibrate
@@ -426,6 +463,7 @@ def calibrate_cmd(
         for col in ("species", "lower", "upper", "BAKS", "BAUS", "GM", "unknown→known", "uncertain"):
             t.add_column(col)
         stored = 0
+        feats = _features_for(res) if verify else None
         for sp in sorted(set(species)):
             mask = species == sp
             if len(set(labels[mask])) < 3:
@@ -437,9 +475,38 @@ def calibrate_cmd(
             stored += 1
             t.add_row(sp, f"{cal.lower:.4f}", f"{cal.upper:.4f}", f"{cal.BAKS:.3f}", f"{cal.BAUS:.3f}",
                       f"{cal.geometric_mean:.3f}", f"{cal.unknown_called_known_rate:.3f}", f"{cal.uncertain_rate:.3f}")
+            if feats is not None:
+                _calibrate_verification(g, emb.model_id, sp, res.vectors[mask], labels[mask],
+                                        [f for f, m in zip(feats, mask, strict=True) if m], verify_k)
     if not stored:
         raise InputError("No species had enough identities (3 or more) to calibrate; nothing was stored.")
     out.print(t)
+
+
+def _features_for(res) -> list:
+    """Local features of each embedded item's crop (the same box), with a progress bar."""
+    from fieldreid.verify.features import features_of
+
+    feats = []
+    with _progress(len(res.items), "features") as progress:
+        task = progress.add_task("features", total=len(res.items))
+        for it, box in zip(res.items, res.boxes, strict=True):
+            feats.append(features_of(it.path, box))
+            progress.advance(task)
+    return feats
+
+
+def _calibrate_verification(g, model_id: str, species: str, vectors, labels, feats, k: int) -> None:
+    from fieldreid.evaluation.rerank import calibrate_fusion
+
+    if k < 1:
+        raise InputError(f"--verify-k must be at least 1, got {k}.")
+    fusion, threshold = calibrate_fusion(vectors, labels, feats, k=k)
+    g.set_fusion(species, model_id, fusion.to_dict())
+    e = fusion.evidence
+    err.print(f"{species}: verification {'pays' if fusion.pays else 'does not pay: off'} (held-out top-1 "
+              f"{e['top1_without']:.3f} → {e['top1_with']:.3f}, open-set GM {e['gm_without']:.3f} → "
+              f"{e['gm_with']:.3f}; fused threshold {threshold:.3f}, K={k})", highlight=False)
 
 
 def _calibrate_model(metadata: Path, split: str | None, crops: bool, embedder: Path | None, detector: Path | None,
@@ -490,6 +557,18 @@ def info_cmd(gallery: GalleryOpt) -> None:
             from fieldreid.gallery.openset import DEFAULT_LOWER, DEFAULT_UPPER
 
             t.add_row("thresholds", f"uncalibrated defaults: lower {DEFAULT_LOWER} upper {DEFAULT_UPPER}")
+        for sp, model, data in g.read("SELECT species, model_id, data FROM fusion ORDER BY species, model_id"):
+            f = json.loads(data)
+            e = f.get("evidence") or {}
+            t.add_row(f"verification {sp}", f"{'on' if f.get('pays') else 'off (does not pay)'}: held-out top-1 "
+                                            f"{e.get('top1_without', float('nan')):.3f} → "
+                                            f"{e.get('top1_with', float('nan')):.3f}, K={f.get('k')} ({model})")
+        from fieldreid.verify.features import KIND
+
+        n_emb = g.count_embeddings()
+        if n_emb:
+            t.add_row("local features", f"{n_emb - len(g.missing_local_features(KIND))} of {n_emb} images "
+                                        "(`fieldreid gallery reindex` fills the rest)")
         out.print(t)
 
 
@@ -629,6 +708,26 @@ def delete_cmd(identity: Annotated[str, typer.Argument(help="Identity to delete.
             raise typer.Exit(1)
         n = g.delete(identity)
     err.print(f"deleted {identity} ({n} embeddings)")
+
+
+@gallery_app.command("reindex")
+@_friendly
+def reindex_cmd(gallery: GalleryOpt,
+                keypoints: Annotated[int, typer.Option(help="Keypoint cap per crop.")] = 1000) -> None:
+    """Compute the local features (verification) of every gallery image that has none."""
+    from fieldreid.gallery.enroll import index_features
+    from fieldreid.gallery.store import Gallery
+    from fieldreid.verify.features import KIND
+
+    if keypoints < 1:
+        raise InputError(f"--keypoints must be at least 1, got {keypoints}.")
+    with Gallery(gallery, create=False) as g:
+        todo = len(g.missing_local_features(KIND))
+        with _progress(todo, "reindex") as progress:
+            task = progress.add_task("reindex", total=todo)
+            done, lost = index_features(g, keypoints, lambda n: progress.update(task, completed=n))
+    err.print(f"local features computed for {done} of {todo} gallery images without them; {len(lost)} unreadable")
+    _print_failures(lost)
 
 
 @gallery_app.command("log")

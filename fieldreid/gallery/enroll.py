@@ -174,6 +174,7 @@ class EnrollReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     reembedded: int = 0
     whole_image: int = 0  # crops embedded whole: the detector found no animal box in them
+    features_indexed: int = 0  # embeddings given local features (enroll(features=True))
 
 
 def source_key(path: Path) -> str:
@@ -184,7 +185,7 @@ def source_key(path: Path) -> str:
 
 def enroll(source: str | Path | Sequence[Item], gallery, embedder, detector=None, split: str | None = None,
            crops: bool = False, species: str | None = None, batch_size: int = 16, origin: str = "lab",
-           on_progress: ProgressFn | None = None) -> EnrollReport:
+           on_progress: ProgressFn | None = None, features: bool = False) -> EnrollReport:
     """Enrol labelled images (a metadata.csv, an identity-per-folder tree, or :class:`Item` s) into ``gallery``.
 
     Identities are created as needed (id = the dataset's identity label, status confirmed). Returns an
@@ -213,7 +214,35 @@ def enroll(source: str | Path | Sequence[Item], gallery, embedder, detector=None
             report.added += added
             report.already_present += present
     report.identities_created = len({i.id for i in gallery.identities()} - before)
+    if features:  # local features for verification, from the same crops (fieldreid.verify)
+        report.features_indexed, lost = index_features(gallery)
+        report.failures.extend(lost)
     return report
+
+
+def index_features(gallery, max_keypoints: int | None = None, on_progress: ProgressFn | None = None,
+                   chunk: int = 64) -> tuple[int, list[tuple[str, str]]]:
+    """Compute and store the local features (:mod:`fieldreid.verify.features`) of every embedding that has
+    none, reading each source image and box again (``enroll`` with features and ``gallery reindex``).
+    Returns (rows indexed, failures); an unreadable source is listed and its embedding keeps no features
+    (verification then treats it as zero inliers)."""
+    from fieldreid.verify.features import KIND, MAX_KEYPOINTS, features_of
+
+    rows = gallery.missing_local_features(KIND)
+    done, failures = 0, []
+    for a in range(0, len(rows), chunk):
+        batch = []
+        for r in rows[a:a + chunk]:
+            try:
+                f = features_of(text_path(r.source), parse_box(r.box), max_keypoints or MAX_KEYPOINTS)
+            except FieldreidError as exc:
+                failures.append((r.source, str(exc)))
+                continue
+            batch.append((r.id, f.kind, f.to_bytes()))
+        done += gallery.set_local_features(batch)
+        if on_progress:
+            on_progress(min(a + chunk, len(rows)))
+    return done, failures
 
 
 def reembed(gallery, embedder, drop_missing: bool = False, batch_size: int = 16,

@@ -128,16 +128,46 @@ class Identifier:
         known = self.gallery.species()
         return known[0] if len(known) == 1 else FALLBACK_SPECIES
 
+    def _verified(self, vector: np.ndarray, features, species: str, model_id: str, restrict: str | None
+                  ) -> tuple[Thresholds, list[tuple[str, float]]] | None:
+        """Fused-probability ranking of the top-K gallery images and its threshold, or None where the gallery
+        has no fusion for (species, model), calibration found verification does not pay, or no features."""
+        from fieldreid.verify.features import LocalFeatures
+        from fieldreid.verify.fuse import Fusion
+        from fieldreid.verify.rerank import rerank
+
+        stored = self.gallery.fusion(species, model_id)
+        if not stored or not stored.get("pays") or not stored.get("uses_inliers"):
+            return None
+        fusion = Fusion.from_dict(stored)
+        threshold = float(fusion.evidence.get("threshold", 0.5))
+        rows, idents, cos = self.searcher.top_images(vector, max(1, fusion.k), restrict)
+        if not len(rows):
+            return None
+        blobs = self.gallery.local_features(rows, features.kind)
+        if not blobs:
+            return None  # a gallery not indexed yet (`fieldreid gallery reindex`): cosine decides
+        cand = [LocalFeatures.from_bytes(blobs[int(r)]) if int(r) in blobs else None for r in rows]
+        ranked = rerank(features, idents, cos, cand, fusion)
+        th = Thresholds(threshold, threshold, f"fused probability, verification K={fusion.k}", True, "gallery")
+        return th, ranked.top()
+
     def identify(self, vectors: np.ndarray, model_id: str, sources: Sequence[str] | None = None,
                  boxes: Sequence[Sequence[float] | None] | None = None, captured: Sequence[str | None] | None = None,
                  camera: Sequence[str | None] | None = None,
-                 source_sha256: Sequence[str | None] | None = None, species: str | None = None) -> list[Decision]:
+                 source_sha256: Sequence[str | None] | None = None, species: str | None = None,
+                 query_features: Sequence | None = None) -> list[Decision]:
         """Decide each vector; recorded sightings carry their vector and, with ``source_sha256`` (the source
         file's content hash), are unique by (source content, box): identifying a photo again records nothing new.
 
         ``species`` (e.g. the camera's) restricts this call's search to that species, overriding the
         identifier's own; with neither, every species in the gallery is searched and each decision carries
-        the species of the identity it was matched to."""
+        the species of the identity it was matched to.
+
+        ``query_features`` (:class:`fieldreid.verify.features.LocalFeatures` per vector, or None): where the
+        gallery holds a fusion for the species and model that calibration found pays, the top-K gallery
+        images are re-scored by local verification and the decision is made on the fused probability
+        (:meth:`_verified`)."""
         vec = np.asarray(vectors, dtype=np.float32)
         if vec.ndim == 1:
             vec = vec[None, :]
@@ -149,6 +179,9 @@ class Identifier:
         if not (len(sources) == len(boxes) == len(captured) == len(camera) == n) or (
                 source_sha256 is not None and len(source_sha256) != n):
             raise InputError("identify needs one source, box, capture time, camera (and hash) per vector.")
+        if query_features is not None and len(query_features) != n:
+            raise InputError(f"identify needs one feature set (or None) per vector ({n} vectors, "
+                             f"{len(query_features)} feature sets).")
         self.gallery.check_model(model_id, vec.shape[1])
         out: list[Decision] = []
         for i in range(n):
@@ -157,6 +190,12 @@ class Identifier:
             version = self.searcher.version  # the gallery state this decision was made against
             sp = self._species_for(best[0] if best else None, species)
             th = thresholds_for(self.gallery, sp, model_id, self.model_thresholds)
+            verified = None
+            if best and query_features is not None and query_features[i] is not None:
+                verified = self._verified(vec[i], query_features[i], sp, model_id, species or self.species)
+            if verified is not None:
+                th, top = verified
+                best, second = top[0], (top[1] if len(top) > 1 else None)
             decision = th.decide(best[1] if best else None)
             identity = best[0] if best and decision != DecisionKind.NEW else None
             created = False
@@ -170,7 +209,8 @@ class Identifier:
                 runner_up=second[0] if second else None, runner_up_score=second[1] if second else None,
                 upper=th.upper, lower=th.lower, calibrated=th.calibrated, threshold_method=th.method,
                 model_id=model_id, gallery_version=version, species=sp, source=sources[i],
-                box=box, top=res.top(5), created_identity=created, threshold_source=th.source))
+                box=box, top=verified[1][:5] if verified else res.top(5), created_identity=created,
+                threshold_source=th.source))
         if self.record and out:
             ids = self.gallery.add_sightings([{
                 "image": d.source, "box": d.box, "captured": captured[j], "camera": camera[j],

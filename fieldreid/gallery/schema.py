@@ -182,6 +182,22 @@ SYNC_TABLES = [
 
 _V3: list = [_sync_tables]
 
+#: v4: local features of each embedding's crop (:mod:`fieldreid.verify.features` bytes; ``kind`` names the
+#: recipe) and, per species and model, the fitted fusion of cosine and inliers (:class:`fieldreid.verify.fuse.Fusion`
+#: as JSON, with whether verification pays). Galleries from before v4 get features on ``gallery reindex``.
+_V4: list = [
+    """CREATE TABLE local_features (
+        embedding_id INTEGER PRIMARY KEY REFERENCES embeddings(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        data BLOB NOT NULL)""",
+    """CREATE TABLE fusion (
+        species TEXT NOT NULL,
+        model_id TEXT NOT NULL,
+        data TEXT NOT NULL,
+        created TEXT NOT NULL,
+        PRIMARY KEY (species, model_id))""",
+]
+
 #: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[list] = [_V1, _V2, _V3]
+MIGRATIONS: list[list] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(MIGRATIONS)

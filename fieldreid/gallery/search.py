@@ -134,6 +134,7 @@ class Searcher:
         self._n = 0
         self._max_row = 0
         self._codes = np.zeros(0, np.int64)
+        self._row_ids = np.zeros(0, np.int64)  # the gallery's embedding id of each cached row
         self._names: list[str] = []
         self._code_of: dict[str, int] = {}
         self._species: dict[str, str] = {}
@@ -168,7 +169,7 @@ class Searcher:
             self.loads += 1
         block = self.gallery.load_vectors(after_id=self._max_row)
         if len(block.row_ids):
-            self._append(block.matrix, block.identity_ids)
+            self._append(block.matrix, block.identity_ids, block.row_ids)
             self._max_row = int(block.row_ids[-1])
         self._species = self.gallery.identity_species()
         self._versions = versions
@@ -179,10 +180,11 @@ class Searcher:
         self._n = 0
         self._max_row = 0
         self._codes = np.zeros(0, np.int64)
+        self._row_ids = np.zeros(0, np.int64)
         self._names, self._code_of = [], {}
         self._groups = None
 
-    def _append(self, mat: np.ndarray, identity_ids: Sequence[str]) -> None:
+    def _append(self, mat: np.ndarray, identity_ids: Sequence[str], row_ids: Sequence[int] | None = None) -> None:
         n_new = mat.shape[0]
         if self._buf.shape[1] != mat.shape[1]:
             self._buf = np.zeros((0, mat.shape[1]), self.memory_dtype)
@@ -202,6 +204,8 @@ class Searcher:
                 self._names.append(name)
             codes[i] = code
         self._codes = np.concatenate([self._codes, codes])
+        rows = np.full(n_new, -1, np.int64) if row_ids is None else np.asarray(row_ids, np.int64)
+        self._row_ids = np.concatenate([self._row_ids, rows])
         self._n += n_new
         self._groups = None
 
@@ -250,6 +254,23 @@ class Searcher:
             finite = np.isfinite(row_vals)
             out.append(SearchResult([names[i] for i in row_idx[finite]], row_vals[finite].astype(np.float32)))
         return out
+
+    def top_images(self, query: np.ndarray, k: int, species: str | None = None
+                   ) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """The ``k`` most similar gallery *images* of one query: (embedding ids, identity ids, cosines), best
+        first (ties: lower row first); ``species`` restricts them to identities of that species. What local
+        verification re-scores (:mod:`fieldreid.verify.rerank`)."""
+        q = np.asarray(query, dtype=np.float32).reshape(1, -1)
+        self.refresh()
+        if self._n == 0 or k < 1:
+            return np.zeros(0, np.int64), [], np.zeros(0, np.float32)
+        s = self.embedding_scores(q)[0]
+        if species is not None:
+            ok = np.array([self._species.get(n) == species for n in self._names])
+            s = np.where(ok[self._codes[: self._n]], s, -np.inf)
+        top = np.argsort(-s, kind="stable")[:k]
+        top = top[np.isfinite(s[top])]
+        return self._row_ids[: self._n][top], [self._names[c] for c in self._codes[top]], s[top].astype(np.float32)
 
     def species_of(self, identity_id: str) -> str | None:
         return self._species.get(identity_id)

@@ -583,6 +583,52 @@ class Gallery(Curation):
             "SELECT species, model_id, upper, lower, method, created FROM thresholds t WHERE id = (SELECT max(id) "
             "FROM thresholds u WHERE u.species = t.species AND u.model_id = t.model_id) ORDER BY species")]
 
+    # ------------------------------------------------------------------ local features (verification)
+    def set_local_features(self, rows: Sequence[tuple[int, str, bytes]]) -> int:
+        """Store (embedding id, kind, bytes) of each embedding's local features, replacing older ones; rows
+        of embeddings that no longer exist are skipped. Not a curation change (the version is unchanged)."""
+        if not rows:
+            return 0
+        with self.transaction() as con:
+            before = con.total_changes
+            con.executemany("INSERT OR REPLACE INTO local_features (embedding_id, kind, data) SELECT ?, ?, ? "
+                            "WHERE EXISTS (SELECT 1 FROM embeddings WHERE id = ?)",
+                            [(int(i), str(k), bytes(d), int(i)) for i, k, d in rows])
+            return con.total_changes - before
+
+    def local_features(self, embedding_ids: Sequence[int], kind: str) -> dict[int, bytes]:
+        """Stored feature bytes of ``kind`` by embedding id (ids without them are absent)."""
+        out: dict[int, bytes] = {}
+        ids = [int(i) for i in embedding_ids]
+        for a in range(0, len(ids), 500):
+            part = ids[a:a + 500]
+            out.update({int(r[0]): bytes(r[1]) for r in self._con.execute(
+                f"SELECT embedding_id, data FROM local_features WHERE kind = ? AND embedding_id IN "
+                f"({', '.join('?' * len(part))})", (kind, *part))})
+        return out
+
+    def missing_local_features(self, kind: str) -> list[EmbeddingInfo]:
+        """Embeddings without local features of ``kind`` (what ``gallery reindex`` computes)."""
+        return [EmbeddingInfo(*r) for r in self._con.execute(
+            "SELECT id, identity_id, model_id, source, box, created FROM embeddings e WHERE NOT EXISTS (SELECT 1 "
+            "FROM local_features f WHERE f.embedding_id = e.id AND f.kind = ?) ORDER BY id", (kind,))]
+
+    def set_fusion(self, species: str, model_id: str, fusion: dict) -> None:
+        """Store the fitted fusion of cosine and inliers for (species, model) (``'*'`` = every species)."""
+        with self.transaction("fusion", {"species": species, "model_id": model_id,
+                                         "pays": fusion.get("pays")}) as con:
+            con.execute("INSERT OR REPLACE INTO fusion (species, model_id, data, created) VALUES (?, ?, ?, ?)",
+                        (species, model_id, json.dumps(fusion, sort_keys=True), utc_now()))
+
+    def fusion(self, species: str, model_id: str) -> dict | None:
+        """The fusion stored for (species, model), falling back to '*'; None when there is none."""
+        for sp in (species, "*"):
+            row = self._con.execute("SELECT data FROM fusion WHERE species = ? AND model_id = ?",
+                                    (sp, model_id)).fetchone()
+            if row:
+                return json.loads(row[0])
+        return None
+
     # ------------------------------------------------------------------ sightings
     def add_sightings(self, rows: Sequence[dict]) -> list[int]:
         """Record decisions with full provenance (keys as in the ``sightings`` table). Not a 'change'.

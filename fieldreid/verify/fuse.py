@@ -1,0 +1,137 @@
+"""One calibrated probability from the global cosine and the local inlier count.
+
+For a query and one candidate gallery image, ``p(same animal) = sigmoid(w0 + w1·cos + w2·log(1 + inliers))``.
+The weights are a logistic regression (Newton / IRLS with a small ridge, numpy only) fitted on
+(query, candidate) pairs of identities that are *not* used for testing, taken exactly as they occur at
+identification time: each query's top-K global candidates. So the output is a probability on the pairs the
+decision actually sees, and the relative weight of cosine and inliers is learnt, not guessed. Without
+verification (``inliers=None``, or a species where it does not pay) the same fit on the cosine alone gives
+a calibrated probability too.
+
+:class:`Fusion` is plain data (``to_dict``/``from_dict``): it is stored with the gallery's thresholds, per
+species and model, with the decision whether verification pays for that species (:attr:`Fusion.pays`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fieldreid.errors import InputError
+
+RIDGE = 1e-3
+#: verification must raise held-out top-1 by at least this much to be switched on
+PAYS_MARGIN = 0.01
+
+
+def _design(cos: np.ndarray, inliers: np.ndarray | None) -> np.ndarray:
+    cos = np.asarray(cos, np.float64).reshape(-1)
+    cols = [np.ones_like(cos), cos]
+    if inliers is not None:
+        inl = np.asarray(inliers, np.float64).reshape(-1)
+        if inl.shape != cos.shape:
+            raise InputError(f"Need one inlier count per cosine ({cos.shape[0]} cosines, {inl.shape[0]} counts).")
+        if np.any(inl < 0):
+            raise InputError("Inlier counts cannot be negative.")
+        cols.append(np.log1p(inl))
+    x = np.stack(cols, axis=1)
+    if not np.all(np.isfinite(x)):
+        raise InputError("Cosines and inlier counts must be finite.")
+    return x
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Logistic weights ``coef`` = (intercept, cosine[, log(1 + inliers)]) and what the fit was made of."""
+
+    coef: tuple[float, ...]
+    uses_inliers: bool
+    feature_kind: str = ""
+    k: int = 0
+    n_pairs: int = 0
+    n_positive: int = 0
+    pays: bool | None = None
+    evidence: dict = field(default_factory=dict)
+
+    def probability(self, cos, inliers=None) -> np.ndarray:
+        """P(same animal) for each (cosine, inlier count) pair; inliers are ignored by a cosine-only fit."""
+        x = _design(cos, inliers if self.uses_inliers else None)
+        if self.uses_inliers and inliers is None:
+            raise InputError("This fusion was fitted with inlier counts; pass them.")
+        return _sigmoid(x @ np.asarray(self.coef, np.float64))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["coef"] = list(self.coef)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Fusion:
+        try:
+            coef = tuple(float(v) for v in d["coef"])
+            uses = bool(d["uses_inliers"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"Stored fusion weights are malformed ({exc}); run `fieldreid calibrate` again.") from exc
+        if len(coef) != 2 + uses:
+            raise InputError(f"Stored fusion has {len(coef)} weights, expected {2 + uses}.")
+        return cls(coef, uses, str(d.get("feature_kind", "")), int(d.get("k", 0)), int(d.get("n_pairs", 0)),
+                   int(d.get("n_positive", 0)), d.get("pays"), dict(d.get("evidence") or {}))
+
+
+def fit_fusion(cos: Sequence[float], inliers: Sequence[float] | None, same: Sequence[bool], ridge: float = RIDGE,
+               feature_kind: str = "", k: int = 0, iterations: int = 50) -> Fusion:
+    """Logistic regression of ``same`` on cosine (and log(1 + inliers)); needs both classes.
+
+    The fusion is kept monotone: a higher cosine or more inliers never lowers the probability. Where the
+    unconstrained fit gives a negative weight (one signal nearly separates the pairs and the other only
+    soaks up noise), that signal's weight is 0 and the rest is fitted again."""
+    x = _design(cos, None if inliers is None else np.asarray(inliers))
+    coef = _logistic(x, same, ridge, iterations)
+    free = np.ones(x.shape[1], bool)
+    while np.any(coef[1:][free[1:]] < 0):
+        free[1:] &= coef[1:] >= 0
+        sub = _logistic(x[:, free], same, ridge, iterations)
+        coef = np.zeros(x.shape[1])
+        coef[free] = sub
+    y = np.asarray(same, bool).reshape(-1)
+    return Fusion(tuple(float(v) for v in coef), inliers is not None, feature_kind, int(k), int(len(y)), int(y.sum()))
+
+
+def _logistic(x: np.ndarray, same: Sequence[bool], ridge: float, iterations: int) -> np.ndarray:
+    """Ridge logistic regression (Newton) of ``same`` on ``x`` (first column the intercept), raw-unit weights."""
+    y = np.asarray(same, bool).reshape(-1).astype(np.float64)
+    if y.shape[0] != x.shape[0]:
+        raise InputError(f"Need one same/different label per pair ({x.shape[0]} pairs, {y.shape[0]} labels).")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == len(y):
+        raise InputError(f"Fitting the fusion needs pairs of the same and of different animals; got {n_pos} same "
+                         f"of {len(y)}. Use labelled images of more animals, with 2+ images each.")
+    # the ridge acts on standardised columns, so it shrinks cosine (spread ~0.05 among candidates) no more
+    # than inliers (spread ~1 in log units); the weights are mapped back to raw units at the end
+    mu, sd = x[:, 1:].mean(axis=0), x[:, 1:].std(axis=0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    z = np.c_[x[:, :1], (x[:, 1:] - mu) / sd]
+    w = np.zeros(x.shape[1])
+    w[0] = np.log(n_pos / (len(y) - n_pos))
+    reg = ridge * len(y) * np.eye(x.shape[1])
+    reg[0, 0] = 0.0  # the intercept is not shrunk
+    for _ in range(iterations):
+        p = _sigmoid(z @ w)
+        grad = z.T @ (p - y) + reg @ w
+        hess = (z * (p * (1 - p))[:, None]).T @ z + reg + 1e-9 * np.eye(x.shape[1])
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return np.r_[w[0] - np.sum(w[1:] * mu / sd), w[1:] / sd]
+
+
+def pays(top1_without: float, top1_with: float, margin: float = PAYS_MARGIN) -> bool:
+    """Verification is worth its cost when it raises held-out top-1 by at least ``margin``."""
+    return bool(np.isfinite(top1_with) and np.isfinite(top1_without) and top1_with >= top1_without + margin)

@@ -231,10 +231,10 @@ def identify_answers(csv_path: Path, field: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ routes
-def lab_gallery(scene: dict, work: Path) -> Path:
+def lab_gallery(scene: dict, work: Path, verify: bool = True) -> Path:
     g = work / "lab.db"
     fieldreid("enroll", scene["enrol_csv"], "--crops", "--gallery", g)
-    fieldreid("calibrate", scene["enrol_csv"], "--crops", "--gallery", g)
+    fieldreid("calibrate", scene["enrol_csv"], "--crops", "--gallery", g, *(["--verify"] if verify else []))
     return g
 
 
@@ -276,13 +276,13 @@ def sync_device(lab_gallery_path: Path, work: Path) -> Path:
     return device
 
 
-def run_case(name: str, set_dir: Path, split: str | None, work: Path, with_sync: bool) -> dict:
+def run_case(name: str, set_dir: Path, split: str | None, work: Path, with_sync: bool, verify: bool = True) -> dict:
     print(f"== {name}", flush=True)
     work.mkdir(parents=True, exist_ok=True)
     scene = build_scene(set_dir, split, work)
     known = set(scene["known"])
-    lab = lab_gallery(scene, work)
-    res: dict = {"set": name, "animals_known": len(known), "animals_unknown": len(scene["unknown"]),
+    lab = lab_gallery(scene, work, verify)
+    res: dict = {"set": name, "verification": verify, "animals_known": len(known), "animals_unknown": len(scene["unknown"]),
                  "photos_enrolled": scene["n_enrolled"], "field_photos": len(scene["truth"]),
                  "bursts": scene["n_bursts"], "bursts_with_two_animals": scene["n_pair_bursts"]}
 
@@ -313,6 +313,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="keep the scenes and outputs here")
     ap.add_argument("--sets", default="zebra,nyala")
     ap.add_argument("--no-sync", action="store_true", help="skip the lab-server case")
+    ap.add_argument("--no-verify", action="store_true", help="calibrate without local-feature verification")
     args = ap.parse_args()
     reid = args.shared / "data" / "reid"
     if not reid.is_dir():
@@ -322,7 +323,7 @@ def main() -> None:
     results = []
     for name in args.sets.split(","):
         set_dir, split, with_sync = cases[name]
-        results.append(run_case(name, set_dir, split, work / name, with_sync and not args.no_sync))
+        results.append(run_case(name, set_dir, split, work / name, with_sync and not args.no_sync, not args.no_verify))
     doc = {"bench": "e2e", "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "note": "real CLI in subprocesses; scores per photo (most confident sighting); see bench_e2e.py",
            "results": results}

@@ -46,8 +46,7 @@ def dump(g: Gallery) -> dict:
         "identities": g.read("SELECT * FROM identities ORDER BY id").fetchall(),
         "embeddings": g.read("SELECT id, identity_id, model_id, vector, source, box FROM embeddings ORDER BY id").fetchall(),
         "sightings": g.read("SELECT id, identity_id, runner_up_id, decision FROM sightings ORDER BY id").fetchall(),
-        "verdicts": g.read("SELECT * FROM review_sightings ORDER BY sighting_id").fetchall()
-        if actions.has_tables(g) else [],
+        "verdicts": g.read("SELECT * FROM review_sightings ORDER BY sighting_id").fetchall(),
     }
 
 

@@ -198,6 +198,49 @@ _V4: list = [
         PRIMARY KEY (species, model_id))""",
 ]
 
+#: v5: the tables other stages keep in a gallery, created here so that only the gallery makes its tables:
+#: ``suggestions`` (:mod:`fieldreid.gallery.suggest`: which lab identity a device's provisional animal probably
+#: is) and the review app's decision log (:mod:`fieldreid.review.actions`: ``review_log``, one row per decision
+#: with what it replaced; ``review_sightings``, the verdict standing per sighting). ``IF NOT EXISTS``: galleries
+#: written by the versions that created these tables themselves already have them.
+_V5: list = [
+    """CREATE TABLE IF NOT EXISTS suggestions (
+        identity_id TEXT PRIMARY KEY,
+        candidate_id TEXT NOT NULL,
+        candidate_species TEXT NOT NULL,
+        score REAL NOT NULL,
+        decision TEXT NOT NULL CHECK (decision IN ('known', 'uncertain')),
+        runner_up_id TEXT,
+        runner_up_score REAL,
+        upper REAL NOT NULL,
+        lower REAL NOT NULL,
+        threshold_method TEXT NOT NULL,
+        gallery_version INTEGER NOT NULL,
+        created TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS review_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at TEXT NOT NULL,
+        who TEXT NOT NULL,
+        out TEXT NOT NULL,
+        track TEXT NOT NULL,
+        verdict TEXT NOT NULL,
+        identity TEXT,
+        note TEXT,
+        replaced TEXT NOT NULL,
+        sightings TEXT NOT NULL,
+        changes TEXT NOT NULL,
+        gallery_version INTEGER NOT NULL,
+        undone_at TEXT,
+        undone_by TEXT)""",
+    """CREATE TABLE IF NOT EXISTS review_sightings (
+        sighting_id INTEGER PRIMARY KEY,
+        review_id INTEGER NOT NULL,
+        verdict TEXT NOT NULL,
+        who TEXT NOT NULL,
+        at TEXT NOT NULL,
+        note TEXT)""",
+]
+
 #: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[list] = [_V1, _V2, _V3, _V4]
+MIGRATIONS: list[list] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(MIGRATIONS)

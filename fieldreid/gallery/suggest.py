@@ -20,20 +20,6 @@ from fieldreid.gallery.openset import Thresholds, thresholds_for
 from fieldreid.gallery.store import Gallery, utc_now
 from fieldreid.types import DecisionKind
 
-_TABLE = """CREATE TABLE IF NOT EXISTS suggestions (
-    identity_id TEXT PRIMARY KEY,
-    candidate_id TEXT NOT NULL,
-    candidate_species TEXT NOT NULL,
-    score REAL NOT NULL,
-    decision TEXT NOT NULL CHECK (decision IN ('known', 'uncertain')),
-    runner_up_id TEXT,
-    runner_up_score REAL,
-    upper REAL NOT NULL,
-    lower REAL NOT NULL,
-    threshold_method TEXT NOT NULL,
-    gallery_version INTEGER NOT NULL,
-    created TEXT NOT NULL)"""
-
 
 @dataclass(frozen=True)
 class Suggestion:
@@ -49,11 +35,6 @@ class Suggestion:
     threshold_method: str
     gallery_version: int
     created: str
-
-
-def _has_table(gallery: Gallery) -> bool:
-    return gallery._con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'suggestions'"
-                                ).fetchone() is not None
 
 
 def suggest_matches(gallery: Gallery, model_thresholds: Thresholds | None = None) -> list[Suggestion]:
@@ -92,7 +73,6 @@ def suggest_matches(gallery: Gallery, model_thresholds: Thresholds | None = None
                                     float(best[order[1]]) if second else None, th.upper, th.lower, th.method,
                                     version, utc_now()))
     with gallery.transaction() as wcon:
-        wcon.execute(_TABLE)
         wcon.execute("DELETE FROM suggestions")
         wcon.executemany(f"INSERT INTO suggestions VALUES ({', '.join('?' * 12)})",
                          [tuple(s.__dict__.values()) for s in found])
@@ -101,12 +81,10 @@ def suggest_matches(gallery: Gallery, model_thresholds: Thresholds | None = None
 
 def suggestions(gallery: Gallery, identity_id: str | None = None) -> dict[str, Suggestion]:
     """Stored suggestions by provisional identity (only those whose animal still exists)."""
-    if not _has_table(gallery):
-        return {}
     sql = ("SELECT s.* FROM suggestions s JOIN identities i ON i.id = s.identity_id JOIN identities c ON "
            "c.id = s.candidate_id")
     args: tuple = ()
     if identity_id is not None:
         sql += " WHERE s.identity_id = ?"
         args = (identity_id,)
-    return {r[0]: Suggestion(*r) for r in gallery._con.execute(sql, args)}
+    return {r[0]: Suggestion(*r) for r in gallery.read(sql, args)}

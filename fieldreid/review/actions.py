@@ -45,30 +45,6 @@ VERDICTS = ("same", "new", "other_species", "not_animal")
 #: verdicts that leave the track without an individual of this gallery
 NO_INDIVIDUAL = ("other_species", "not_animal")
 
-_TABLES = [
-    """CREATE TABLE IF NOT EXISTS review_log (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at TEXT NOT NULL,
-        who TEXT NOT NULL,
-        out TEXT NOT NULL,
-        track TEXT NOT NULL,
-        verdict TEXT NOT NULL,
-        identity TEXT,
-        note TEXT,
-        replaced TEXT NOT NULL,
-        sightings TEXT NOT NULL,
-        changes TEXT NOT NULL,
-        gallery_version INTEGER NOT NULL,
-        undone_at TEXT,
-        undone_by TEXT)""",
-    """CREATE TABLE IF NOT EXISTS review_sightings (
-        sighting_id INTEGER PRIMARY KEY,
-        review_id INTEGER NOT NULL,
-        verdict TEXT NOT NULL,
-        who TEXT NOT NULL,
-        at TEXT NOT NULL,
-        note TEXT)""",
-]
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,63}$")
 MAX_TEXT = 200
 
@@ -124,18 +100,6 @@ class Review:
                                               "already_sent")}
 
 
-def ensure_tables(gallery) -> None:
-    if gallery.read("SELECT count(*) FROM sqlite_master WHERE name = 'review_sightings'").fetchone()[0]:
-        return
-    with gallery.transaction() as con:
-        for stmt in _TABLES:
-            con.execute(stmt)
-
-
-def has_tables(gallery) -> bool:
-    return bool(gallery.read("SELECT count(*) FROM sqlite_master WHERE name = 'review_sightings'").fetchone()[0])
-
-
 def clean_text(value: object, what: str, pattern: re.Pattern | None = None, limit: int = MAX_TEXT) -> str | None:
     """A person's text (a name, a note): trimmed, bounded, free of control characters; None if empty."""
     if value is None:
@@ -160,7 +124,7 @@ def _marks(n: int) -> str:
 def standing(gallery, sighting_ids: Sequence[int]) -> dict[int, dict]:
     """The verdict standing for each of these sightings (only reviewed ones appear)."""
     ids = [int(i) for i in sighting_ids]
-    if not ids or not has_tables(gallery):
+    if not ids:
         return {}
     out: dict[int, dict] = {}
     for a in range(0, len(ids), 500):
@@ -276,7 +240,6 @@ _COLS = ("id, at, who, out, track, verdict, identity, note, replaced, sightings,
 
 
 def get_review(gallery, review_id: int) -> Review:
-    ensure_tables(gallery)
     row = gallery.read(f"SELECT {_COLS} FROM review_log WHERE id = ?", (int(review_id),)).fetchone()
     if row is None:
         raise ReviewError(f"No review decision #{review_id} in {gallery.path}.")
@@ -285,8 +248,6 @@ def get_review(gallery, review_id: int) -> Review:
 
 def history(gallery, limit: int = 50, who: str | None = None) -> list[Review]:
     """Decisions, newest first."""
-    if not has_tables(gallery):
-        return []
     sql, args = f"SELECT {_COLS} FROM review_log", []
     if who is not None:
         sql += " WHERE who = ?"
@@ -347,7 +308,6 @@ def decide(gallery, track: Track, verdict: str, *, identity: str | None = None, 
     sids = [int(s) for s in track.sighting_ids]
     if not sids:
         raise ReviewError(f"Track {track.key} has no sightings in {gallery.path}; it cannot be decided there.")
-    ensure_tables(gallery)
 
     def refuse_if_reviewed() -> None:
         done = standing(gallery, sids)
@@ -460,7 +420,6 @@ def undo(gallery, review_id: int | None = None, who: str | None = None) -> Revie
     a merge on the command line, a sync pull): undo those first. Sightings the lab already received keep
     the decision there; the result's ``already_sent`` lists them.
     """
-    ensure_tables(gallery)
     details: dict = {}
     with gallery.transaction("review-undo", details, structural=True) as con:
         if review_id is None:

@@ -221,7 +221,7 @@ def test_real_enospc_on_a_tiny_tmpfs(tmp_path):
     mnt.mkdir()
     script = tmp_path / "enospc.py"
     script.write_text(_ENOSPC_SCRIPT)
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=256k none "$1" && exec "$2" "$3" "$1"',
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m none "$1" && exec "$2" "$3" "$1"',
                         "sh", str(mnt), sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                        cwd=str(tmp_path), env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     if r.returncode != 0 and "mount" in r.stderr and "Traceback" not in r.stderr:

@@ -76,8 +76,9 @@ def _file(page) -> str:
 
 
 def _settle(page) -> None:
-    """The track shown has its pictures (the page announces a decision only once the next track is shown)."""
-    page.wait_for_function("() => { const i = document.getElementById('crop'); return i.complete && i.naturalWidth > 0 }")
+    """The track shown has its pictures, frame and crop (the page announces a decision only once the next track is shown)."""
+    page.wait_for_function("() => ['crop', 'frame'].every((id) => { const i = document.getElementById(id); "
+                           "return i.complete && i.naturalWidth > 0 })")
 
 
 def _saved(page, text: str) -> None:

@@ -456,3 +456,59 @@ def test_failed_login_limit_keys_on_the_peer_unless_a_proxy_is_trusted(sqlite_ur
         assert codes.count(429) >= 5  # one client (the proxy's own entry), whatever it put in front
     finally:
         env.server.stop()
+
+
+def test_schema_2_lab_database_upgrades_and_carries_features_and_fusion(db_url, tmp_path):
+    """A lab database made before schema 3 (no embedding_features, no fusion) opens, upgrades, and an import
+    of a gallery with local features and a fusion then reaches a pulled bundle; bad ones are refused whole."""
+    import sqlalchemy as sa
+
+    from fieldreid.server import schema as s
+
+    rng = np.random.default_rng(11)
+    make_lab_gallery(tmp_path / "curated.db", rng, n_ids=4)
+    with Gallery(tmp_path / "curated.db") as g:
+        rows = g.embeddings()
+        g.set_local_features([(r.id, "test-kind/v1", bytes([r.id % 256]) * (100 + r.id)) for r in rows[:5]])
+        g.set_fusion("zebra", MODEL, {"k": 5, "pays": True, "weights": [1.0, 2.0]})
+    lab = LabDB(db_url, tmp_path / "labdata")
+    with lab.write() as con:  # back to what schema 2 made
+        con.execute(sa.text("DROP TABLE embedding_features"))
+        con.execute(sa.text("DROP TABLE fusion"))
+        con.execute(sa.update(s.meta).where(s.meta.c.key == "schema").values(value="2"))
+    lab.close()
+    lab = LabDB(db_url, tmp_path / "labdata")
+    try:
+        with lab.read() as con:
+            assert con.execute(sa.select(s.meta.c.value).where(s.meta.c.key == "schema")).scalar() == "3"
+        admin.create_project(lab, "kenya", MODEL, DIM)
+        rep = admin.import_gallery(lab, "kenya", tmp_path / "curated.db")
+        assert rep["zebra"]["features"] == 5 and rep["zebra"]["fusion"] is True
+        assert admin.import_gallery(lab, "kenya", tmp_path / "curated.db")["zebra"]["features"] == 0  # idempotent
+        bundle, summary = lab.build_bundle("kenya", "zebra", 0)
+        assert summary["features"] == 5 and summary["fusion"] is True
+        payload = verify_bundle(bundle, lab.key.public_raw)
+        with pytest.raises(SignatureError, match="FIELDREID_MAX_BUNDLE_BYTES"):
+            verify_bundle(bundle, lab.key.public_raw, max_bytes=1000)
+        with Gallery(tmp_path / "dev.db") as dev:
+            for bad in ({"features": payload["features"][:-1]}, {"features": [[1, b"x"]] * len(payload["features"])},
+                        {"fusion": "[1, 2]"}):
+                with pytest.raises(BundleError):
+                    apply_bundle(dev, {**payload, **bad}, "kenya", "zebra", "cam-a")
+                assert dev.count_embeddings() == 0
+            apply_bundle(dev, payload, "kenya", "zebra", "cam-a")
+            assert dev.fusion("zebra", MODEL) == {"k": 5, "pays": True, "weights": [1.0, 2.0]}
+            by_src = {r.source: r.id for r in dev.embeddings()}
+            with lab.read() as con:
+                lab_src = {r.id: r.source for r in con.execute(sa.select(s.embeddings))}
+            got = {lab_src[int(src.rsplit(":", 1)[1])]: blob for src, i in by_src.items()
+                   for blob in dev.local_features([i], "test-kind/v1").values()}
+        with Gallery(tmp_path / "curated.db") as g:
+            want = {r.source: bytes([r.id % 256]) * (100 + r.id) for r in g.embeddings()[:5]}
+        assert got == want
+        admin.delete_identity(lab, "kenya", "zebra", "zebra-0000")  # 3 of the 5 embeddings with features
+        admin.compact(lab, "kenya", "zebra")
+        with lab.read() as con:
+            assert con.execute(sa.select(sa.func.count()).select_from(s.embedding_features)).scalar() == 2
+    finally:
+        lab.close()

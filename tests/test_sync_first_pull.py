@@ -118,3 +118,106 @@ def test_provisional_animals_made_before_the_first_pull_get_suggestions(lab, tmp
         assert not g.has_identity("animal-P0001")
         assert {s["identity_id"] for s in g.sightings()} == {"zebra-0004", "animal-P0002"}
     assert "suggested match" not in _cli("gallery", "list", "-g", str(g_path)).stdout
+
+
+def _zebra_items(zebra, n_ids: int = 8, per: int = 4):
+    """Real zebra crops: ``per - 1`` enrolled and one query per identity, plus one spare per identity."""
+    import csv
+
+    from fieldreid.gallery.enroll import Item
+
+    by: dict[str, list] = {}
+    for r in csv.DictReader((zebra / "metadata.csv").open()):
+        if r["split"] == "database":
+            by.setdefault(r["identity"], []).append(r["path"])
+    ids = sorted(i for i, v in by.items() if len(v) > per)[:n_ids]
+    items, queries, spare = [], [], []
+    for i in ids:
+        paths = sorted(by[i])
+        items += [Item(zebra / p, i, "zebra") for p in paths[:per - 1]]
+        queries.append(Item(zebra / paths[per - 1], i, "zebra"))
+        spare.append(Item(zebra / paths[per], i, "zebra"))
+    return items, queries, spare
+
+
+def test_device_gets_the_labs_local_features_and_fusion_and_reranks_the_same(zebra, tmp_path) -> None:
+    """Issue 13: verification re-ranking survived only in the lab. The lab gallery's local features (per
+    embedding) and fitted fusion now travel through `server import-gallery` and the signed snapshot/delta."""
+    from test_gallery_helpers import tiny_embedder_onnx
+
+    from fieldreid.embed.runtime import Embedder
+    from fieldreid.evaluation.rerank import calibrate_fusion
+    from fieldreid.gallery.enroll import embed_items, enroll
+    from fieldreid.gallery.openset import Identifier
+    from fieldreid.verify.features import KIND, features_of
+
+    items, queries, spare = _zebra_items(zebra)
+    emb = Embedder(tiny_embedder_onnx(tmp_path / "tiny.onnx"))  # colour only: the local features must decide
+    curated = tmp_path / "curated.db"
+    with Gallery(curated) as g:
+        enroll(items, g, emb, None, crops=True, features=True)
+        res = embed_items(items, emb, None, crops=True)
+        fusion, _ = calibrate_fusion(res.vectors, [it.identity for it in res.items],
+                                     [features_of(it.path) for it in res.items], k=8)
+        assert fusion.pays
+        g.set_fusion("zebra", emb.model_id, fusion.to_dict())
+        g.set_thresholds("zebra", emb.model_id, 0.9, 0.8, "test")
+    db = LabDB(f"sqlite:///{tmp_path / 'lab.db'}", tmp_path / "labdata")
+    admin.create_project(db, "kenya", emb.model_id, emb.dim)
+    rep = admin.import_gallery(db, "kenya", curated)
+    assert rep["zebra"]["features"] == len(items) and rep["zebra"]["fusion"] is True
+    token = admin.register_device(db, "cam-a", ["kenya"])
+    server = ServerProcess(db.url, tmp_path / "labdata").start()
+    (tmp_path / "lab.pub").write_text(db.key.public_b64)
+    q = embed_items(queries, emb, None, crops=True)
+    qf = [features_of(it.path) for it in q.items]
+
+    def decisions(path):
+        with Gallery(path, create=False) as g:
+            ds = Identifier(g, create_provisional=False, record=False).identify(q.vectors, emb.model_id,
+                                                                                query_features=qf)
+        return [(d.decision, d.identity, round(d.score, 6), d.threshold_method) for d in ds]
+
+    def features_by_source(path, lab_ids=None):
+        with Gallery(path, create=False) as g:
+            rows = g.embeddings()
+            blobs = g.local_features([r.id for r in rows], KIND)
+        return {(lab_ids or {}).get(r.source, r.source): blobs.get(r.id) for r in rows}
+
+    try:
+        dev = tmp_path / "device"
+        cfg = dev / "config.toml"
+        _cli("init", "--gallery", str(dev / "g.db"), "--out", str(dev / "results"), "--server", server.url,
+             "--lab-key", str(tmp_path / "lab.pub"), "--config", str(cfg), env={"FIELDREID_TOKEN": token})
+        pull = json.loads(_cli("sync", "--config", str(cfg), "--json").stdout)["pull"]
+        assert [p["kind"] for p in pull] == ["snapshot"]
+        import sqlalchemy as sa
+
+        from fieldreid.server import schema as s
+        with db.read() as con:  # device sources are lab:<project>:<lab embedding id>
+            lab_ids = {f"lab:kenya:{r.id}": r.source for r in con.execute(sa.select(s.embeddings))}
+        want = features_by_source(curated)
+        assert all(v is not None for v in want.values())
+        assert features_by_source(dev / "g.db", lab_ids) == want  # the same bytes for every embedding
+        with Gallery(dev / "g.db", create=False) as g:
+            assert g.fusion("zebra", emb.model_id) == fusion.to_dict()
+        lab_answer = decisions(curated)
+        assert all(m.startswith("fused probability") for *_, m in lab_answer)
+        assert decisions(dev / "g.db") == lab_answer
+        # the lab adds photos (with features) and re-fits the fusion: the delta carries both
+        with Gallery(curated) as g:
+            enroll(spare[:2], g, emb, None, crops=True, features=True)
+            g.set_fusion("zebra", emb.model_id, {**fusion.to_dict(), "k": 4})
+        rep = admin.import_gallery(db, "kenya", curated)
+        assert rep["zebra"]["features"] == 2 and rep["zebra"]["embeddings"] == 2
+        pull = json.loads(_cli("sync", "--config", str(cfg), "--json").stdout)["pull"]
+        assert [p["kind"] for p in pull] == ["delta"]
+        with db.read() as con:
+            lab_ids = {f"lab:kenya:{r.id}": r.source for r in con.execute(sa.select(s.embeddings))}
+        assert features_by_source(dev / "g.db", lab_ids) == features_by_source(curated)
+        with Gallery(dev / "g.db", create=False) as g:
+            assert g.fusion("zebra", emb.model_id)["k"] == 4
+        assert decisions(dev / "g.db") == decisions(curated)
+    finally:
+        server.stop()
+        db.close()

@@ -48,13 +48,17 @@ def _dump(path) -> list[str]:
         con.close()
 
 
-@pytest.mark.parametrize("step", ["snapshot-clear", "identities", "embeddings", "merges", "state"])
+@pytest.mark.parametrize("step", ["snapshot-clear", "identities", "embeddings", "features", "merges", "state"])
 def test_pull_is_atomic(lab, tmp_path, step):
     path = tmp_path / "dev.db"
     with Gallery(path) as g:
         payload = verify_bundle(lab.build_bundle("kenya", "zebra", 0)[0], lab.key.public_raw)
         apply_bundle(g, payload, "kenya", "zebra", "cam-a")
         record_sightings(g, np.random.default_rng(1), unit(np.random.default_rng(2), 2))
+    with Gallery(tmp_path / "curated.db") as cur:  # the lab adds local features and a fusion (issue 13)
+        cur.set_local_features([(r.id, "test-kind/v1", b"f%d" % r.id) for r in cur.embeddings()[:5]])
+        cur.set_fusion("zebra", MODEL, {"k": 5, "pays": True})
+    admin.import_gallery(lab, "kenya", tmp_path / "curated.db")
     admin.merge(lab, "kenya", "zebra", ["zebra-0001", "zebra-0002"], "zebra-0003")
     admin.confirm(lab, "kenya", "zebra", "zebra-0004", "zebra-0400")
     before = _dump(path)
@@ -69,6 +73,8 @@ def test_pull_is_atomic(lab, tmp_path, step):
         assert g.has_identity("zebra-0400") and not g.has_identity("zebra-0001")
         assert {i.id for i in g.identities() if i.origin == "field"}  # the device's own animals survived
         assert g.count_sightings() == 2
+        assert len(g.local_features([e.id for e in g.embeddings()], "test-kind/v1")) == 5
+        assert g.fusion("zebra", MODEL) == {"k": 5, "pays": True}
 
 
 def test_queue_survives_reopen_and_keeps_chunk_keys(tmp_path):

@@ -276,11 +276,13 @@ def import_gallery_cmd(
     species: Annotated[list[str] | None, typer.Option("--species", "-s", help="Only these species.")] = None,
     db: DbOpt = None, data_dir: DataOpt = None,
 ) -> None:
-    """Import (idempotently) a gallery's identities, embeddings and thresholds as the project's master."""
+    """Import (idempotently) a gallery's identities, embeddings, local features, thresholds and fusion as the
+    project's master."""
     from fieldreid.server.admin import import_gallery
 
     for sp, r in import_gallery(_lab(db, data_dir), project, gallery, species).items():
-        err.print(f"{sp}: version {r['version']}, +{r['identities']} identities, +{r['embeddings']} embeddings")
+        err.print(f"{sp}: version {r['version']}, +{r['identities']} identities, +{r['embeddings']} embeddings, "
+                  f"{r['features']} with new local features" + (", fusion" if r["fusion"] else ""))
 
 
 @server_app.command("confirm")

@@ -77,7 +77,8 @@ def revoke_device(lab: LabDB, device_id: str) -> None:
 
 
 def import_gallery(lab: LabDB, project_id: str, path: str | Path, species: list[str] | None = None) -> dict:
-    """Copy a gallery file's identities, embeddings and thresholds into the project's master galleries.
+    """Copy a gallery file's identities, embeddings (with their local features), thresholds and fitted fusion
+    into the project's master galleries.
 
     Idempotent: an embedding already present (same identity, source, box) is skipped. Every imported
     identity becomes a lab identity (sent to devices), provisional ones included. One version per species.
@@ -107,6 +108,8 @@ def import_gallery(lab: LabDB, project_id: str, path: str | Path, species: list[
             rows = [(int(r), iid, block.matrix[k]) for k, (r, iid) in enumerate(zip(block.row_ids, block.identity_ids,
                                                                                   strict=True)) if iid in wanted]
             th = g.thresholds(sp, proj.model_id)
+            fusion = g.fusion(sp, proj.model_id)
+            feats = _local_features(g, [r for r, _, _ in rows])
             with lab.write() as con:
                 gal = lab.gallery(con, project_id, sp, create=True)
                 details = {"source": str(path), "species": sp}
@@ -131,12 +134,53 @@ def import_gallery(lab: LabDB, project_id: str, path: str | Path, species: list[
                             for r, iid, vec in rows if (iid, infos[r].source, infos[r].box) not in present]
                 if new_rows:
                     con.execute(s.embeddings.insert(), new_rows)
+                n_feat = _import_features(con, gal.id, version, {(iid, infos[r].source, infos[r].box): feats[r]
+                                                                 for r, iid, _ in rows if r in feats})
+                if fusion is not None:
+                    text = json.dumps(fusion, sort_keys=True)
+                    last = con.execute(sa.select(s.fusion.c.data).where(
+                        s.fusion.c.gallery_id == gal.id, s.fusion.c.model_id == proj.model_id)
+                        .order_by(s.fusion.c.id.desc()).limit(1)).scalar()
+                    if last != text:
+                        con.execute(s.fusion.insert().values(gallery_id=gal.id, model_id=proj.model_id, data=text,
+                                                             version=version))
                 if th is not None:
                     con.execute(s.thresholds.insert().values(gallery_id=gal.id, model_id=proj.model_id, upper=th.upper,
                                                              lower=th.lower, method=th.method, version=version))
                 details.update(identities=n_new, embeddings=len(new_rows))
-                report[sp] = {"version": version, "identities": n_new, "embeddings": len(new_rows)}
+                report[sp] = {"version": version, "identities": n_new, "embeddings": len(new_rows),
+                              "features": n_feat, "fusion": fusion is not None}
     return report
+
+
+def _local_features(g, row_ids: list[int]) -> dict[int, tuple[str, bytes]]:
+    """(kind, bytes) of each gallery embedding's local features, by embedding id (none: absent)."""
+    out: dict[int, tuple[str, bytes]] = {}
+    for (kind,) in g.read("SELECT DISTINCT kind FROM local_features ORDER BY kind").fetchall():
+        out.update({i: (kind, b) for i, b in g.local_features(row_ids, kind).items()})
+    return out
+
+
+def _import_features(con, gallery_id: int, version: int, feats: dict[tuple, tuple[str, bytes]]) -> int:
+    """Store local features of the lab embeddings matching (identity, source, box); an embedding whose
+    features are new or changed is bumped to ``version`` so that deltas carry them. Returns how many."""
+    if not feats:
+        return 0
+    rows = con.execute(sa.select(s.embeddings.c.id, s.embeddings.c.identity_id, s.embeddings.c.source,
+                                 s.embeddings.c.box, s.embedding_features.c.kind, s.embedding_features.c.data)
+                       .select_from(s.embeddings.outerjoin(s.embedding_features,
+                                                           s.embedding_features.c.embedding_id == s.embeddings.c.id))
+                       .where(s.embeddings.c.gallery_id == gallery_id, sa.not_(s.embeddings.c.deleted)))
+    n = 0
+    for r in rows.fetchall():
+        f = feats.get((r.identity_id, r.source, r.box))
+        if f is None or (r.kind, None if r.data is None else bytes(r.data)) == f:
+            continue
+        con.execute(sa.delete(s.embedding_features).where(s.embedding_features.c.embedding_id == r.id))
+        con.execute(s.embedding_features.insert().values(embedding_id=r.id, kind=f[0], data=f[1]))
+        con.execute(sa.update(s.embeddings).where(s.embeddings.c.id == r.id).values(updated_version=version))
+        n += 1
+    return n
 
 
 def _identity(con, gallery_id: int, identity_id: str) -> sa.Row:
@@ -241,6 +285,8 @@ def compact(lab: LabDB, project_id: str, species: str) -> int:
     """Purge tombstones; devices older than the current version then get a full snapshot. Returns the floor."""
     with lab.write() as con:
         gal = lab.gallery(con, project_id, species)
+        gone = sa.select(s.embeddings.c.id).where(s.embeddings.c.gallery_id == gal.id, s.embeddings.c.deleted)
+        con.execute(sa.delete(s.embedding_features).where(s.embedding_features.c.embedding_id.in_(gone)))
         con.execute(sa.delete(s.embeddings).where(s.embeddings.c.gallery_id == gal.id, s.embeddings.c.deleted))
         con.execute(sa.delete(s.identities).where(s.identities.c.gallery_id == gal.id, s.identities.c.deleted))
         con.execute(sa.update(s.galleries).where(s.galleries.c.id == gal.id).values(floor=gal.version))

@@ -83,6 +83,7 @@ def _migrate(con: sa.Connection, version: int) -> None:
         have = {c["name"] for c in sa.inspect(con).get_columns("push_chunks")}
         if "fingerprint" not in have:
             con.execute(sa.text("ALTER TABLE push_chunks ADD COLUMN fingerprint VARCHAR(64)"))
+    # 3: embedding_features and fusion are new tables, made by create_all before this runs
     con.execute(sa.update(s.meta).where(s.meta.c.key == "schema").values(value=str(s.SCHEMA_VERSION)))
 
 
@@ -235,8 +236,11 @@ class LabDB:
                                 s.identities.c.deleted).where(s.identities.c.gallery_id == g.id, dist)
             emb_join = s.embeddings.join(s.identities, sa.and_(s.identities.c.gallery_id == s.embeddings.c.gallery_id,
                                                              s.identities.c.id == s.embeddings.c.identity_id))
+            feat_join = emb_join.outerjoin(s.embedding_features,
+                                           s.embedding_features.c.embedding_id == s.embeddings.c.id)
             emb_q = sa.select(s.embeddings.c.id, s.embeddings.c.identity_id, s.embeddings.c.vector,
-                              s.embeddings.c.deleted).select_from(emb_join).where(s.embeddings.c.gallery_id == g.id,
+                              s.embeddings.c.deleted, s.embedding_features.c.kind,
+                              s.embedding_features.c.data).select_from(feat_join).where(s.embeddings.c.gallery_id == g.id,
                                                                                  dist)
             kind = "snapshot"
             if since > 0 and since >= int(g.floor):
@@ -252,7 +256,7 @@ class LabDB:
                 ident_q = ident_q.where(sa.not_(s.identities.c.deleted))
                 emb_q = emb_q.where(sa.not_(s.embeddings.c.deleted))
             idents = [[r.id, r.name, r.status, bool(r.deleted)] for r in con.execute(ident_q.order_by(s.identities.c.id))]
-            eids, owners, vecs, dropped = [], [], [], []
+            eids, owners, vecs, dropped, feats = [], [], [], [], []
             for r in con.execute(emb_q.order_by(s.embeddings.c.id)):
                 if r.deleted:
                     dropped.append(int(r.id))
@@ -260,6 +264,7 @@ class LabDB:
                     eids.append(int(r.id))
                     owners.append(r.identity_id)
                     vecs.append(bytes(r.vector))
+                    feats.append([r.kind, bytes(r.data)] if r.data is not None else None)
             merges = [[int(r.version), r.source, r.target] for r in con.execute(
                 sa.select(s.merges).where(s.merges.c.gallery_id == g.id, s.merges.c.version > since)
                 .order_by(s.merges.c.version, s.merges.c.id))]
@@ -268,13 +273,20 @@ class LabDB:
             if kind == "delta":
                 th_q = th_q.where(s.thresholds.c.version > since)
             th = con.execute(th_q.order_by(s.thresholds.c.id.desc()).limit(1)).first()
+            fu_q = sa.select(s.fusion.c.data).where(s.fusion.c.gallery_id == g.id, s.fusion.c.model_id == proj.model_id)
+            if kind == "delta":
+                fu_q = fu_q.where(s.fusion.c.version > since)
+            fusion = con.execute(fu_q.order_by(s.fusion.c.id.desc()).limit(1)).scalar()
         payload = {
             "project": project_id, "species": species, "kind": kind, "base": since if kind == "delta" else 0,
             "since": since, "version": version, "model_id": proj.model_id, "dim": int(proj.dim), "dtype": "<f4",
             "identities": idents, "embedding_ids": eids, "embedding_identities": owners,
             "vectors": b"".join(vecs), "embeddings_deleted": dropped, "merges": merges,
             "thresholds": [th.upper, th.lower, th.method] if th is not None else None, "issued": now(),
+            # per embedding [kind, bytes] of its local features, or None; the fusion as JSON text (or None)
+            "features": feats, "fusion": fusion,
         }
         summary = {"kind": kind, "version": version, "since": since, "identities": len(idents),
-                   "embeddings": len(eids), "deleted": len(dropped), "merges": len(merges)}
+                   "embeddings": len(eids), "deleted": len(dropped), "merges": len(merges),
+                   "features": sum(f is not None for f in feats), "fusion": fusion is not None}
         return self.key.sign_bundle(payload), summary

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import Table as _Table
 
-SCHEMA_VERSION = 2  # 2: push_chunks.fingerprint
+SCHEMA_VERSION = 3  # 2: push_chunks.fingerprint; 3: embedding_features, fusion
 metadata = MetaData()
 
 
@@ -102,6 +102,27 @@ embeddings = Table(
 )
 Index("embeddings_updated", embeddings.c.gallery_id, embeddings.c.updated_version)
 Index("embeddings_identity", embeddings.c.gallery_id, embeddings.c.identity_id)
+
+#: schema 3: each embedding's local features (RootSIFT bytes of :mod:`fieldreid.verify.features`), sent with the
+#: embedding (a change to them bumps the embedding's ``updated_version``); removed with it (tombstones keep them
+#: until compaction, harmlessly)
+embedding_features = Table(
+    "embedding_features",
+    Column("embedding_id", Integer, primary_key=True),
+    Column("kind", String(64), nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+#: schema 3: the fitted fusion of cosine and inliers per gallery and model (``fieldreid calibrate --verify``, as
+#: JSON); the latest row is sent with the thresholds, in a delta only when its version is newer
+fusion = Table(
+    "fusion",
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("gallery_id", Integer, nullable=False),
+    Column("model_id", Text, nullable=False),
+    Column("data", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+)
 
 merges = Table(
     "merges",

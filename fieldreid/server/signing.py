@@ -25,9 +25,22 @@ from fieldreid.errors import FieldreidError, missing_extra
 
 FORMAT = 1
 DOMAIN = b"fieldreid-bundle-v1\x00"
-#: decompressed payloads larger than this are refused (a full snapshot of 10^6 float32 1280-d vectors is ~5 GB;
-#: galleries on field devices are orders of magnitude smaller)
-MAX_PAYLOAD_BYTES = 2 * 1024**3
+#: decompressed payloads larger than this are refused. An embedding weighs ~5 kB (1280 float32) plus, when the lab
+#: gallery has local features, ~130 kB of RootSIFT: 4 GiB holds a snapshot of ~30 000 embeddings with features
+#: (a 278-embedding zebra snapshot is ~38 MB, ~26 MB compressed). ``FIELDREID_MAX_BUNDLE_BYTES`` sets another cap on a device.
+MAX_PAYLOAD_BYTES = 4 * 1024**3
+MAX_PAYLOAD_ENV = "FIELDREID_MAX_BUNDLE_BYTES"
+
+
+def max_payload_bytes() -> int:
+    """The decompressed-size cap: ``$FIELDREID_MAX_BUNDLE_BYTES`` (bytes, > 0) or :data:`MAX_PAYLOAD_BYTES`."""
+    text = os.environ.get(MAX_PAYLOAD_ENV, "").strip()
+    if not text:
+        return MAX_PAYLOAD_BYTES
+    if not text.isdigit() or int(text) <= 0:
+        raise FieldreidError(f"{MAX_PAYLOAD_ENV}={text!r}: give the largest gallery bundle to accept, in bytes "
+                             "(a positive whole number).")
+    return int(text)
 
 
 class SignatureError(FieldreidError):
@@ -134,11 +147,13 @@ def parse_public_key(text: str | bytes) -> bytes:
     return raw
 
 
-def verify_bundle(data: bytes, public_raw: bytes) -> dict:
+def verify_bundle(data: bytes, public_raw: bytes, max_bytes: int | None = None) -> dict:
     """Check the envelope's signature with the pinned key, then decompress and decode the payload.
 
     Raises :class:`SignatureError` for anything that does not verify; nothing is decoded before that.
+    ``max_bytes`` caps the decompressed payload (default :func:`max_payload_bytes`).
     """
+    cap = max_bytes if max_bytes is not None else max_payload_bytes()
     invalid_sig, _, _, pub_cls = _crypto()
     try:
         env = unpackb(data)
@@ -162,11 +177,12 @@ def verify_bundle(data: bytes, public_raw: bytes) -> dict:
                              "made by the lab. Nothing was applied.") from None
     d = zlib.decompressobj()
     try:
-        raw = d.decompress(body, MAX_PAYLOAD_BYTES)
+        raw = d.decompress(body, cap)
     except zlib.error as exc:
         raise SignatureError(f"The signed gallery bundle does not decompress ({exc}).") from exc
     if d.unconsumed_tail:
-        raise SignatureError("The signed gallery bundle is larger than this device accepts.")
+        raise SignatureError(f"The signed gallery bundle is larger than this device accepts ({cap} bytes "
+                             f"decompressed; set {MAX_PAYLOAD_ENV} to accept more); nothing was applied.")
     payload = unpackb(raw)
     if not isinstance(payload, dict):
         raise SignatureError("The signed gallery bundle holds no payload map.")

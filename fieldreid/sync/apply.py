@@ -1,7 +1,8 @@
 """Apply a verified lab bundle to a device gallery in one SQLite transaction.
 
 The device gallery is either the old version or the new one, never a mix: every change below (lab
-identities and embeddings, merges rewriting the device's own records, thresholds, the pulled version)
+identities and embeddings with their local features, merges rewriting the device's own records, thresholds
+and the fitted score fusion, the pulled version)
 happens inside one ``BEGIN IMMEDIATE`` ... ``COMMIT`` on the gallery's connection, which also bumps the
 gallery's ``version``/``structure`` so a running :class:`~fieldreid.gallery.Searcher` reloads.
 
@@ -64,6 +65,34 @@ def _check(gallery: Gallery, p: dict, project: str, species: str, current: int) 
                           f"{p.get('model_id')!r}; re-embed the gallery with the project's embedder first.")
 
 
+def _features(p: dict, n: int) -> list:
+    """The bundle's per-embedding ``[kind, bytes]`` local features (None: none); a lab before schema 3 sends
+    no list at all."""
+    feats = p.get("features")
+    if feats is None:
+        return [None] * n
+    if not isinstance(feats, list) or len(feats) != n:
+        raise BundleError("The bundle's local features do not match its embedding list; nothing was applied.")
+    for f in feats:
+        if f is not None and not (isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
+                                  and isinstance(f[1], bytes)):
+            raise BundleError("The bundle holds malformed local features; nothing was applied.")
+    return [tuple(f) if f is not None else None for f in feats]
+
+
+def _fusion(p: dict) -> dict | None:
+    text = p.get("fusion")
+    if text is None:
+        return None
+    try:
+        fusion = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        fusion = None
+    if not isinstance(fusion, dict):
+        raise BundleError("The bundle's score fusion is not a JSON object; nothing was applied.")
+    return fusion
+
+
 def apply_bundle(gallery: Gallery, payload: dict, project: str, species: str, device_id: str,
                  _fail_after: str | None = None) -> dict:
     """Apply a bundle already verified by :func:`fieldreid.server.signing.verify_bundle`.
@@ -81,6 +110,8 @@ def apply_bundle(gallery: Gallery, payload: dict, project: str, species: str, de
     vecs = vecs.reshape(len(eids), dim)
     if not np.all(np.isfinite(vecs)):
         raise BundleError("The bundle holds non-finite vectors; nothing was applied.")
+    feats = _features(payload, len(eids))
+    fusion = _fusion(payload)
     storage = "<f2" if gallery.storage == "float16" else "<f4"
     snapshot = payload["kind"] == "snapshot"
     details: dict = {"project": project, "species": species, "kind": payload["kind"], "from": current,
@@ -147,6 +178,16 @@ def apply_bundle(gallery: Gallery, payload: dict, project: str, species: str, de
             [(owners[k], model_id, dim, gallery.storage, vecs[k].astype(storage).tobytes(), lab_source(project, e), now)
              for k, e in enumerate(eids)])
         step("embeddings")
+        # 4b. each embedding's local features (verification re-ranking), stored against the device's row id
+        wanted = {lab_source(project, e): feats[k] for k, e in enumerate(eids) if feats[k] is not None}
+        rows = []
+        for src, (kind, data) in wanted.items():
+            row = con.execute("SELECT id FROM embeddings WHERE model_id = ? AND source = ? AND box = ''",
+                              (model_id, src)).fetchone()
+            if row is not None:
+                rows.append((int(row[0]), kind, data))
+        details["features"] = gallery.set_local_features(rows)
+        step("features")
         # 5. merges: rewrite this device's records
         suffix = f"@{device_id}"
         rewritten = 0
@@ -174,6 +215,9 @@ def apply_bundle(gallery: Gallery, payload: dict, project: str, species: str, de
             if last is None or (last.upper, last.lower, last.method) != (th[0], th[1], th[2]) or last.species != species:
                 con.execute("INSERT INTO thresholds (species, model_id, upper, lower, method, created) VALUES "
                             "(?, ?, ?, ?, ?, ?)", (species, model_id, float(th[0]), float(th[1]), str(th[2]), now))
+        if fusion is not None and gallery.fusion(species, model_id) != fusion:
+            gallery.set_fusion(species, model_id, fusion)  # joins this transaction
+        details["fusion"] = fusion is not None
         set_state(con, version_key(project, species), str(payload["version"]))
         set_state(con, "project", project)
         set_state(con, "device_id", device_id)

@@ -111,3 +111,16 @@ def default_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_embedder_onnx(default_export) -> Path:
     return default_export[0]
+
+
+@pytest.fixture(scope="session")
+def models_folder(yolov5n_onnx, default_embedder_onnx, tmp_path_factory) -> Path:
+    """A models folder shaped like ``engines/default`` (detector.onnx + embedder.onnx), built in this session
+    from the real YOLOv5n checkpoint and the ImageNet Lite0 embedder, so tests never depend on `make models`.
+    Point a subprocess at it with ``FIELDREID_MODELS``."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("models")
+    shutil.copyfile(yolov5n_onnx, folder / "detector.onnx")
+    shutil.copyfile(default_embedder_onnx, folder / "embedder.onnx")
+    return folder

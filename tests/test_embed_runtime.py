@@ -197,13 +197,11 @@ def test_fast_resize_is_the_triangle_filter():
         np.testing.assert_allclose(fast, exact, atol=2e-3 if exact_route else 1.0)
 
 
-def test_fast_preprocessing_matches_exact_on_real_crops():
+def test_fast_preprocessing_matches_exact_on_real_crops(default_embedder_onnx):
     """Final embeddings through the C resize vs the exact numpy resize on real zebra, nyala and camera-trap crops."""
     import cv2
 
-    model = ROOT / "engines" / "default" / "embedder.onnx"
-    if not model.is_file():
-        pytest.skip("default embedder not built (make models)")
+    model = default_embedder_onnx
     crops = []
     for species in ("zebra", "nyala"):
         for path in sorted(glob.glob(str(DATA / "reid" / species / "images" / "**" / "*.jpg"), recursive=True))[3::17][:25]:

@@ -40,9 +40,12 @@ DEPLOYMENTS = ("deploymentID,locationID,latitude,longitude,deploymentStart,deplo
                "StationC,LocC,5.3,116.4,2009-04-01T08:00:00,2009-06-01T08:00:00,Ann,+08:00\n")
 
 
+_MODELS: dict[str, str] = {}  # FIELDREID_MODELS for the CLI runs, set by the ``stations`` fixture
+
+
 def _env(base: Path) -> dict:
     return {**os.environ, "FIELDREID_CONFIG": str(base / "no-config.toml"), "FIELDREID_USER": "tester",
-            "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+            "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", **_MODELS}
 
 
 def fieldreid(base: Path, *args, ok: bool = True) -> subprocess.CompletedProcess:
@@ -54,12 +57,11 @@ def fieldreid(base: Path, *args, ok: bool = True) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
-def stations(tmp_path_factory) -> Path:
+def stations(tmp_path_factory, models_folder) -> Path:
     """`fieldreid watch --once` over a copy of the camtrapR stations; the package may be written next to it."""
     if not STATIONS.is_dir():
         pytest.skip(f"camtrapR sample stations not found at {STATIONS}")
-    if not all((ROOT / "engines" / "default" / f).is_file() for f in ("detector.onnx", "embedder.onnx")):
-        pytest.skip("default models missing: run `make models`")
+    _MODELS["FIELDREID_MODELS"] = str(models_folder)
     base = tmp_path_factory.mktemp("stations")
     shutil.copytree(STATIONS, base / "cards")
     for p in (base / "cards").rglob("*"):

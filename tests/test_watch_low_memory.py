@@ -10,14 +10,12 @@ import sys
 import time
 
 import numpy as np
-import pytest
-from conftest import ROOT
 
 OLD = time.time() - 7200
 
 
-def _run(root, out, *extra: str) -> subprocess.CompletedProcess:
-    det, emb = ROOT / "engines" / "default" / "detector.onnx", ROOT / "engines" / "default" / "embedder.onnx"
+def _run(models, root, out, *extra: str) -> subprocess.CompletedProcess:
+    det, emb = models / "detector.onnx", models / "embedder.onnx"
     cmd = [sys.executable, "-m", "fieldreid.cli", "watch", str(root), "--gallery", str(out / "g.db"), "--out",
            str(out), "--detector", str(det), "--embedder", str(emb), "--backend", "onnxruntime", "--settle", "0",
            "--once", *extra]
@@ -35,10 +33,7 @@ def _results(out):
     return dets, decisions
 
 
-def test_low_memory_gives_the_same_results(camtrap, tmp_path):
-    if not (ROOT / "engines" / "default" / "embedder.onnx").is_file() or \
-            not (ROOT / "engines" / "default" / "detector.onnx").is_file():
-        pytest.skip("default models not built (make models)")
+def test_low_memory_gives_the_same_results(camtrap, models_folder, tmp_path):
     root = tmp_path / "cards" / "cam"
     root.mkdir(parents=True)
     for p in sorted((camtrap / "animl-southwest").glob("*.JPG"))[:7]:
@@ -46,7 +41,7 @@ def test_low_memory_gives_the_same_results(camtrap, tmp_path):
         os.utime(root / p.name, (OLD, OLD))
     normal, small = tmp_path / "normal", tmp_path / "small"
     for out, extra in ((normal, ()), (small, ("--low-memory",))):
-        res = _run(root.parent, out, *extra)
+        res = _run(models_folder, root.parent, out, *extra)
         assert res.returncode == 0, res.stderr[-2000:]
     (d1, k1), (d2, k2) = _results(normal), _results(small)
     assert k1 == k2 and len(d1) == len(d2) > 0 and any(r[-1] is not None for r in d1)

@@ -48,7 +48,7 @@ demo: models
 	$(VENV)/bin/fieldreid report demo/watch --camtrap-dp demo/camtrap-dp --html demo/report.html --utc-offset +02:00
 	@echo "== 4. the lab side: enrol known zebras, calibrate open-set thresholds, identify new photos"
 	$(VENV)/bin/fieldreid enroll $(SHARED)/data/reid/zebra/metadata.csv --split database --crops --gallery demo/zebra.db
-	$(VENV)/bin/fieldreid calibrate $(SHARED)/data/reid/zebra/metadata.csv --split database --crops --gallery demo/zebra.db
+	$(VENV)/bin/fieldreid calibrate $(SHARED)/data/reid/zebra/metadata.csv --split database --crops --verify --gallery demo/zebra.db
 	$(VENV)/bin/fieldreid identify $(SHARED)/data/reid/zebra/images/query --crops --gallery demo/zebra.db --out demo/decisions.csv
 	@echo
 	@echo "Where to look (all in demo/):"

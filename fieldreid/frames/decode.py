@@ -13,6 +13,7 @@ decoded-pixel budget (``max_pixels``, default 100 MP) before the decoder allocat
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,32 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return pixels
 
 
+def jpeg_segments(data: bytes) -> Iterator[tuple[int, int]]:
+    """``(marker, offset)`` of each length-carrying marker segment of a JPEG's header, in order, without
+    decoding: SOI, TEM, RSTn and fill bytes are stepped over; the walk ends after yielding SOS (start of
+    scan) or EOI, or at bytes that are not a marker or a segment length below 2 (a damaged header).
+    The one header walker: :func:`_jpeg_complete` here and the lab's crop-size check use it."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # SOI, TEM, RSTn: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # EOI, SOS: no header segment follows
+            yield marker, i
+            return
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return
+        yield marker, i
+        i += 2 + length
+
+
 def _jpeg_complete(data: bytes) -> bool:
     """True when the JPEG's main image has its end-of-image marker.
 
@@ -111,20 +138,9 @@ def _jpeg_complete(data: bytes) -> bool:
     a trailer after the real EOI, so the marker is looked for after the first start-of-scan, found by
     walking the header segments (an EOI byte pair cannot occur inside entropy-coded data).
     """
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return False
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
+    for marker, pos in jpeg_segments(data):
         if marker == 0xDA:  # start of scan
-            return data.find(b"\xff\xd9", i) != -1
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            return data.find(b"\xff\xd9", pos) != -1
     return False
 
 

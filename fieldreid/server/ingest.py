@@ -30,6 +30,7 @@ from datetime import datetime
 import numpy as np
 import sqlalchemy as sa
 
+from fieldreid.frames.decode import jpeg_segments
 from fieldreid.server import schema as s
 from fieldreid.server.db import LabDB, LabError, now
 from fieldreid.server.fields import species_problem, text_problem
@@ -56,30 +57,14 @@ class KeyConflict(LabError):
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header (SOFn), without decoding; None if there is none."""
-    pos, n = 2, len(data)
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # SOI, TEM, RSTn: no length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # EOI, SOS before any frame header
-            return None
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if length < 2:
-            return None
+    for marker, pos in jpeg_segments(data):
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if pos + 9 > n:
+            if pos + 9 > len(data):
                 return None
             h = int.from_bytes(data[pos + 5:pos + 7], "big")
             w = int.from_bytes(data[pos + 7:pos + 9], "big")
             return w, h
-        pos += 2 + length
-    return None
+    return None  # EOI or SOS before any frame header, or a damaged header
 
 
 def check_jpeg(data: object) -> str | None:

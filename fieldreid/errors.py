@@ -55,3 +55,8 @@ class ModelMismatchError(GalleryError):
 
 class IdentityNotFoundError(GalleryError):
     """An identity id that is not in the gallery."""
+
+
+class WeightLayoutError(ModelError):
+    """A published model's files (config.json, weights) do not have the layout its kind expects: missing or
+    unexpected parameters, other shapes, another embedding width, or no config where one is needed."""

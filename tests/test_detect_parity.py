@@ -213,7 +213,7 @@ def test_one_box_per_animal_on_a_real_bobcat(yolov5n_onnx, frames, camtrap) -> N
     frame = next((f for f in frames if f.name == name), None)
     if frame is None:
         pytest.skip(f"{name} not present")
-    with Detector(yolov5n_onnx, conf=0.2) as det:
+    with Detector(yolov5n_onnx, conf=0.2, rect=False) as det:  # the square input, as the frame was letterboxed
         out = det.engine.run(to_tensor([frame]))
         old = decode([out[n] for n in det.engine.output_names], "yolov5", 0.2, det.iou)[0]
         old_animals = old[det._categories[old[:, 5].astype(np.int64)] == 1]
@@ -222,6 +222,10 @@ def test_one_box_per_animal_on_a_real_bobcat(yolov5n_onnx, frames, camtrap) -> N
     animals = found.category == 1
     assert animals.sum() == 1, f"one bobcat, {animals.sum()} animal boxes: {found}"
     assert found.confidence[animals][0] == pytest.approx(old_animals[0, 4], abs=1e-5)  # the best box stays
+    with Detector(yolov5n_onnx, conf=0.2) as det:  # and at its rectangle (the default for this dynamic model)
+        assert det.rect
+        rect = det.detect_one(cv2.imread(str(camtrap / name)))
+    assert (rect.category == 1).sum() == 1, f"one bobcat at its rectangle: {rect}"
 
 
 def test_yolov5_raw_head_equals_standard_export(yolov5n_onnx, yolov5n_raw_onnx, frames) -> None:

@@ -106,7 +106,8 @@ def test_a_person_reviews_a_watch_run_with_the_keyboard(server, page, tmp_path):
     assert min(crop) > 100  # the crop at full resolution, not a thumbnail
     cands = page.locator("#candidates > li")
     assert cands.count() >= 3
-    assert cands.first.locator(".photo img").count() == 4 and "cos 0." in cands.first.inner_text()
+    # up to 4 photos per candidate: the enrolled zebras have 4 (the best match may be a provisional one with fewer)
+    assert max(c.locator(".photo img").count() for c in cands.all()) == 4 and "cos 0." in cands.first.inner_text()
     page.keyboard.press("+")
     assert page.locator("#zoom-level").inner_text().endswith("%")
     page.screenshot(path=tmp_path / "01-new-bobcat.png")

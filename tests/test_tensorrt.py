@@ -35,6 +35,7 @@ from fieldreid.engines.tensorrt.runner import (  # noqa: E402
     rebuild_command,
 )
 from fieldreid.errors import BackendUnavailableError, FieldreidError, InputError, ModelError  # noqa: E402
+from fieldreid.types import PreprocessSpec  # noqa: E402
 
 OPSET = 17
 META = {"fieldreid.model_id": "affine-test", "fieldreid.kind": "embedder"}
@@ -598,6 +599,41 @@ def test_fake_build_dynamic_spatial_axes_refused(fake, tmp_path):
     path = _save(graph, tmp_path / "dyn.onnx")
     with pytest.raises(ModelError, match="only the batch axis may be dynamic"):
         build_plan(path, tmp_path / "dyn.engine")
+
+
+def _dynamic_hw_model(path: Path, batch: int | str = "N") -> Path:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["images"], ["y"])], "g",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, "height", "width"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, "height", "width"])],
+    )
+    spec = PreprocessSpec(size=(640, 480), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), color="RGB",
+                          resize="letterbox", pad_value=114)
+    return _save(graph, path, {"fieldreid.kind": "detector", "fieldreid.preprocess": spec.to_json(),
+                               "fieldreid.dynamic_shape": "true"})
+
+
+@pytest.mark.parametrize("batch", ["N", 2])
+def test_fake_build_dynamic_hw_detector_is_fixed_at_its_declared_size(fake, tmp_path, batch):
+    """A detector exported with dynamic height/width (rectangles on ONNX Runtime) builds a plan fixed at the size
+    its metadata declares: only the batch ranges, and a fixed-batch file still gets the profile TensorRT needs
+    for its dynamic axes."""
+    path = _dynamic_hw_model(tmp_path / "det.onnx", batch)
+    kwargs = {} if batch == "N" else {"min_batch": 2, "opt_batch": 2, "max_batch": 2}
+    build_plan(path, tmp_path / "det.engine", **kwargs)
+    lo = (1 if batch == "N" else 2, 3, 640, 480)
+    hi = (32 if batch == "N" else 2, 3, 640, 480)
+    assert fake.trt.calls["profiles"] == [{"images": (lo, (8 if batch == "N" else 2, 3, 640, 480), hi)}]
+    assert read_manifest(tmp_path / "det.engine")["input_shapes"]["images"][2] == list(hi)
+
+
+def test_fake_engine_reports_profile_pinned_axes_as_fixed(fake, fake_plan, monkeypatch):
+    """An engine axis that is dynamic in the network but pinned by the profile (min = max) is reported as fixed,
+    so a Detector on such a plan letterboxes to the square it was built for; the batch axis stays dynamic."""
+    engine_cls = type(fake.trt.Runtime(None).deserialize_cuda_engine(b"FAKEPLAN"))
+    monkeypatch.setattr(engine_cls, "get_tensor_shape", lambda self, name: (-1, -1))
+    with TensorRTEngine(fake_plan) as eng:
+        assert eng.inputs[0].shape == (-1, 3) and eng.outputs[0].shape == (-1, -1)
 
 
 def test_fake_build_replaces_stale_manifest(fake, models, tmp_path):

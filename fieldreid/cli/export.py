@@ -17,15 +17,21 @@ from fieldreid.cli.common import friendly as _friendly
 @_friendly
 def export_cmd(
     model: Annotated[Path | None, typer.Argument(help="A detector checkpoint (YOLOv5 / ultralytics .pt), a fieldreid "
-                                                     "embedder checkpoint (.pt) or an ONNX model (default: the "
-                                                     "embedder in the device config, else the default embedder).")
-                     ] = None,
+                                                     "embedder checkpoint (.pt), a published re-id model (a MiewID "
+                                                     "or MegaDescriptor folder as downloaded, a timm hub folder, or "
+                                                     "timm weights with --kind timm --arch) or an ONNX model "
+                                                     "(default: the embedder in the device config, else the "
+                                                     "default embedder).")] = None,
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="Output ONNX (a .onnx path or a folder): the "
                                                    "FP32 ONNX from a checkpoint, the INT8 ONNX from an ONNX. Plans "
                                                    "go beside the ONNX they are built from.")] = None,
-    kind: Annotated[str, typer.Option(help="auto | yolov5 | ultralytics | embedder")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto | yolov5 | ultralytics | embedder | miewid | megadescriptor | "
+                                           "timm (auto tells a published folder by its config.json)")] = "auto",
+    arch: Annotated[str | None, typer.Option(help="timm architecture of a --kind timm weights file.")] = None,
     imgsz: Annotated[int | None, typer.Option(help="Detector input size when converting a checkpoint "
-                                                  "(default: the profile's, else 640).")] = None,
+                                                  "(default: the profile's, else 640); for a published "
+                                                  "embedder, its input size (default: the published one).")
+                     ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also build a TensorRT FP16 plan (needs TensorRT + GPU).")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="INT8 QDQ ONNX calibrated on --calib, gated against FP32; "
                                                       "plus a TensorRT INT8 plan where TensorRT is installed.")] = False,
@@ -62,7 +68,7 @@ def export_cmd(
     opts = ExportOptions(out=out_path, kind=kind, imgsz=imgsz, fp16=fp16, int8=int8, fp32_plan=fp32, calib=calib,
                          calib_split=calib_split, calib_count=calib_count, calib_method=calib_method, val=val,
                          val_split=val_split, profile=profile, min_cosine=min_cosine, max_top1_drop=max_top1_drop,
-                         fallback=fallback, min_cosine_p05=min_cosine_p05)
+                         fallback=fallback, min_cosine_p05=min_cosine_p05, arch=arch)
     res = run_export(model, opts, log=lambda s: err.print(escape(s)))
     for path in res.written:
         err.print(f"wrote {path}")

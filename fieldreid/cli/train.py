@@ -123,13 +123,17 @@ def train_cmd(
 
 def distill_cmd(
     metadata: Annotated[Path, typer.Argument(help="metadata.csv (image_id, identity, path, species, split).")],
-    teacher: Annotated[Path, typer.Option(help="Teacher: fieldreid checkpoint, ONNX model, or timm checkpoint "
-                                               "file (with --teacher-arch).")],
+    teacher: Annotated[Path, typer.Option(help="Teacher: fieldreid checkpoint, ONNX model, timm checkpoint file "
+                                               "(with --teacher-arch), or a published model folder as downloaded "
+                                               "(MiewID, MegaDescriptor, timm hub).")],
     out: OutOpt,
     student: Annotated[str, typer.Option(help="Student timm backbone.")] = "tf_efficientnet_lite0",
     teacher_arch: Annotated[str | None, typer.Option(help="timm architecture of a plain timm checkpoint.")] = None,
+    teacher_kind: Annotated[str | None, typer.Option(help="miewid | megadescriptor | timm (default: from the "
+                                                          "teacher folder's config.json).")] = None,
     teacher_size: Annotated[int | None, typer.Option(help="Input size for a teacher without fieldreid "
-                                                          "metadata.")] = None,
+                                                          "metadata (a published model's replaces its own).")
+                            ] = None,
     cos_weight: Annotated[float, typer.Option(help="Weight of 1 - cos(student, teacher).")] = 5.0,
     rel_weight: Annotated[float, typer.Option(help="Weight of the similarity-matrix MSE.")] = 50.0,
     split: str = "train",
@@ -155,6 +159,7 @@ def distill_cmd(
     cfg = DistillConfig(**_common(metadata, split, student, init, image_size, epochs, batch, lr, warmup, decay,
                                   freeze_stages, cache_views, seed, name, device, threads, detector),
                         teacher=str(teacher), teacher_arch=teacher_arch, teacher_size=teacher_size,
+                        teacher_kind=teacher_kind,
                         cos_weight=cos_weight, rel_weight=rel_weight,
                         cache_dir=str(out.parent / ".fieldreid-cache"))
     err.print(f"teacher embeddings (un-augmented images, cached in {out}.teacher.npz) ...")

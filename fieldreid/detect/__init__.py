@@ -28,7 +28,7 @@ from fieldreid.detect.decode import (
     raw_to_yolov5,
 )
 from fieldreid.detect.detector import DEFAULT_CONF, Detector, infer_layout
-from fieldreid.detect.letterbox import LetterboxInfo, letterbox, preprocess, scale_boxes
+from fieldreid.detect.letterbox import LetterboxInfo, letterbox, preprocess, rect_shape, scale_boxes
 
 
 def convert_detector(*args, **kwargs):
@@ -61,5 +61,6 @@ __all__ = [
     "parse_names",
     "preprocess",
     "raw_to_yolov5",
+    "rect_shape",
     "scale_boxes",
 ]

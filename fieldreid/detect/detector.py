@@ -24,7 +24,7 @@ import numpy as np
 
 from fieldreid.detect.classes import category_lookup, names_from_metadata, nms_groups
 from fieldreid.detect.decode import LAYOUTS, decode
-from fieldreid.detect.letterbox import preprocess, scale_boxes
+from fieldreid.detect.letterbox import check_image, preprocess, rect_shape, scale_boxes
 from fieldreid.engines import Engine, load_engine
 from fieldreid.errors import InputError, ModelError
 from fieldreid.types import Detections, PreprocessSpec
@@ -124,6 +124,10 @@ class Detector:
     ``imgsz`` defaults to the size recorded in the model (or its static input shape, or 640);
     ``layout`` overrides what the metadata says (needed only for ambiguous foreign files);
     ``keep_other`` keeps classes that are none of animal/person/vehicle (category 0).
+    ``rect``: letterbox each image to its smallest stride-multiple rectangle (4:3 -> 640 x 480, 16:9 ->
+    640 x 384) instead of the square ``imgsz``; the default (None) does so exactly when the model's spatial
+    axes are dynamic (``fieldreid export``/``make models`` write such files; a fixed-size ONNX or a TensorRT
+    plan keeps the square). Images of different rectangles are batched by shape.
     ``path`` may also be an already loaded :class:`~fieldreid.engines.Engine`.
     """
 
@@ -139,6 +143,7 @@ class Detector:
         batch_size: int = DEFAULT_BATCH,
         keep_other: bool = False,
         agnostic: bool = False,
+        rect: bool | None = None,
         **engine_options,
     ) -> None:
         if not 0.0 <= conf <= 1.0:
@@ -178,6 +183,14 @@ class Detector:
         self.batch = fixed_batch or int(batch_size)
         self.dynamic_batch = fixed_batch is None
         self.stride = self._resolve_stride(meta)
+        #: whether the model takes any input height/width (then ``rect`` letterboxing is possible)
+        self.dynamic_shape = not all(isinstance(d, int) and d > 0 for d in in_shape[2:])
+        if rect and not self.dynamic_shape:
+            raise InputError(f"rect=True needs a model with dynamic height and width; {self.path} takes "
+                             f"{tuple(in_shape[2:])} only. Convert the checkpoint again (fieldreid export), "
+                             "or leave rect unset.")
+        #: letterbox each image to its smallest stride-multiple rectangle instead of the square input size
+        self.rect = self.dynamic_shape if rect is None else bool(rect)
 
         names = names_from_metadata(meta)
         self._anchors = None
@@ -287,20 +300,36 @@ class Detector:
         """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise InputError("detect() takes a list of images; use detect_one() for a single image.")
-        images = list(images)
-        results: list[Detections] = []
-        for start in range(0, len(images), self.batch):
-            chunk = images[start:start + self.batch]
-            tensor, infos = preprocess(chunk, stride=self.stride, spec=self.preprocess_spec)
-            for raw, info in zip(self._run_batch(tensor), infos, strict=True):
-                cls = raw[:, 5].astype(np.int64)
-                known = (cls >= 0) & (cls < len(self._categories))
-                category = np.where(known, self._categories[np.where(known, cls, 0)], 0)
-                if not self.keep_other:
-                    raw, cls, category = raw[category > 0], cls[category > 0], category[category > 0]
-                xyxy = scale_boxes(raw[:, :4], info.ratio, info.pad, info.orig_shape)
-                results.append(Detections(xyxy, raw[:, 4], cls, category))
-        return results
+        images = [check_image(img, i) for i, img in enumerate(images)]
+        # Rectangular inputs: one engine run per shape (images in order within it), so that no image is
+        # padded beyond its own rectangle and its boxes do not depend on what it was batched with.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(self.input_shape(img.shape[:2]), []).append(i)
+        results: list[Detections | None] = [None] * len(images)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch):
+                idx = members[start:start + self.batch]
+                tensor, infos = preprocess([images[i] for i in idx], stride=self.stride, spec=self.preprocess_spec,
+                                           rect=self.rect)
+                for i, raw, info in zip(idx, self._run_batch(tensor), infos, strict=True):
+                    results[i] = self._to_detections(raw, info)
+        return results  # type: ignore[return-value]  # every index was filled
+
+    def input_shape(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """The model input (h, w) an image of ``image_hw`` is letterboxed to: its rectangle, or the square."""
+        if not self.rect:
+            return self.input_size
+        return rect_shape(image_hw, self.input_size, self.stride)
+
+    def _to_detections(self, raw: np.ndarray, info) -> Detections:
+        cls = raw[:, 5].astype(np.int64)
+        known = (cls >= 0) & (cls < len(self._categories))
+        category = np.where(known, self._categories[np.where(known, cls, 0)], 0)
+        if not self.keep_other:
+            raw, cls, category = raw[category > 0], cls[category > 0], category[category > 0]
+        xyxy = scale_boxes(raw[:, :4], info.ratio, info.pad, info.orig_shape)
+        return Detections(xyxy, raw[:, 4], cls, category)
 
     def detect_one(self, image: np.ndarray) -> Detections:
         """Detect in one BGR uint8 image."""
@@ -318,4 +347,4 @@ class Detector:
 
     def __repr__(self) -> str:
         return (f"Detector({str(self.path)!r}, layout={self.layout!r}, imgsz={self.input_size}, "
-                f"classes={len(self.names)}, conf={self.conf})")
+                f"rect={self.rect}, classes={len(self.names)}, conf={self.conf})")

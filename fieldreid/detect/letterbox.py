@@ -3,6 +3,13 @@
 The arithmetic follows YOLOv5/ultralytics ``LetterBox`` so that a model trained with their
 dataloaders sees the same pixels here: scale by ``min(new/old)``, round the resized size, split the
 padding in two halves (the odd pixel goes bottom/right via the ``± 0.1`` rounding trick).
+
+Square or rectangular: a model with a fixed input size gets every image padded to that size (a 4:3 frame
+to 640 x 640, a quarter of it grey). A model whose spatial axes are dynamic can take the smallest
+rectangle that holds the resized image, each side rounded up to a multiple of the stride (YOLOv5's
+"rect"/``auto`` letterbox): 4:3 -> 640 x 480, 16:9 -> 640 x 384, a portrait 3:4 -> 480 x 640
+(:func:`rect_shape`). The scale is the same as the square's, so boxes map back the same way; only the
+padding (and the work on it) goes.
 """
 
 from __future__ import annotations
@@ -58,6 +65,35 @@ def check_image(image: np.ndarray, index: int | None = None) -> np.ndarray:
     return image
 
 
+def _gain_and_size(orig_hw: tuple[int, int], new_shape: int | Sequence[int], scaleup: bool = True
+                   ) -> tuple[float, int, int]:
+    """The one gain ``r`` (``min(new / old)``, at most 1 without ``scaleup``) and the resized (w, h)."""
+    new_h, new_w = _as_hw(new_shape)
+    h, w = int(orig_hw[0]), int(orig_hw[1])
+    if h <= 0 or w <= 0:
+        raise InputError(f"An image needs a positive height and width, got {(h, w)}.")
+    r = min(new_h / h, new_w / w)
+    if not scaleup:
+        r = min(r, 1.0)
+    return r, int(round(w * r)), int(round(h * r))
+
+
+def rect_shape(orig_hw: tuple[int, int], new_shape: int | Sequence[int] = (640, 640), stride: int = 32,
+               scaleup: bool = True) -> tuple[int, int]:
+    """The smallest model input (h, w) for an image of ``orig_hw`` under ``letterbox(..., auto=True)``: the image
+    resized as for ``new_shape``, each side padded up to a multiple of ``stride`` (never beyond ``new_shape``
+    when that is a multiple of ``stride``).
+
+    >>> rect_shape((1536, 2048)), rect_shape((1080, 1920)), rect_shape((4032, 3024)), rect_shape((1000, 333))
+    ((480, 640), (384, 640), (640, 480), (640, 224))
+    """
+    if int(stride) < 1:
+        raise InputError(f"stride must be at least 1, got {stride}")
+    new_h, new_w = _as_hw(new_shape)
+    _, unpad_w, unpad_h = _gain_and_size(orig_hw, (new_h, new_w), scaleup)
+    return unpad_h + (new_h - unpad_h) % stride, unpad_w + (new_w - unpad_w) % stride
+
+
 def letterbox(
     image: np.ndarray,
     new_shape: int | tuple[int, int] = (640, 640),
@@ -66,28 +102,39 @@ def letterbox(
     scaleup: bool = True,
     color: int | tuple[int, int, int] = 114,
     interpolation: int = cv2.INTER_LINEAR,
+    pad_to: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
     """Resize ``image`` (HxWx3 BGR uint8) keeping its aspect ratio and pad it to ``new_shape`` (h, w).
 
-    ``auto=True`` pads only to the next multiple of ``stride`` (a smaller, non-square input for models
-    with dynamic spatial axes); ``scaleup=False`` never enlarges small images.
+    ``auto=True`` pads only to the next multiple of ``stride`` (:func:`rect_shape`: a smaller, non-square
+    input for models with dynamic spatial axes); ``pad_to`` (h, w) instead pads the image, resized as for
+    ``new_shape``, to that size (a batch of different rectangles padded to the batch's largest);
+    ``scaleup=False`` never enlarges small images.
     Returns ``(padded, (ratio_w, ratio_h), (pad_w, pad_h))`` where pad is the left/top offset.
 
     >>> img = np.zeros((480, 640, 3), np.uint8)
     >>> out, ratio, pad = letterbox(img, 640)
     >>> out.shape, ratio, pad
     ((640, 640, 3), (1.0, 1.0), (0.0, 80.0))
+    >>> letterbox(img, 640, auto=True)[0].shape
+    (480, 640, 3)
     """
     image = check_image(image)
     new_h, new_w = _as_hw(new_shape)
     h, w = image.shape[:2]
-    r = min(new_h / h, new_w / w)
-    if not scaleup:
-        r = min(r, 1.0)
-    unpad_w, unpad_h = int(round(w * r)), int(round(h * r))
-    dw, dh = new_w - unpad_w, new_h - unpad_h
-    if auto:
-        dw, dh = dw % stride, dh % stride
+    r, unpad_w, unpad_h = _gain_and_size((h, w), (new_h, new_w), scaleup)
+    if pad_to is not None:
+        if auto:
+            raise InputError("letterbox: pass auto=True or pad_to, not both.")
+        out_h, out_w = _as_hw(pad_to)
+        if out_h < unpad_h or out_w < unpad_w:
+            raise InputError(f"letterbox: pad_to {(out_h, out_w)} is smaller than the resized image "
+                             f"{(unpad_h, unpad_w)}.")
+    elif auto:
+        out_h, out_w = rect_shape((h, w), (new_h, new_w), stride, scaleup)
+    else:
+        out_h, out_w = new_h, new_w
+    dw, dh = out_w - unpad_w, out_h - unpad_h
     dw, dh = dw / 2, dh / 2
     if (w, h) != (unpad_w, unpad_h):
         image = cv2.resize(image, (unpad_w, unpad_h), interpolation=interpolation)
@@ -137,12 +184,16 @@ def preprocess(
     stride: int = 32,
     color: int = 114,
     spec: PreprocessSpec | None = None,
+    rect: bool = False,
 ) -> tuple[np.ndarray, list[LetterboxInfo]]:
     """Letterbox a list of BGR images into one ``(B, 3, H, W)`` float32 RGB tensor scaled to [0, 1].
 
-    All images go to the same fixed ``new_shape`` (no ``auto`` padding) so they stack into one batch.
-    With ``spec`` (the model's :class:`~fieldreid.types.PreprocessSpec`, ``resize="letterbox"``) its size,
-    padding value, interpolation, channel order and ``mean``/``std`` (on [0, 1] pixels) are used instead.
+    All images go to the same fixed ``new_shape`` so they stack into one batch. With ``rect`` (models with
+    dynamic spatial axes) the batch is the smallest stride-multiple rectangle instead: each image's
+    :func:`rect_shape`, and for images of different shapes the largest of them (each image centred in it,
+    at the same scale as alone). With ``spec`` (the model's :class:`~fieldreid.types.PreprocessSpec`,
+    ``resize="letterbox"``) its size, padding value, interpolation, channel order and ``mean``/``std`` (on
+    [0, 1] pixels) are used instead.
     """
     rgb, mean, std, interpolation = True, None, None, cv2.INTER_LINEAR
     if spec is not None:
@@ -159,13 +210,18 @@ def preprocess(
     if len(images) == 0:
         h, w = _as_hw(new_shape)
         return np.zeros((0, 3, h, w), np.float32), []
-    h, w = _as_hw(new_shape)
+    new_hw = _as_hw(new_shape)
+    images = [check_image(img, i) for i, img in enumerate(images)]
+    if rect:
+        shapes = [rect_shape(img.shape[:2], new_hw, stride) for img in images]
+        h, w = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    else:
+        h, w = new_hw
     batch = np.empty((len(images), 3, h, w), np.float32)
     infos: list[LetterboxInfo] = []
     for i, img in enumerate(images):
-        img = check_image(img, i)
-        boxed, ratio, pad = letterbox(img, (h, w), stride=stride, auto=False, color=color,
-                                      interpolation=interpolation)
+        boxed, ratio, pad = letterbox(img, new_hw, stride=stride, color=color, interpolation=interpolation,
+                                      pad_to=(h, w))
         # BGR HWC uint8 -> RGB (or BGR) CHW float32 in one pass over the pixels.
         batch[i] = (boxed[:, :, ::-1] if rgb else boxed).transpose(2, 0, 1)
         infos.append(LetterboxInfo(ratio, pad, (img.shape[0], img.shape[1])))

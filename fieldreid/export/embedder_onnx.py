@@ -114,12 +114,15 @@ def check_parity(model: EmbeddingModel, onnx_path: str | Path, batch: np.ndarray
 
 def export_embedder_onnx(model: EmbeddingModel, out_path: str | Path, preprocess: PreprocessSpec, model_id: str,
                          opset: int = 18, dynamic_batch: bool = True, parity_batch: np.ndarray | None = None,
-                         source_path: str | Path | None = None, extra: dict[str, str] | None = None) -> Path:
+                         source_path: str | Path | None = None, extra: dict[str, str] | None = None,
+                         licence: str | None = None) -> Path:
     """Export ``model`` to ``out_path`` (ONNX, fp32, NCHW ``input`` -> ``embedding``) with metadata + manifest.
 
     The parity gate runs ``parity_batch`` (default: 4 deterministic image-like inputs) through torch and
     ONNX Runtime and raises :class:`ModelError` when the cosine drops below 0.9999; nothing is left at
-    ``out_path`` then. ``source_path`` (the checkpoint exported) is hashed into the manifest.
+    ``out_path`` then. ``source_path`` (the checkpoint exported) is hashed into the manifest. ``licence`` (the
+    weights' terms, for a published model) goes into the metadata (``fieldreid.licence``) and the manifest, and
+    ``extra`` into both (``fieldreid.extra.*``; the manifest's ``extra``).
     """
     import onnx
 
@@ -137,6 +140,8 @@ def export_embedder_onnx(model: EmbeddingModel, out_path: str | Path, preprocess
         proto = onnx.load(str(tmp))
         meta = model_metadata(model, preprocess, model_id)
         meta.update({f"fieldreid.extra.{k}": str(v) for k, v in (extra or {}).items()})
+        if licence:
+            meta["fieldreid.licence"] = licence
         del proto.metadata_props[:]
         for key, value in meta.items():
             prop = proto.metadata_props.add()
@@ -175,6 +180,8 @@ def export_embedder_onnx(model: EmbeddingModel, out_path: str | Path, preprocess
                    **({"file": str(source_path), "file_sha256": sha256_file(source_path)}
                       if source_path else {})},
         "parity": parity,
+        **({"licence": licence} if licence else {}),
+        **({"extra": {str(k): str(v) for k, v in extra.items()}} if extra else {}),
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__,
                      "onnxruntime": ort.__version__, "python": platform.python_version()},
     }

@@ -21,8 +21,10 @@ How (and why this way):
   steps: the earliest convolutions (first 1/12, then 1/4 of them) plus the whole head (last convolution,
   pooling, BN neck), then also every depthwise convolution; the report names the nodes. If even that fails, :class:`QuantizationGateError` carries the numbers and no
   INT8 file is left behind.
-- Detectors get the same treatment with a box-agreement gate (:func:`detector_gate`): published INT8 YOLO
-  results often collapse (YOLO11n mAP 0.61 -> 0.32 on a Jetson with a small calibration set).
+- Detectors get the same treatment with a box-agreement gate (:func:`quantize_detector`): published INT8 YOLO
+  results often collapse (YOLO11n mAP 0.61 -> 0.32 on a Jetson with a small calibration set). Their decode
+  and shape arithmetic stay FP32 (:func:`detector_fp32_nodes`) and the fallback keeps early convolutions in
+  FP32 (:func:`detector_fallback_ladder`); a passing model says in one sentence whether it is faster than FP32.
 """
 
 from __future__ import annotations
@@ -300,17 +302,20 @@ def speed_vs_fp32(fp32_path: str | Path, int8_path: str | Path, batch: np.ndarra
 
 
 class _Reader:
-    """onnxruntime CalibrationDataReader over a preprocessed ``(N, 3, H, W)`` array, in small batches."""
+    """onnxruntime CalibrationDataReader over a preprocessed ``(N, 3, H, W)`` array, in small batches; or over
+    a list of such arrays of different (H, W) (a dynamic-shape detector's rectangles), each in small batches."""
 
-    def __init__(self, input_name: str, batch: np.ndarray, batch_size: int = 8) -> None:
-        self.input_name, self.batch, self.batch_size = input_name, batch, batch_size
+    def __init__(self, input_name: str, batch: np.ndarray | Sequence[np.ndarray], batch_size: int = 8) -> None:
+        groups = [batch] if isinstance(batch, np.ndarray) else list(batch)
+        self.input_name = input_name
+        self._chunks = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
         self._i = 0
 
     def get_next(self):
-        if self._i >= len(self.batch):
+        if self._i >= len(self._chunks):
             return None
-        x = self.batch[self._i:self._i + self.batch_size]
-        self._i += self.batch_size
+        x = self._chunks[self._i]
+        self._i += 1
         return {self.input_name: np.ascontiguousarray(x, np.float32)}
 
     def rewind(self) -> None:
@@ -374,10 +379,12 @@ def fallback_ladder(onnx_path: str | Path) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def quantize_qdq(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, method: str = "minmax",
+def quantize_qdq(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray | Sequence[np.ndarray],
+                 method: str = "minmax",
                  per_channel: bool = True, nodes_to_exclude: Sequence[str] = (), batch_size: int = 8,
                  op_types: Sequence[str] | None = None, activations: str = "int8") -> Path:
-    """Write a QDQ INT8 ONNX calibrated on ``calib`` (preprocessed); weights symmetric int8.
+    """Write a QDQ INT8 ONNX calibrated on ``calib`` (preprocessed: one array, or a list of arrays whose
+    spatial sizes differ, for a model with dynamic height/width); weights symmetric int8.
 
     ``activations``: ``"int8"`` symmetric (zero point 0: the form TensorRT needs) or ``"uint8"`` asymmetric
     (U8S8: what ONNX Runtime's CPU kernels run fast; VNNI's ``vpdpbusd`` multiplies unsigned by signed bytes,
@@ -562,15 +569,112 @@ def box_agreement(ref: Sequence, test: Sequence, iou_match: float = 0.5) -> dict
             "mean_iou": float(np.mean(ious)) if ious else (1.0 if n_ref == 0 else 0.0)}
 
 
+def _consumers(nodes) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            if name:
+                out.setdefault(name, []).append(n)
+    return out
+
+
+def detector_fp32_nodes(onnx_path: str | Path) -> dict[str, list[str]]:
+    """The nodes of a YOLO detector that INT8 must leave in FP32, by reason.
+
+    - ``decode``: the head's output convolutions (the last Conv on each path) and everything after them. An
+      exported YOLO head decodes boxes in-graph and concatenates pixel coordinates (0..640) with confidences
+      (0..1) in one tensor: one INT8 scale for both rounds every confidence to 0 (measured: 0 of 23 YOLOv5n
+      boxes survived when every op was quantised). The objectness logits of the head convolutions need FP32 too.
+    - ``shape``: shape arithmetic (``Shape`` and what computes only from shapes and constants). A model with
+      dynamic height/width computes its upsampling sizes as ``float(dim) * 2``; quantised, 15 * 2 came out as
+      29.9 and the floor 29, so the feature maps no longer fit together (a QLinearConcat error at 480 x 640).
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    nodes = list(model.graph.node)
+    consumers = _consumers(nodes)
+    below: dict[int, bool] = {}  # node index -> a Conv lies downstream
+
+    index = {id(n): i for i, n in enumerate(nodes)}
+    for i in range(len(nodes) - 1, -1, -1):  # reverse topological order: consumers first
+        below[i] = any(c.op_type == "Conv" or below.get(index[id(c)], False)
+                       for o in nodes[i].output for c in consumers.get(o, []))
+    heads = [n for i, n in enumerate(nodes) if n.op_type == "Conv" and not below[i]]
+    decode: dict[str, None] = {}
+    stack = list(heads)
+    while stack:
+        n = stack.pop()
+        if n.name in decode:
+            continue
+        decode[n.name] = None
+        stack += [c for o in n.output for c in consumers.get(o, [])]
+    static = {i.name for i in model.graph.initializer}
+    shape: list[str] = []
+    for n in nodes:
+        inputs = [i for i in n.input if i]
+        if n.op_type == "Constant":
+            static.update(n.output)
+        elif n.op_type == "Shape" or (inputs and all(i in static for i in inputs)):
+            static.update(n.output)
+            shape.append(n.name)
+    order = [n.name for n in nodes]
+    return {"decode": [name for name in order if name in decode and name],
+            "shape": [name for name in shape if name and name not in decode]}
+
+
+def detector_fallback_ladder(onnx_path: str | Path) -> list[tuple[str, list[str]]]:
+    """Steps of a detector's INT8 attempts: the decode and shape arithmetic always in FP32
+    (:func:`detector_fp32_nodes`), then also the first ``n/12`` and ``n/4`` convolutions (YOLOv5n: 5 and 15 of
+    60, layers 0-2 and 0-4). Measured on YOLOv5n at 480 x 640: every layer INT8 found 71 % of the FP32 boxes
+    again, layers 0-4 in FP32 95 %; the neck alone in INT8 95 % but no faster (README *Issue 17*): like
+    EfficientNet's, YOLO's early, high-resolution activations are where INT8 breaks."""
+    keep = detector_fp32_nodes(onnx_path)
+    base = keep["decode"] + keep["shape"]
+    steps = [("all layers int8 but the decode", base)]
+    convs = [name for name, _ in conv_nodes(onnx_path) if name and name not in keep["decode"]]
+    seen: set[int] = set()
+    for k in (max(1, len(convs) // 12), max(1, len(convs) // 4)):
+        if k in seen or k >= len(convs):
+            continue
+        seen.add(k)
+        steps.append((f"first {k} of {len(convs)} convs and the decode in fp32", base + convs[:k]))
+    return steps
+
+
+def _shape_groups(images: Sequence[np.ndarray], det) -> list[list[int]]:
+    """Indices of ``images`` grouped by the input shape ``det`` letterboxes them to, biggest group first."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(det.input_shape(img.shape[:2]), []).append(i)
+    return sorted(groups.values(), key=len, reverse=True)
+
+
 def quantize_detector(fp32_path: str | Path, out_path: str | Path, calib_images: Sequence[np.ndarray],
                       val_images: Sequence[np.ndarray], min_matched: float = 0.95, min_iou: float = 0.85,
                       conf: float = 0.2, method: str = "minmax", per_channel: bool = True,
                       min_calibration: int = MIN_CALIBRATION_CROPS,
-                      log: Callable[[str], None] | None = None, activations: str = "int8") -> dict:
-    """Detector ONNX -> INT8 QDQ ONNX, kept only if its boxes agree with FP32 on ``val_images``."""
+                      log: Callable[[str], None] | None = None, activations: str = "int8",
+                      fallback: bool = True) -> dict:
+    """Detector ONNX -> INT8 QDQ ONNX, kept only if its boxes agree with FP32 on ``val_images``.
+
+    The gate (:func:`box_agreement` at ``conf``): at least ``min_matched`` of the FP32 boxes found again
+    (same class, IoU >= 0.5) with mean IoU >= ``min_iou``. The decode and shape arithmetic stay FP32
+    (:func:`detector_fp32_nodes`); with ``fallback`` the early convolutions follow, step by step
+    (:func:`detector_fallback_ladder`), until an attempt passes; else :class:`QuantizationGateError` says so in
+    one sentence and no file is written. Calibration sees what the detector feeds the model: its letterbox, at
+    each frame's rectangle for a dynamic-shape model (the histogram methods need one shape: they calibrate on
+    the square). ``activations``: ``"int8"`` symmetric, convolutions only (TensorRT's Q/DQ placement) or
+    ``"uint8"`` (ONNX Runtime's CPU kernels: every op but the FP32 nodes, so that convolution, SiLU, concat,
+    add and resize fuse into QLinear kernels). A passing model is timed against FP32 on this CPU
+    (``speed_vs_fp32_here``); ``verdict`` is one sentence saying whether INT8 pays here.
+    """
     from fieldreid.detect import Detector
     from fieldreid.detect.letterbox import preprocess
 
+    if activations not in ACTIVATION_TYPES:
+        raise InputError(f"INT8 activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}.")
+    t0 = time.monotonic()
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     check_calibration_count(len(calib_images), min_calibration)
     if not val_images:
@@ -578,26 +682,66 @@ def quantize_detector(fp32_path: str | Path, out_path: str | Path, calib_images:
     with Detector(fp32_path, backend="onnxruntime", conf=conf) as det:
         spec, stride = det.preprocess_spec, det.stride  # calibrate on exactly what the detector feeds the model
         ref = det.detect(list(val_images))
-    calib, _ = preprocess(list(calib_images), stride=stride, spec=spec)
+        rect = det.rect and method == "minmax"
+        calib = ([preprocess([calib_images[i] for i in g], stride=stride, spec=spec, rect=True)[0]
+                  for g in _shape_groups(calib_images, det)] if rect
+                 else preprocess(list(calib_images), stride=stride, spec=spec)[0])
+        timing_group = _shape_groups(val_images, det)[0]
+        timing = preprocess([val_images[i] for i in timing_group[:4]], stride=stride, spec=spec, rect=det.rect)[0]
+    n_calib = len(calib) if isinstance(calib, np.ndarray) else sum(len(c) for c in calib)
+    steps = detector_fallback_ladder(fp32_path)
+    if not fallback:
+        steps = steps[:1]
+    op_types = ("Conv",) if activations == "int8" else None
+    attempts: list[dict] = []
     with atomic_output(out_path) as tmp:
-        if log:
-            log(f"INT8 detector: quantising with {len(calib)} calibration frames")
-        # Convolutions only: the exported YOLO head decodes boxes in-graph and concatenates pixel coordinates
-        # (0..640) with confidences (0..1) in one tensor; one INT8 scale for both rounds every confidence to 0
-        # (measured: 0 of 23 YOLOv5n boxes survive when every op is quantised). The decode stays FP32.
-        quantize_qdq(fp32_path, tmp, calib, method, per_channel, batch_size=4, op_types=("Conv",),
-                     activations=activations)
-        _copy_metadata(fp32_path, tmp, {"fieldreid.precision": "int8-qdq", "fieldreid.int8.activations": activations})
-        with Detector(tmp, backend="onnxruntime", conf=conf) as det:
-            got = det.detect(list(val_images))
-        agree = box_agreement(ref, got)
-        agree.update({"min_matched_fraction": min_matched, "min_mean_iou": min_iou,
-                      "calibration_frames": len(calib), "validation_frames": len(val_images)})
-        agree["passed"] = bool(agree["matched_fraction"] >= min_matched and agree["mean_iou"] >= min_iou)
-        if not agree["passed"]:
+        for label, exclude in steps:
+            if log:
+                log(f"INT8 detector ({activations} activations): quantising ({label}) with {n_calib} calibration "
+                    "frames")
+            quantize_qdq(fp32_path, tmp, calib, method, per_channel, exclude, batch_size=4, op_types=op_types,
+                         activations=activations)
+            _copy_metadata(fp32_path, tmp, {"fieldreid.precision": "int8-qdq",
+                                             "fieldreid.int8.activations": activations,
+                                             "fieldreid.int8.excluded_nodes": ",".join(exclude)})
+            with Detector(tmp, backend="onnxruntime", conf=conf) as det8:
+                got = det8.detect(list(val_images))
+            agree = box_agreement(ref, got)
+            agree["passed"] = bool(agree["matched_fraction"] >= min_matched and agree["mean_iou"] >= min_iou)
+            attempts.append({"step": label, "fp32_nodes": len(exclude), **agree})
+            if log:
+                log(f"INT8 detector gate ({label}): {agree['matched']} of {agree['ref_boxes']} FP32 boxes found again "
+                    f"({agree['matched_fraction']:.1%}), mean IoU {agree['mean_iou']:.3f}"
+                    + (" PASS" if agree["passed"] else " FAIL"))
+            if agree["passed"]:
+                break
+        last = attempts[-1]
+        result = {**{k: v for k, v in last.items() if k not in ("step", "fp32_nodes")},
+                  "min_matched_fraction": min_matched, "min_mean_iou": min_iou, "conf": conf,
+                  "calibration_frames": n_calib, "validation_frames": len(val_images), "activations": activations,
+                  "calibration_shapes": ([list(c.shape[2:]) for c in calib] if not isinstance(calib, np.ndarray)
+                                         else [list(calib.shape[2:])]),
+                  "step": last["step"], "attempts": attempts}
+        if not last["passed"]:
             raise QuantizationGateError(
-                f"INT8 detector refused: against FP32 on {len(val_images)} frames only "
-                f"{agree['matched_fraction']:.1%} of {agree['ref_boxes']} boxes are found again (need "
-                f"{min_matched:.0%}), mean IoU {agree['mean_iou']:.3f} (need {min_iou}). Keep the FP32/FP16 "
-                "detector.", agree)
-    return agree
+                f"INT8 detector refused: against FP32 on {len(val_images)} frames at most "
+                f"{max(a['matched_fraction'] for a in attempts):.1%} of {last['ref_boxes']} boxes are found again "
+                f"(need {min_matched:.0%}, mean IoU {min_iou}) after {len(attempts)} attempt(s) "
+                f"({'; '.join(a['step'] for a in attempts)}): keep the FP32 detector.", result)
+        speed = speed_vs_fp32(fp32_path, tmp, timing, rounds=5, batch_size=len(timing))
+        result["speed_vs_fp32_here"] = {**speed, "input": list(timing.shape[2:])}
+        result["verdict"] = detector_int8_verdict(speed, activations)
+        result["seconds"] = round(time.monotonic() - t0, 1)
+    return result
+
+
+def detector_int8_verdict(speed: dict, activations: str) -> str:
+    """One sentence: does this INT8 detector pay on this CPU?"""
+    vnni = "AVX-512 VNNI" if speed.get("avx512_vnni") else "AVX-VNNI" if speed.get("avx_vnni") else "no VNNI"
+    head = (f"INT8 detector on ONNX Runtime CPU here ({vnni}): {speed['speedup']:.2f}x FP32 throughput "
+            f"({speed['int8_ms_per_item']:.1f} vs {speed['fp32_ms_per_item']:.1f} ms/image)")
+    if speed["speedup"] > 1.0:
+        return head + "."
+    return head + (" — slower than FP32: on this CPU keep the FP32 detector"
+                   + (" (symmetric int8 activations are TensorRT's form; uint8 activations are ONNX Runtime's)"
+                      if activations == "int8" else "") + ".")

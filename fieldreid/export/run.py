@@ -90,6 +90,11 @@ class ExportOptions:
     fallback: bool = True
     min_calibration: int | None = None
     min_cosine_p05: float | None = None
+    arch: str | None = None  # timm architecture of a --kind timm weights file
+
+
+#: published re-id models (fieldreid.teachers) that export to an embedder ONNX
+PUBLISHED_KINDS = ("miewid", "megadescriptor", "timm")
 
 
 @dataclass
@@ -164,15 +169,18 @@ def _out_file(out: Path, default_name: str) -> Path:
 
 
 def _check_options(model: Path, opts: ExportOptions, profile, kind: str, is_onnx: bool, quantise: bool,
-                   qdq_input: bool) -> None:
+                   qdq_input: bool, published: str | None = None) -> None:
     """Refuse every option this export would not use (and say why) instead of dropping it."""
+    if opts.arch is not None and published != "timm":
+        raise InputError("--arch names the timm architecture of a weights file exported with --kind timm; "
+                         f"{model} is not one (a published folder names its architecture in config.json).")
     if is_onnx:
         if opts.kind != "auto" and (opts.kind == "embedder") != (kind == "embedder"):
             raise InputError(f"--kind {opts.kind}: {model} is an ONNX {kind} (its metadata says so).")
         if opts.imgsz is not None:
             raise InputError(f"--imgsz sets the input size when a detector checkpoint is converted; {model} is "
                              "already ONNX, with its input size fixed. Convert the checkpoint again to change it.")
-    elif kind == "embedder" and opts.imgsz is not None:
+    elif kind == "embedder" and opts.imgsz is not None and not published:
         raise InputError("--imgsz is the detector input size; an embedder's comes from its checkpoint "
                          "(or the [input] of --profile).")
     used = [flag for name, flag in _INT8_OPTIONS.items() if getattr(opts, name) is not None]
@@ -219,7 +227,8 @@ def export_fp32_onnx(model: Path, out: Path, kind: str = "auto", imgsz: int | tu
 
         convert_detector(model, out, imgsz=imgsz, kind=kind)
         return out, "detector"
-    raise FieldreidError(f"Unknown --kind {kind!r}: use auto, yolov5, ultralytics or embedder.")
+    raise FieldreidError(f"Unknown --kind {kind!r}: use auto, yolov5, ultralytics, embedder, "
+                         f"{', '.join(PUBLISHED_KINDS)}.")
 
 
 def _held_out(opts: ExportOptions, count: int, val_limit: int, max_side: int, log):
@@ -298,6 +307,7 @@ def _int8_embedder(onnx_path: Path, out: Path, opts: ExportOptions, profile, log
                     else ["onnxruntime (CPU)"]),
         "source": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": "fp32"},
         "preprocess": json.loads(meta.get("fieldreid.preprocess", "{}")),
+        **({"licence": meta["fieldreid.licence"]} if meta.get("fieldreid.licence") else {}),
         "speed_vs_fp32_here": speed,
         "quantization": {"format": "QDQ", "activations": ("int8 symmetric per-tensor" if activations == "int8"
                                                           else "uint8 asymmetric per-tensor"),
@@ -331,13 +341,19 @@ def _int8_detector(onnx_path: Path, out: Path, opts: ExportOptions, profile, log
                               activations=activations)
     log(f"INT8 detector gate: {agree['matched_fraction']:.1%} of {agree['ref_boxes']} FP32 boxes matched, "
         f"mean IoU {agree['mean_iou']:.3f} PASS")
+    log(agree["verdict"])  # one sentence: faster than FP32 on this CPU, or keep the FP32 detector
     meta = onnx_metadata(out)
+    speed = agree.pop("speed_vs_fp32_here")
     info = {"kind": "detector", "model_id": meta.get("fieldreid.model_id", ""), "precision": "int8-qdq",
+            "runs_on": (["onnxruntime (CPU)", "tensorrt (strongly typed, from this QDQ file)"] if activations == "int8"
+                        else ["onnxruntime (CPU)"]),
             "source": {"file": onnx_path.name, "sha256": sha256_file(onnx_path), "precision": "fp32"},
+            "speed_vs_fp32_here": speed,
             "quantization": {"format": "QDQ", "calibration_frames": len(frames), "calibration_method": method,
                              "per_channel": per_channel, "activations": activations,
                              "calibration_source": str(opts.calib),
-                             "calibration_split": opts.calib_split},
+                             "calibration_split": opts.calib_split,
+                             "fp32_nodes": [n for n in meta.get("fieldreid.int8.excluded_nodes", "").split(",") if n]},
             "gate": {**agree, "validation_source": held["validation"]["source"],
                      "validation_split": held["validation"]["split"], "held_out": held["validation"]["held_out"]},
             "profile": profile.name if profile else None, "versions": _versions()}
@@ -372,15 +388,24 @@ def run_export(model: str | Path, opts: ExportOptions | None = None,
     plan_precision, make_int8 = _resolve_precision(opts, profile)
     is_onnx = model.suffix.lower() == ".onnx"
     qdq_input = False
+    published = None  # miewid | megadescriptor | timm: a published model (fieldreid.teachers)
     if is_onnx:
         kind = _onnx_kind(model)
         if make_int8 and has_qdq(model):  # quantised (and gated) by an earlier export: only the plan is left
             make_int8, qdq_input = False, True
+    elif opts.kind in PUBLISHED_KINDS or (opts.kind == "auto" and (model.is_dir() or
+                                                                   model.suffix.lower() == ".safetensors")):
+        from fieldreid.teachers import detect_kind
+
+        kind, published = "embedder", opts.kind if opts.kind in PUBLISHED_KINDS else detect_kind(model)
+        if published is None:
+            raise InputError(f"{model} has no config.json beside it to say what model it is: export it with "
+                             "--kind timm --arch NAME (its timm architecture).")
     elif opts.kind == "embedder" or (opts.kind == "auto" and is_embedder_checkpoint(model)):
         kind = "embedder"
     else:
         kind = "detector"
-    _check_options(model, opts, profile, kind, is_onnx, make_int8, qdq_input)
+    _check_options(model, opts, profile, kind, is_onnx, make_int8, qdq_input, published)
     if qdq_input and _onnx_metadata(model).get("fieldreid.int8.activations") == "uint8":
         raise InputError(f"{model} is an INT8 ONNX with uint8 activations, made for ONNX Runtime on a CPU; "
                          "TensorRT needs symmetric int8 activations: export the FP32 ONNX it was made from with "
@@ -397,6 +422,18 @@ def run_export(model: str | Path, opts: ExportOptions | None = None,
         onnx_path = model
         if profile is not None:
             _check_profile_size(model, profile)
+    elif published:
+        from fieldreid.teachers import export_published
+
+        name = model.name if model.is_dir() else model.stem
+        onnx_path = _out_file(opts.out, name + ".onnx") if opts.out else model.parent / (name + ".onnx")
+        size = opts.imgsz or (profile.input_size if profile is not None else None)
+        onnx_path, teacher = export_published(model, onnx_path, published, opts.arch, size)
+        res.written += [onnx_path, onnx_path.with_name(onnx_path.name + ".json")]
+        h, w = teacher.preprocess.size
+        log(f"FP32 ONNX {onnx_path}: {teacher.kind} {teacher.backbone_name}, {teacher.embedding_dim}-d, {h}x{w} "
+            f"input (parity gate against torch passed)")
+        res.notes.append(f"licence of {teacher.model_id}: {teacher.licence}")
     else:
         onnx_path = _out_file(opts.out, model.stem + ".onnx") if opts.out else model.with_suffix(".onnx")
         imgsz = opts.imgsz or (profile.input_size if profile is not None else DEFAULT_IMGSZ)
@@ -468,10 +505,13 @@ def build_defaults(yolov5: Path | None = None, force: bool = False, out_dir: Pat
         export_embedder_onnx(net, emb, spec, model_id)
     written.append(emb)
     det = out_dir / DETECTOR_NAME
-    if yolov5 is not None and Path(yolov5).exists() and (force or not det.exists()):
+    # A detector converted before height/width became dynamic (no fieldreid.dynamic_shape) is converted again:
+    # the default detector letterboxes 4:3 and 16:9 frames to rectangles (README *Issue 17*).
+    stale = det.exists() and _onnx_metadata(det).get("fieldreid.dynamic_shape") is None
+    if yolov5 is not None and Path(yolov5).exists() and (force or stale or not det.exists()):
         from fieldreid.export.detector_onnx import convert_detector
 
-        convert_detector(Path(yolov5), det, imgsz=640, kind="auto")
+        convert_detector(Path(yolov5), det, imgsz=640, kind="auto", dynamic_shape=True)
     if det.exists():
         written.append(det)
     return written

@@ -9,8 +9,10 @@ teacher's width (only when the widths differ; dropped after training) and ``S`` 
 similarity matrix (relational distillation: who is close to whom, width-independent).
 
 Teachers: a fieldreid checkpoint, an ONNX model (fieldreid's own, or any ONNX with an image input given
-``teacher_size``), or a timm checkpoint file (a state dict, with ``teacher_arch`` naming the timm model;
-its globally pooled features are the embedding). **Teacher embeddings are computed once, on the
+``teacher_size``), a timm checkpoint file (a state dict, with ``teacher_arch`` naming the timm model;
+its globally pooled features are the embedding), or a published model as downloaded (:mod:`fieldreid.teachers`:
+a MiewID or MegaDescriptor folder, any timm hub folder; ``teacher_kind`` names the kind, else the folder's
+``config.json`` tells it; ``teacher_size`` replaces its input size). **Teacher embeddings are computed once, on the
 un-augmented images** (each model's own preprocessing), and cached beside the output
 (``<out>.teacher.npz``, keyed by the teacher file's sha256 and the image list): the student sees augmented
 crops and must map them where the teacher puts the clean crop, which makes the distillation target
@@ -47,6 +49,7 @@ from fieldreid.types import PreprocessSpec
 class DistillConfig(TrainConfig):
     teacher: str = ""
     teacher_arch: str | None = None  # timm model name, for a plain timm checkpoint file
+    teacher_kind: str | None = None  # miewid | megadescriptor | timm (fieldreid.teachers); default: from the layout
     teacher_size: int | None = None  # input size for an ONNX / timm teacher without fieldreid metadata
     cos_weight: float = 5.0
     rel_weight: float = 50.0
@@ -86,65 +89,50 @@ def _onnx_teacher(path: Path, images, size: int | None, batch_size: int = 16) ->
     return np.concatenate(out), {"kind": "onnx", "preprocess": json.loads(spec.to_json())}
 
 
-class _TimmEmbedding(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def _timm_teacher(path: Path, arch: str | None, size: int | None, images, device: str):
-    import timm
-
-    from fieldreid.train.trainer import _load_state_dict
-
-    if not arch:
-        raise InputError(f"{path} is not a fieldreid checkpoint: name its timm architecture with --teacher-arch.")
-    try:
-        net = timm.create_model(arch, pretrained=False, num_classes=0)
-    except Exception as exc:
-        raise InputError(f"timm does not know the architecture {arch!r} ({exc}).") from exc
-    state = _load_state_dict(path)
-    res = net.load_state_dict(state, strict=False)
-    body_missing = [k for k in res.missing_keys if not k.startswith(("head", "classifier", "fc"))]
-    if body_missing:
-        raise ModelError(f"{path} does not fit timm's {arch}: missing {body_missing[:5]}.")
-    cfg = net.pretrained_cfg or {}
-    side = size or int(cfg.get("input_size", (3, 224, 224))[-1])
-    spec = PreprocessSpec(size=(side, side), mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                          std=tuple(cfg.get("std", (0.229, 0.224, 0.225))))
-    wrapper = _TimmEmbedding(net)
-    wrapper.embedding_dim = int(net.num_features)
-    return embed_torch(wrapper, images, spec, device=device), {"kind": "timm", "arch": arch,
-                                                               "preprocess": json.loads(spec.to_json())}
+def _read_cache(cache: Path | None, digest: str, keys: str) -> np.ndarray | None:
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            if str(z["teacher_sha256"]) == digest and str(z["images_sha256"]) == keys:
+                return z["vectors"].astype(np.float32)
+    return None
 
 
 def teacher_embeddings(cfg: DistillConfig, data: LabelledImages, cache: Path | None = None) -> np.ndarray:
     """The teacher's L2-normalised embedding of every (un-augmented) training image, cached in ``cache``."""
     from fieldreid.export.run import is_embedder_checkpoint
+    from fieldreid.teachers import detect_kind
 
     path = Path(cfg.teacher)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"Teacher {path} does not exist.")
-    digest = _sha256(path)
+    own = path.is_file() and (path.suffix.lower() == ".onnx" or is_embedder_checkpoint(path))
+    kind = cfg.teacher_kind or (None if own else detect_kind(path))
+    published = cfg.teacher_kind is not None or not own
     keys = hashlib.sha256("\n".join(str(p) for p in data.paths).encode()).hexdigest()
-    if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as z:
-            if str(z["teacher_sha256"]) == digest and str(z["images_sha256"]) == keys:
-                return z["vectors"].astype(np.float32)
-    if path.suffix.lower() == ".onnx":
+    teacher = None
+    if published:  # a published folder, or a weights file whose layout is checked against its architecture
+        from fieldreid.teachers import load_published
+
+        teacher = load_published(path, kind, cfg.teacher_arch, cfg.teacher_size)
+        digest = teacher.digest()  # weights, config and input size
+    else:
+        digest = _sha256(path)
+    cached = _read_cache(cache, digest, keys)
+    if cached is not None:
+        return cached
+    if teacher is not None:
+        vec = embed_torch(teacher, data.images, teacher.preprocess, device=cfg.device)
+        info = {"kind": teacher.kind, "architecture": teacher.backbone_name, "model_id": teacher.model_id,
+                "licence": teacher.licence, "preprocess": json.loads(teacher.preprocess.to_json())}
+    elif path.suffix.lower() == ".onnx":
         vec, info = _onnx_teacher(path, data.images, cfg.teacher_size)
-    elif is_embedder_checkpoint(path):
+    else:
         from fieldreid.embed.model import load_checkpoint
 
         model, meta = load_checkpoint(path)
         spec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
         vec = embed_torch(model, data.images, spec, device=cfg.device)
         info = {"kind": "fieldreid", "model_id": meta.get("fieldreid.model_id", "")}
-    else:
-        vec, info = _timm_teacher(path, cfg.teacher_arch, cfg.teacher_size, data.images, cfg.device)
     vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
     if not np.all(np.isfinite(vec)):
         raise ModelError(f"Teacher {path} produced NaN or infinite embeddings.")

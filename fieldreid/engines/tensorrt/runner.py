@@ -203,8 +203,23 @@ def _require_qdq_for_int8(onnx_path: Path, precision: str) -> None:
         )
 
 
-def _batch_profile(network, min_batch: int, opt_batch: int, max_batch: int) -> dict[str, tuple]:
-    """``{input: (min, opt, max shapes)}`` over axis 0; other axes must be fixed in the ONNX."""
+def _declared_hw(metadata: dict[str, str]) -> tuple[int, int] | None:
+    """The (h, w) input size a fieldreid model declares (``fieldreid.preprocess``), if any."""
+    import json
+
+    try:
+        size = json.loads(metadata.get("fieldreid.preprocess", "{}")).get("size")
+        return (int(size[0]), int(size[1])) if size and len(size) == 2 else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _batch_profile(network, min_batch: int, opt_batch: int, max_batch: int,
+                   declared_hw: tuple[int, int] | None = None) -> dict[str, tuple]:
+    """``{input: (min, opt, max shapes)}`` over axis 0; other axes must be fixed in the ONNX, except the
+    height and width of an NCHW image input whose model declares its size (``declared_hw``, e.g. a detector
+    exported with dynamic spatial axes for rectangular letterboxing on ONNX Runtime): the plan fixes them
+    there (min = opt = max), so it is a fixed-size engine like one built from a fixed-size ONNX."""
     shapes: dict[str, tuple] = {}
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -212,6 +227,9 @@ def _batch_profile(network, min_batch: int, opt_batch: int, max_batch: int) -> d
         if not shape:
             raise ModelError(f"Input {tensor.name!r} is a scalar; fieldreid engines take batched tensors.")
         rest = shape[1:]
+        if declared_hw is not None and len(shape) == 4 and rest[0] > 0 and any(d < 0 for d in rest[1:]):
+            rest = (rest[0], *(d if d > 0 else s for d, s in zip(rest[1:], declared_hw, strict=True)))
+            shape = (shape[0], *rest)
         if any(d < 0 for d in rest):
             raise ModelError(
                 f"Input {tensor.name!r} has shape {shape}: only the batch axis may be dynamic. Export the ONNX "
@@ -281,8 +299,10 @@ def build_plan(
     elif precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default on Ampere+ (Orin): not FP32 numerics
 
-    shapes = _batch_profile(network, min_batch, opt_batch, max_batch)
-    if any(lo != hi for lo, _, hi in shapes.values()):
+    shapes = _batch_profile(network, min_batch, opt_batch, max_batch, _declared_hw(onnx_metadata(onnx_path)))
+    dynamic_inputs = {network.get_input(i).name for i in range(network.num_inputs)
+                      if any(int(d) < 0 for d in network.get_input(i).shape)}
+    if any(lo != hi for lo, _, hi in shapes.values()) or dynamic_inputs:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
@@ -476,14 +496,18 @@ class TensorRTEngine(Engine):
                     f"Tensor {name!r} of {self.path} has type {engine.get_tensor_dtype(name)}, which numpy cannot "
                     "hold; export the ONNX with float32/float16/int inputs and outputs."
                 ) from exc
-            io = EngineIO(name, shape, dtype)
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self.inputs.append(io)
                 if any(d < 0 for d in shape):
                     lo, _opt, hi = engine.get_tensor_profile_shape(name, 0)
-                    self._profiles[name] = (tuple(int(d) for d in lo), tuple(int(d) for d in hi))
+                    lo, hi = tuple(int(d) for d in lo), tuple(int(d) for d in hi)
+                    self._profiles[name] = (lo, hi)
+                    # An axis the profile pins (min = max: the height and width of a plan built from a
+                    # dynamic-shape detector) is fixed for this engine: say so, as a fixed ONNX axis would.
+                    shape = tuple(a if k > 0 and d < 0 and a == b else d
+                                  for k, (d, a, b) in enumerate(zip(shape, lo, hi, strict=False)))
+                self.inputs.append(EngineIO(name, shape, dtype))
             else:
-                self.outputs.append(io)
+                self.outputs.append(EngineIO(name, shape, dtype))
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cudart, context, pool = self._cudart, self._context, self._pool

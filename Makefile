@@ -68,6 +68,7 @@ bench: models
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_watch.py --shared $(SHARED)
 	$(PY) bench/bench_sync.py --shared $(SHARED)
+	$(PY) bench/bench_verify.py --shared $(SHARED) --out bench/verify_results.json
 	$(PY) bench/bench_e2e.py --shared $(SHARED) --out bench/e2e_results.json
 
 # Training runs (issue 5): hours of CPU; see bench/bench_train.py for the stages.

@@ -1,0 +1,183 @@
+"""What local-feature verification costs and gives, per feature kind (issue 13), on 2 cores.
+
+For each labelled set (nyala test: 58 animals the embedder never saw; zebra), in one run:
+
+* the product's verification, through the real CLI: ``fieldreid eval META --crops --verify --json``
+  (RootSIFT, 1,000 keypoints; each query's global top-K re-scored by the fused probability; fusion
+  cross-fitted on two identity folds): top-1 and open-set GM before/after, features ms per image and
+  verification ms per query at K = 20 and 10;
+* faster options measured the same way in-process (same embeddings, same top-K, same fusion fit and
+  RANSAC, only the features and their nearest-neighbour matching differ): RootSIFT capped at 300
+  keypoints, ORB (1,000, Hamming) and AKAZE (binary MLDB, Hamming). These rows are measurements, not
+  product paths: fieldreid stores and matches RootSIFT only.
+
+Run with nothing else on the machine: the milliseconds are only comparable within one quiet run.
+
+    python bench/bench_verify.py --shared ../shared --out bench/verify_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.update(HF_HUB_OFFLINE="1", YOLO_OFFLINE="1", YOLO_AUTOINSTALL="False",
+             YOLO_CONFIG_DIR=str(ROOT / ".cache" / "ultralytics"), COLUMNS="200")
+    return e
+
+
+def cli_eval(meta: Path, split: str | None) -> dict:
+    cmd = [str(Path(sys.executable).with_name("fieldreid")), "eval", str(meta), "--crops", "--verify", "--json",
+           *(["--split", split] if split else [])]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    doc = json.loads(p.stdout[p.stdout.index("{"):])
+    doc["command_seconds"] = round(time.perf_counter() - t, 1)
+    return doc
+
+
+# ------------------------------------------------------------------ in-process comparison of feature kinds
+def _binary(detector) -> callable:
+    def extract(grey: np.ndarray):
+        kps, desc = detector.detectAndCompute(grey, None)
+        if desc is None or not kps:
+            return np.zeros((0, 2), np.float32), None
+        return np.array([k.pt for k in kps], np.float32), desc
+    return extract
+
+
+def _rootsift(n: int) -> callable:
+    from fieldreid.verify.features import extract
+
+    def run(crop: np.ndarray):
+        f = extract(crop, max_keypoints=n)
+        return f.xy, f
+    return run
+
+
+def kinds() -> dict:
+    from fieldreid.verify.features import prepare
+
+    b_orb = _binary(cv2.ORB_create(nfeatures=1000))
+    out = {"rootsift-300": ("float", _rootsift(300)), "orb-1000": ("binary", lambda crop: b_orb(prepare(crop)))}
+    if hasattr(cv2, "AKAZE_create"):  # OpenCV 5 moved AKAZE out of the main modules (opencv-contrib)
+        b_akaze = _binary(cv2.AKAZE_create())
+        out["akaze"] = ("binary", lambda crop: b_akaze(prepare(crop)))
+    return out
+
+
+def _pair_inliers(kind: str, fa, fb) -> int:
+    from fieldreid.verify.match import RATIO, match, verify
+
+    if kind == "float":
+        return match(fa[1], fb[1]).n_inliers
+    (xa, da), (xb, db) = fa, fb
+    if da is None or db is None or len(db) < 2:
+        return 0
+    knn = cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
+    good = [(m.queryIdx, m.trainIdx) for m, *rest in (p for p in knn if p) if rest and m.distance < RATIO * rest[0].distance]
+    from fieldreid.verify.features import LocalFeatures
+
+    la = LocalFeatures(xa, np.zeros((len(xa), 128), np.uint8), (1, 1))
+    lb = LocalFeatures(xb, np.zeros((len(xb), 128), np.uint8), (1, 1))
+    return verify(la, lb, np.array(good, np.int32).reshape(-1, 2)).n_inliers
+
+
+def compare_kinds(meta: Path, split: str | None, k: int = 20) -> dict:
+    """Top-1 before/after re-ranking the global top-k, per feature kind, with a 2-fold cross-fitted fusion."""
+    from fieldreid.cli.gallery import _embed_labelled
+    from fieldreid.evaluation.rerank import identity_folds
+    from fieldreid.verify.features import crop_for_features
+    from fieldreid.verify.fuse import fit_fusion
+
+    emb, res = _embed_labelled(meta, split, True, None, None, "auto", 0.2, 16)
+    emb.close()
+    lab = np.array([it.identity for it in res.items]).astype(str)
+    e = np.asarray(res.vectors, np.float32)
+    s = e @ e.T
+    np.fill_diagonal(s, -np.inf)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    cos = np.take_along_axis(s, top, 1)
+    same = lab[top] == lab[:, None]
+    crops = [crop_for_features(it.path, box) for it, box in zip(res.items, res.boxes, strict=True)]
+    folds = identity_folds(lab, 2, 0)
+    out = {"n_images": len(lab), "k": k, "top1_global": float(np.mean(same[:, 0])),
+           "true_identity_in_top_k": float(np.mean(same.any(axis=1))), "kinds": {},
+           "not_measured": [] if hasattr(cv2, "AKAZE_create") else
+           [f"akaze: not in opencv-python {cv2.__version__} (moved to opencv-contrib)"]}
+    for name, (family, fn) in kinds().items():
+        t = time.perf_counter()
+        feats = [fn(c) for c in crops]
+        feat_ms = 1e3 * (time.perf_counter() - t) / len(crops)
+        t = time.perf_counter()
+        inl = np.array([[_pair_inliers(family, feats[q], feats[int(c)]) for c in top[q]] for q in range(len(lab))],
+                       np.float64)
+        query_ms = 1e3 * (time.perf_counter() - t) / len(lab)
+        correct = np.zeros(len(lab), bool)
+        for fit, test in ((folds[0], folds[1]), (folds[1], folds[0])):
+            f = fit_fusion(cos[fit].ravel(), inl[fit].ravel(), same[fit].ravel(), k=k)
+            p = f.probability(cos[test].ravel(), inl[test].ravel()).reshape(len(test), k)
+            correct[test] = same[test, np.argmax(p, axis=1)]
+        out["kinds"][name] = {"features_ms_per_image": round(feat_ms, 1), "verify_ms_per_query": round(query_ms, 1),
+                              "top1_after": round(float(correct.mean()), 4),
+                              "mean_keypoints": round(float(np.mean([len(f[0]) for f in feats])), 1)}
+        print(f"  {name:14s} {json.dumps(out['kinds'][name])}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "verify_results.json")
+    ap.add_argument("--sets", default="nyala,zebra")
+    args = ap.parse_args()
+    os.environ.update(env())
+    reid = args.shared / "data" / "reid"
+    cases = {"nyala": (reid / "nyala" / "metadata.csv", "test"), "zebra": (reid / "zebra" / "metadata.csv", None)}
+    flags = ""
+    if Path("/proc/cpuinfo").exists():
+        line = next((x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")), "")
+        flags = " ".join(f for f in line.split() if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni"))
+    results = []
+    for name in args.sets.split(","):
+        meta, split = cases[name]
+        print(f"== {name}", flush=True)
+        product = cli_eval(meta, split)
+        v = product.get("verify", {})
+        per_k = {k: {"top1_before": round(r["top1_before"], 4), "top1_after": round(r["top1_after"], 4),
+                     "GM_calibrated_before": round(r["open_set"]["global"]["GM_at_calibrated"], 4),
+                     "GM_calibrated_after": round(r["open_set"]["fused"]["GM_at_calibrated"], 4),
+                     "true_identity_in_top_k": round(r["true_identity_in_top_k"], 4),
+                     "ms_per_query": round(r["ms_per_query"], 1)} for k, r in v.get("per_k", {}).items()}
+        print(f"  rootsift-1000 (product) {json.dumps(per_k)}", flush=True)
+        results.append({"set": name, "split": split,
+                        "product_rootsift_1000": {"features_ms_per_image": round(v.get("features_ms_per_image", 0), 1),
+                                                  "protocol": v.get("protocol"), "per_k": per_k,
+                                                  "eval_seconds": product["command_seconds"]},
+                        "other_kinds_k20": compare_kinds(meta, split)})
+    doc = {"bench": "verify", "cpu_count": os.cpu_count(), "cpu_flags": flags, "machine": platform.machine(),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "opencv": cv2.__version__,
+           "note": "run alone on the machine; see bench_verify.py", "results": results}
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -264,6 +264,34 @@ def _report_to(stations: Path, base: Path, name: str, *extra) -> Path:
     return pkg
 
 
+def test_classification_probability_is_never_a_cosine_or_the_detectors_for_an_identity(stations):
+    """The stations' gallery holds no calibration: an identified animal's row has no probability (it carried
+    the detector's confidence for a new animal and a cosine for a known one); a detection without an identity
+    decision keeps the detector's confidence, the probability of its observation type, which the detector
+    classified. With a calibration: tests/test_probability.py."""
+    import sqlite3
+
+    from fieldreid.report.camtrapdp import _num
+
+    pkg = stations / "pkg-probability"
+    _full(stations, pkg)
+    con = sqlite3.connect(stations / "out" / "results.db")
+    decided = {f"{sha[:20]}_{idx}" for sha, idx in con.execute("SELECT sha256, idx FROM decisions")}
+    conf = {f"{sha[:20]}_{idx}": c for sha, idx, c in con.execute("SELECT sha256, idx, conf FROM detections")}
+    [detector] = con.execute("SELECT value FROM meta WHERE key = 'detector'").fetchone()
+    con.close()
+    obs = _rows(pkg, "observations")
+    media = [o for o in obs if o["observationLevel"] == "media" and o["observationID"] in conf]
+    identified = [o for o in media if o["observationID"] in decided]
+    assert identified and all(o["classificationProbability"] == "" for o in identified)
+    assert all(o["classifiedBy"] != detector for o in identified)
+    typed = [o for o in media if o["observationID"] not in decided]  # here: a person and four vehicles
+    assert typed and all(o["classifiedBy"] == detector for o in typed)
+    assert all(o["classificationProbability"] == _num(conf[o["observationID"]], 4) for o in typed)
+    assert all(o["classificationProbability"] == "" for o in obs if o["observationLevel"] == "event"
+               and o["individualID"])
+
+
 def test_watch_detections_json_carries_individuals_as_classifications(stations):
     md = json.loads((stations / "out" / "detections.json").read_text())
     assert check_md_output(md) == ([], [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -254,9 +255,12 @@ def _json_safe(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
 
 
+#: ``score``: what the thresholds compare (cosine, or the fused probability where verification decided);
+#: ``probability``: the decision's calibrated probability (empty without a calibration), appended last with
+#: the fit that gave it, so readers by column name and by position both keep working
 CSV_COLUMNS = ["file", "box", "decision", "identity", "score", "runner_up", "runner_up_score", "upper", "lower",
                "calibrated", "threshold_method", "threshold_source", "species", "model_id", "gallery_version", "top5",
-               "sighting_id", "error"]
+               "sighting_id", "error", "probability", "probability_source"]
 
 
 def _decisions_csv(decisions, failures) -> str:
@@ -273,7 +277,7 @@ def _decisions_csv(decisions, failures) -> str:
                     "species": d.species, "model_id": d.model_id,
                     "gallery_version": d.gallery_version,
                     "top5": ";".join(f"{i}:{s:.4f}" for i, s in d.top[:5]), "sighting_id": d.sighting_id or "",
-                    "error": ""})
+                    "error": "", "probability": fmt(d.probability), "probability_source": d.probability_source or ""})
     for f, reason in failures:
         w.writerow({"file": f, "error": reason})
     return buf.getvalue()
@@ -442,7 +446,9 @@ def calibrate_cmd(
                                                           "identify then re-ranks where it does.")] = False,
     verify_k: Annotated[int, typer.Option(help="With --verify: gallery images re-scored per query.")] = 20,
 ) -> None:
-    """Choose open-set thresholds per species from labelled images and store them in the gallery."""
+    """Choose open-set thresholds per species from labelled images and store them in the gallery, with the
+    calibrated probability that a decision is right (fitted in the same open-set simulations; with --verify,
+    also the fusion of cosine and local-feature inliers)."""
     from fieldreid.evaluation.metrics import calibrate
     from fieldreid.gallery.store import Gallery
 
@@ -475,9 +481,13 @@ def calibrate_cmd(
             stored += 1
             t.add_row(sp, f"{cal.lower:.4f}", f"{cal.upper:.4f}", f"{cal.BAKS:.3f}", f"{cal.BAUS:.3f}",
                       f"{cal.geometric_mean:.3f}", f"{cal.unknown_called_known_rate:.3f}", f"{cal.uncertain_rate:.3f}")
+            cosine = _calibrate_probability(sp, res.vectors[mask], labels[mask], unknown_fraction, enrol_fraction,
+                                            seed, repeats)
             if feats is not None:
                 _calibrate_verification(g, emb.model_id, sp, res.vectors[mask], labels[mask],
-                                        [f for f, m in zip(feats, mask, strict=True) if m], verify_k)
+                                        [f for f, m in zip(feats, mask, strict=True) if m], verify_k, cosine)
+            elif cosine is not None:
+                _store_cosine(g, emb.model_id, sp, cosine)
     if not stored:
         raise InputError("No species had enough identities (3 or more) to calibrate; nothing was stored.")
     out.print(t)
@@ -496,13 +506,49 @@ def _features_for(res) -> list:
     return feats
 
 
-def _calibrate_verification(g, model_id: str, species: str, vectors, labels, feats, k: int) -> None:
+def _calibrate_probability(species: str, vectors, labels, unknown_fraction: float, enrol_fraction: float,
+                           seed: int, repeats: int):
+    """The cosine-only probability fit for one species (:func:`fieldreid.evaluation.rerank.calibrate_cosine`),
+    or None (warned) where the simulations give nothing to fit (no best candidate right, or every one)."""
+    from fieldreid.evaluation.rerank import calibrate_cosine
+
+    try:
+        fusion = calibrate_cosine(vectors, labels, unknown_fraction, enrol_fraction, seed, repeats)
+    except InputError as exc:
+        err.print(f"[yellow]no probability[/] for {species}: {exc}", highlight=False)
+        return None
+    e = fusion.evidence
+    held = (f"; held out: mean probability {e['top1_predicted']:.3f}, right {e['top1_observed']:.3f}"
+            if "top1_predicted" in e else "")
+    err.print(f"{species}: match probability fitted on {fusion.n_pairs} open-set queries' best candidates{held}",
+              highlight=False)
+    return fusion
+
+
+def _store_cosine(g, model_id: str, species: str, cosine) -> None:
+    """Store the cosine-only fit; a fused fit stored by an earlier ``--verify`` stays (its fallback replaced),
+    so calibrating thresholds again does not switch verification off."""
+    from fieldreid.verify.fuse import Fusion
+
+    stored = g.fusion(species, model_id)
+    earlier = Fusion.from_dict(stored) if stored else None
+    if earlier is not None and earlier.uses_inliers:
+        err.print(f"{species}: the verification fusion of an earlier `calibrate --verify` is kept (run with "
+                  "--verify to refit it)", highlight=False)
+        g.set_fusion(species, model_id, replace(earlier, cosine_only=cosine).to_dict())
+    else:
+        g.set_fusion(species, model_id, cosine.to_dict())
+
+
+def _calibrate_verification(g, model_id: str, species: str, vectors, labels, feats, k: int, cosine=None) -> None:
+    """Fit and store the fusion of cosine and inliers (with ``cosine``, the cosine-only fit, inside it: the
+    probability of crops that are not verified)."""
     from fieldreid.evaluation.rerank import calibrate_fusion
 
     if k < 1:
         raise InputError(f"--verify-k must be at least 1, got {k}.")
     fusion, threshold = calibrate_fusion(vectors, labels, feats, k=k)
-    g.set_fusion(species, model_id, fusion.to_dict())
+    g.set_fusion(species, model_id, replace(fusion, cosine_only=cosine).to_dict())
     e = fusion.evidence
     err.print(f"{species}: verification {'pays' if fusion.pays else 'does not pay: off'} (held-out top-1 "
               f"{e['top1_without']:.3f} → {e['top1_with']:.3f}, open-set GM {e['gm_without']:.3f} → "
@@ -560,9 +606,16 @@ def info_cmd(gallery: GalleryOpt) -> None:
         for sp, model, data in g.read("SELECT species, model_id, data FROM fusion ORDER BY species, model_id"):
             f = json.loads(data)
             e = f.get("evidence") or {}
-            t.add_row(f"verification {sp}", f"{'on' if f.get('pays') else 'off (does not pay)'}: held-out top-1 "
-                                            f"{e.get('top1_without', float('nan')):.3f} → "
-                                            f"{e.get('top1_with', float('nan')):.3f}, K={f.get('k')} ({model})")
+            if f.get("uses_inliers"):
+                t.add_row(f"verification {sp}", f"{'on' if f.get('pays') else 'off (does not pay)'}: held-out top-1 "
+                                                f"{e.get('top1_without', float('nan')):.3f} → "
+                                                f"{e.get('top1_with', float('nan')):.3f}, K={f.get('k')} ({model})")
+            cos = f if not f.get("uses_inliers") else f.get("cosine_only")
+            t.add_row(f"probability {sp}", f"{'fused where verified, ' if f.get('uses_inliers') else ''}"
+                                           + (f"cosine-only fit, unknown fraction "
+                                              f"{(cos.get('evidence') or {}).get('unknown_fraction', '?')} ({model})"
+                                              if cos else
+                                              "none for unverified crops (run `fieldreid calibrate` again)"))
         from fieldreid.verify.features import KIND
 
         n_emb = g.count_embeddings()

@@ -15,12 +15,22 @@ identities it was not trained on and carried in its metadata (source ``model``, 
 :mod:`fieldreid.embed.thresholds`); else the defaults below (source ``default``), and then every decision
 says ``calibrated: False``: cosine scores depend on the embedder, so an uncalibrated decision is a guess
 and is flagged as one. Each decision records its source and the method that chose its thresholds.
+
+Each decision also carries a calibrated **probability** where the gallery holds one for (species, model)
+(:class:`fieldreid.verify.fuse.Fusion`, stored by ``fieldreid calibrate``): for *known* and *uncertain*,
+P(the crop is the named identity) = the fusion's probability of the best candidate - the fused probability
+(cosine + inliers) where verification pays and ran, else the cosine-only fit's; for *new*, P(a new animal)
+= 1 - P(best candidate) (1 when the gallery has no candidate at all). ``probability_source`` says which fit
+(``fused`` / ``cosine``). Without a stored fusion the probability is None: a cosine is never passed off as
+one. ``score`` stays the number the thresholds compare (the cosine, or the fused probability where
+verification decided).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +38,9 @@ from fieldreid.errors import InputError
 from fieldreid.gallery.search import Searcher
 from fieldreid.gallery.store import UNKNOWN_SPECIES
 from fieldreid.types import DecisionKind
+
+if TYPE_CHECKING:
+    from fieldreid.verify.fuse import Fusion
 
 #: Used while a gallery has no calibrated thresholds for a species/model. Chosen for fine-tuned re-ID
 #: embedders (AnimalCLEF 2025 entries report best single thresholds of 0.6-0.7); ImageNet features score
@@ -87,12 +100,38 @@ class Decision:
     created_identity: bool = False
     sighting_id: int | None = None
     threshold_source: str = "default"
+    #: calibrated P(the decision is right): P(crop is ``identity``) for known / uncertain, P(new animal) for new;
+    #: None where the gallery holds no calibration for (species, model)
+    probability: float | None = None
+    #: which stored fit gave it: ``fused`` (cosine + inliers) or ``cosine``; None without a probability
+    probability_source: str | None = None
+    #: P(crop is that identity) for each entry of ``top`` (empty without a calibration)
+    top_probability: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["box"] = list(self.box) if self.box is not None else None
-        d["top"] = [{"identity": i, "score": round(s, 6)} for i, s in self.top]
+        probs = d.pop("top_probability")
+        d["top"] = [{"identity": i, "score": round(s, 6),
+                     "probability": round(probs[j], 6) if j < len(probs) else None}
+                    for j, (i, s) in enumerate(self.top)]
         return d
+
+    def reassigned(self, alt: tuple[str, float] | None) -> Decision:
+        """This decision moved to ``alt`` - an entry (identity, score) of ``top``, the best candidate still
+        open - or None (none is), decided again with its own thresholds (*new* below the lower one), with
+        the probability that goes with it. Used where two tracks of one frame name the same animal."""
+        decision = Thresholds(self.upper, self.lower, self.threshold_method).decide(alt[1] if alt else None)
+        prob = None
+        if self.probability_source is not None:
+            p_of = dict(zip((i for i, _ in self.top), self.top_probability, strict=False))
+            # with no open candidate left in ``top``, its lowest probability bounds every one not listed
+            p_alt = p_of.get(alt[0]) if alt else (min(self.top_probability) if self.top_probability else 0.0)
+            if p_alt is not None:
+                prob = 1.0 - p_alt if decision == DecisionKind.NEW else p_alt
+        return replace(self, decision=decision, identity=alt[0] if alt and decision != DecisionKind.NEW else None,
+                       score=alt[1] if alt else None, probability=prob,
+                       probability_source=self.probability_source if prob is not None else None)
 
 
 class Identifier:
@@ -128,18 +167,24 @@ class Identifier:
         known = self.gallery.species()
         return known[0] if len(known) == 1 else FALLBACK_SPECIES
 
-    def _verified(self, vector: np.ndarray, features, species: str, model_id: str, restrict: str | None
+    def _fusion(self, species: str, model_id: str, cache: dict) -> Fusion | None:
+        """The gallery's stored fusion for (species, model), read once per :meth:`identify` call."""
+        from fieldreid.verify.fuse import Fusion
+
+        if species not in cache:
+            stored = self.gallery.fusion(species, model_id)
+            cache[species] = Fusion.from_dict(stored) if stored else None
+        return cache[species]
+
+    def _verified(self, vector: np.ndarray, features, fusion: Fusion | None, restrict: str | None
                   ) -> tuple[Thresholds, list[tuple[str, float]]] | None:
         """Fused-probability ranking of the top-K gallery images and its threshold, or None where the gallery
         has no fusion for (species, model), calibration found verification does not pay, or no features."""
         from fieldreid.verify.features import LocalFeatures
-        from fieldreid.verify.fuse import Fusion
         from fieldreid.verify.rerank import rerank
 
-        stored = self.gallery.fusion(species, model_id)
-        if not stored or not stored.get("pays") or not stored.get("uses_inliers"):
+        if fusion is None or not fusion.pays or not fusion.uses_inliers:
             return None
-        fusion = Fusion.from_dict(stored)
         threshold = float(fusion.evidence.get("threshold", 0.5))
         rows, idents, cos = self.searcher.top_images(vector, max(1, fusion.k), restrict)
         if not len(rows):
@@ -184,20 +229,34 @@ class Identifier:
                              f"{len(query_features)} feature sets).")
         self.gallery.check_model(model_id, vec.shape[1])
         out: list[Decision] = []
+        fusions: dict = {}
         for i in range(n):
             [res] = self.searcher.search(vec[i], k=self.k, species=species or self.species)
             best, second = res.best, res.runner_up
             version = self.searcher.version  # the gallery state this decision was made against
             sp = self._species_for(best[0] if best else None, species)
             th = thresholds_for(self.gallery, sp, model_id, self.model_thresholds)
+            fusion = self._fusion(sp, model_id, fusions)
             verified = None
             if best and query_features is not None and query_features[i] is not None:
-                verified = self._verified(vec[i], query_features[i], sp, model_id, species or self.species)
+                verified = self._verified(vec[i], query_features[i], fusion, species or self.species)
+            top = res.top(5)
             if verified is not None:
-                th, top = verified
-                best, second = top[0], (top[1] if len(top) > 1 else None)
+                th, ranked = verified
+                best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+                top = ranked[:5]
+                top_p, p_source = [s for _, s in top], "fused"  # the fused scores are the probabilities
+            else:
+                cos_fit = fusion.for_cosine() if fusion is not None else None
+                p_source = "cosine" if cos_fit is not None else None
+                top_p = [float(v) for v in cos_fit.probability([s for _, s in top])] if cos_fit and top else []
             decision = th.decide(best[1] if best else None)
             identity = best[0] if best and decision != DecisionKind.NEW else None
+            probability = None
+            if p_source is not None:
+                # top[0] is the best candidate (search and re-ranking both list best first)
+                p_best = top_p[0] if top_p else 0.0
+                probability = 1.0 - p_best if decision == DecisionKind.NEW else p_best
             created = False
             if decision == DecisionKind.NEW and self.create_provisional:
                 identity = self.gallery.add_provisional(sp, vec[i], model_id, sources[i] or f"crop-{i}",
@@ -209,15 +268,16 @@ class Identifier:
                 runner_up=second[0] if second else None, runner_up_score=second[1] if second else None,
                 upper=th.upper, lower=th.lower, calibrated=th.calibrated, threshold_method=th.method,
                 model_id=model_id, gallery_version=version, species=sp, source=sources[i],
-                box=box, top=verified[1][:5] if verified else res.top(5), created_identity=created,
-                threshold_source=th.source))
+                box=box, top=top, created_identity=created, threshold_source=th.source,
+                probability=probability, probability_source=p_source, top_probability=top_p))
         if self.record and out:
             ids = self.gallery.add_sightings([{
                 "image": d.source, "box": d.box, "captured": captured[j], "camera": camera[j],
                 "decision": d.decision, "identity_id": d.identity, "score": d.score, "runner_up_id": d.runner_up,
                 "runner_up_score": d.runner_up_score, "upper": d.upper, "lower": d.lower,
                 "threshold_method": d.threshold_method, "model_id": d.model_id,
-                "gallery_version": d.gallery_version, "vector": vec[j],
+                "gallery_version": d.gallery_version, "vector": vec[j], "probability": d.probability,
+                "probability_source": d.probability_source,
                 "source_sha256": source_sha256[j] if source_sha256 is not None else None} for j, d in enumerate(out)])
             for d, sid in zip(out, ids, strict=True):
                 d.sighting_id = sid

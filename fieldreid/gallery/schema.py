@@ -241,6 +241,15 @@ _V5: list = [
         note TEXT)""",
 ]
 
+#: v6: each sighting's calibrated probability that its decision is right (:attr:`fieldreid.gallery.openset.
+#: Decision.probability`: P(that identity) for known / uncertain, P(a new animal) for new) and which stored fit
+#: gave it (``fused`` / ``cosine``). Sightings recorded before v6, or without a calibration, have NULL: their
+#: probability was never computed, and a cosine is not one.
+_V6: list = [
+    "ALTER TABLE sightings ADD COLUMN probability REAL",
+    "ALTER TABLE sightings ADD COLUMN probability_source TEXT",
+]
+
 #: Schema migrations: entry ``i`` takes ``user_version`` from ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[list] = [_V1, _V2, _V3, _V4, _V5]
+MIGRATIONS: list[list] = [_V1, _V2, _V3, _V4, _V5, _V6]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -636,11 +636,13 @@ class Gallery(Curation):
         ``source_sha256`` (the source image's content hash) makes a sighting unique by (source content,
         box): recording it again - the same photo processed twice, into another output folder or by another
         command - stores nothing and returns the first sighting's id. ``source_root`` is the folder a
-        relative ``image`` path is relative to; ``vector`` the query embedding (stored as float32).
+        relative ``image`` path is relative to; ``vector`` the query embedding (stored as float32);
+        ``probability`` the decision's calibrated probability (in [0, 1], or None) and ``probability_source``
+        the fit that gave it.
         """
         cols = ("image", "box", "captured", "camera", "decision", "identity_id", "score", "runner_up_id",
                 "runner_up_score", "upper", "lower", "threshold_method", "model_id", "gallery_version",
-                "source_sha256", "source_root", "vector")
+                "source_sha256", "source_root", "vector", "probability", "probability_source")
         ids = []
         now = utc_now()
         sql = (f"INSERT INTO sightings ({', '.join(cols)}, created) VALUES ({', '.join('?' * len(cols))}, ?) "
@@ -660,6 +662,11 @@ class Gallery(Curation):
                     if vec.size == 0 or not np.all(np.isfinite(vec)):
                         raise InputError("A sighting's vector must be non-empty and finite.")
                     vals[16] = vec.tobytes()
+                if vals[17] is not None:
+                    prob = float(vals[17])
+                    if not 0.0 <= prob <= 1.0:  # also refuses NaN
+                        raise InputError(f"A sighting's probability must lie in [0, 1], got {vals[17]!r}")
+                    vals[17] = prob
                 cur = con.execute(sql, (*vals, now))
                 if cur.rowcount == 1:
                     ids.append(int(cur.lastrowid))

@@ -24,7 +24,15 @@ the official files in ``../shared/standards/camtrap-dp-1.0.2``) and reads in cam
 * identities are read from the **gallery at report time** (:mod:`fieldreid.report.identities`): merges,
   renames, confirmations and review verdicts show; a person's confirmation or review is
   ``classificationMethod = human`` with ``classifiedBy`` = who, a match stays ``machine`` with the embedder's
-  model id. Scores are cosines, not calibrated probabilities; the standard has no better field.
+  model id.
+* ``classificationProbability`` says how sure the classification in *that row* is. A row with an
+  ``individualID`` from fieldreid (*known*, or *new*: a provisional animal) carries the decision's
+  calibrated probability (:attr:`fieldreid.gallery.openset.Decision.probability`: P(that animal), or P(a new
+  animal)), one per track; empty where the gallery held no calibration (never a cosine) and for a person's
+  classification. An *uncertain* row names no individual, so its probability of the best candidate goes in
+  ``observationComments``. A detection with no identity decision keeps the detector's confidence: that row
+  classifies the observation type (animal / human / vehicle), which is what the detector decided. An
+  event-level individual row takes the highest probability of its tracks.
 * timestamps: EXIF ``OffsetTimeOriginal``, else the deployment's ``utcOffset``, else ``--utc-offset``, else
   +00:00 (a guess, warned).
 * package metadata: ``--project FILE`` (JSON or TOML: ``title``, ``description``, ``contributors``, ``licenses``,
@@ -49,7 +57,7 @@ from urllib.parse import quote
 
 from fieldreid.errors import FieldreidError
 from fieldreid.report.identities import IdentityResolver, review_view
-from fieldreid.report.tables import atomic_text
+from fieldreid.report.tables import atomic_text, decision_probability
 from fieldreid.storage.fsutil import path_text, text_path
 from fieldreid.watch.state import StateDB
 
@@ -415,7 +423,8 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
             rows = con.execute(
                 "SELECT i.sha256, i.path, i.camera, i.captured, i.captured_ts, i.utc_offset, i.event_id, i.width, "
                 "i.height, d.idx, d.category, d.conf, d.x1, d.y1, d.x2, d.y2, c.decision, c.identity, c.score, "
-                "c.model_id, c.decided, c.track, c.species FROM images i LEFT JOIN detections d ON d.sha256 = i.sha256 "
+                f"c.model_id, c.decided, c.track, c.species, {decision_probability(con)} "
+                "FROM images i LEFT JOIN detections d ON d.sha256 = i.sha256 "
                 "LEFT JOIN decisions c ON c.sha256 = d.sha256 AND c.idx = d.idx "
                 "ORDER BY i.camera, i.captured_ts, i.path, d.idx")
             current: str | None = None
@@ -457,7 +466,7 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
             base: dict = {}
             sorted_as: str | None = None
             for (sha, path, cam, captured, ts_num, off, event, iw, ih, idx, cat, conf, x1, y1, x2, y2, decision,
-                 identity, score, model_id, decided, track, searched) in rows:
+                 identity, score, model_id, decided, track, searched, probability) in rows:
                 if sha != current:
                     if current is not None:
                         flush(ev, base, sorted_as)
@@ -473,6 +482,8 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
                     continue
                 otype = OBSERVATION_TYPES.get(cat, "unknown")
                 bx = _bbox(x1, y1, x2, y2, iw, ih)
+                # the detector classified this box (animal / human / vehicle): its confidence is the probability
+                # of that classification; an identity decision below replaces both with the embedder's
                 row = {**base, "observationID": f"{sha[:20]}_{idx}", "observationType": otype, "count": 1,
                        "bboxX": bx[0], "bboxY": bx[1], "bboxWidth": bx[2], "bboxHeight": bx[3],
                        "classificationMethod": "machine", "classifiedBy": detector,
@@ -495,8 +506,10 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
                     tags = [f"fieldreid:{decision}"]
                     row["classifiedBy"] = model_id or embedder
                     row["classificationTimestamp"] = _utc(decided)
-                    if decision in ("known", "uncertain") and score is not None:
-                        row["classificationProbability"] = _num(score, 4)
+                    # the decision's calibrated probability for the individual it names (known: that animal,
+                    # new: a new animal); none without a calibration, and none for uncertain (no individual named)
+                    row["classificationProbability"] = (_num(probability, 4) if probability is not None
+                                                        and decision in ("known", "new") else "")
                     if verdict:
                         tags = [f"fieldreid:reviewed:{verdict}"]
                         human = (standing.who, standing.at)
@@ -510,8 +523,10 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
                                 human = (res.human_by, res.human_at)
                                 tags.append("fieldreid:confirmed")
                         elif identity:
-                            row["observationComments"] = (f"uncertain: best candidate {res.identity or identity} "
-                                                          f"(cosine {score:.3f})")
+                            said = [f"probability {probability:.3f}"] if probability is not None else []
+                            said += [f"score {score:.3f}"] if score is not None else []
+                            row["observationComments"] = (f"uncertain: best candidate {res.identity or identity}"
+                                                          + (f" ({', '.join(said)})" if said else ""))
                     id_species = (resolver.species(individual) if individual else None)
                     label = None if verdict == "other_species" else species_of(path, cam, id_species, searched)
                     if individual:
@@ -530,6 +545,7 @@ def write_package(out: Path, pkg: Path, deployments_csv: Path | None = None, utc
                         if human and not agg["human"]:
                             agg["human"] = (human[0], _iso(human[1]))
                         if row["classificationProbability"] and not human:
+                            # one probability per track (its rows share it); the event row takes its best track's
                             p = float(row["classificationProbability"])
                             agg["prob"] = p if agg["prob"] is None else max(agg["prob"], p)
                         agg["comment"] = agg["comment"] or row.get("observationComments", "")

@@ -14,7 +14,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from fieldreid.report.tables import atomic_text
+from fieldreid.report.tables import atomic_text, decision_probability
 from fieldreid.watch.state import StateDB
 
 THUMB = 96
@@ -112,14 +112,15 @@ def write_html(out: Path, path: Path, title: str | None = None, max_animals: int
                  "<h2>New and uncertain animals</h2>"]
         rows = con.execute(
             "SELECT c.decision, c.identity, c.score, c.top, c.n_frames, c.calibrated, c.event_id, i.path, i.camera, "
-            "i.captured, d.thumb, d.conf, c.sha256, d.x1, d.y1, d.x2, d.y2 FROM decisions c JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON "
+            f"i.captured, d.thumb, d.conf, {decision_probability(con)}, c.sha256, d.x1, d.y1, d.x2, d.y2 "
+            "FROM decisions c JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON "
             "d.sha256 = c.sha256 AND d.idx = c.idx WHERE c.representative = 1 AND c.decision IN ('new', 'uncertain') "
             "ORDER BY c.decision DESC, i.captured LIMIT ?", (int(max_animals),)).fetchall()
         if not rows:
             parts.append("<p>None: every animal seen was matched with confidence.</p>")
-        view = review_view(gallery, {(r[12], box_key(r[13:17])) for r in rows})
-        for (decision, identity, score, top, n_frames, calibrated, event, file, camera, captured, thumb, conf, sha,
-             *box) in rows:
+        view = review_view(gallery, {(r[13], box_key(r[14:18])) for r in rows})
+        for (decision, identity, score, top, n_frames, calibrated, event, file, camera, captured, thumb, conf, prob,
+             sha, *box) in rows:
             res = resolver.resolve(identity, sha, box_key(box))
             standing = view.get((sha, box_key(box)))
             identity = res.identity if identity else None
@@ -129,7 +130,7 @@ def write_html(out: Path, path: Path, title: str | None = None, max_animals: int
                 if decision == "new" and ident == identity:
                     continue
                 figs.append(f'<div class="fig">{_img(matches.thumb(ident), ident)}{html.escape(ident)}<br>'
-                            f"cosine {s:.3f}</div>")
+                            f"score {s:.3f}</div>")
             label = identity or "—"
             if getattr(standing, "verdict", None):
                 identity = standing.identity
@@ -139,8 +140,10 @@ def write_html(out: Path, path: Path, title: str | None = None, max_animals: int
             note = "" if calibrated else " (uncalibrated thresholds)"
             parts.append(
                 f'<div class="animal {decision}"><div class="meta"><b>{decision.upper()}</b>{note}<br>'
-                f"identity: <code>{html.escape(label)}</code><br>best score: "
-                f"{'—' if score is None else f'{score:.3f}'}<br>camera {html.escape(camera)}, event {event}, "
+                f"identity: <code>{html.escape(label)}</code><br>score: "
+                f"{'—' if score is None else f'{score:.3f}'}<br>probability "
+                f"{'of a new animal' if decision == 'new' else 'of the best candidate'}: "
+                f"{'— (not calibrated)' if prob is None else f'{prob:.3f}'}<br>camera {html.escape(camera)}, event {event}, "
                 f"{n_frames} frame(s)<br>{html.escape(captured)}<br><small>{html.escape(file)} (det {conf:.2f})"
                 f"</small></div>{''.join(figs)}</div>")
         failed = con.execute("SELECT path, reason FROM files WHERE status = 'failed' ORDER BY path LIMIT 500").fetchall()

@@ -4,7 +4,9 @@
   duplicate file carries its original's detections (it is the same picture), an unreadable one a
   ``failure``; files still being written are left out until they are done.
 * ``images.csv`` — one row per file: state, failure reason, capture time and its source, camera, event.
-* ``sightings.csv`` — one row per animal detection with its (event-fused) decision.
+* ``sightings.csv`` — one row per animal detection with its (event-fused) decision: ``score`` is what the
+  thresholds compared (the cosine, or the fused probability where verification decided), ``probability``
+  the decision's calibrated probability (empty without a calibration).
 
 File names are the text form of :func:`fieldreid.storage.fsutil.path_text`, as the results database stores them:
 a name that is not valid UTF-8 (a damaged FAT card) keeps its readable part and gets ``\\xNN`` for each
@@ -43,13 +45,26 @@ def atomic_text(path: str | Path) -> Iterator[IO[str]]:
         yield fh
 
 
-def _md_individual(decision: str | None, identity: str | None, score: float | None) -> tuple[str, float] | None:
-    """(individual, conf) of an animal for the MegaDetector JSON: ``known`` - the match and its cosine;
-    ``uncertain`` - the best candidate and its (lower) cosine, so a threshold in Timelapse hides it; ``new`` - the
-    animal's own new identity with conf 1.0 (it was made from this animal)."""
+def decision_probability(con) -> str:
+    """SQL for the decisions' calibrated probability (table alias ``c``): ``NULL`` in a results database
+    decided before it had the column (a report opens it read-only, unmigrated)."""
+    cols = {r[1] for r in con.execute("PRAGMA table_info(decisions)")}
+    return "c.probability" if "probability" in cols else "NULL"
+
+
+def _md_individual(decision: str | None, identity: str | None, score: float | None,
+                   probability: float | None = None) -> tuple[str, float] | None:
+    """(individual, conf) of an animal for the MegaDetector JSON. ``conf`` is the decision's calibrated
+    probability where the gallery held a calibration (known: P(that animal); new: P(a new animal); uncertain:
+    P(the best candidate), low, so a threshold in Timelapse hides it). Without one - the format needs a number
+    - it is the old ranking value: the cosine for known / uncertain, 1.0 for new (the identity was made from
+    this animal); ``info.classification_conf`` says which (see :func:`write_detections_json`)."""
     if not identity or decision not in ("known", "new", "uncertain"):
         return None
-    conf = 1.0 if decision == "new" else min(1.0, max(0.0, float(score or 0.0)))
+    if probability is not None:
+        conf = min(1.0, max(0.0, float(probability)))
+    else:
+        conf = 1.0 if decision == "new" else min(1.0, max(0.0, float(score or 0.0)))
     return identity, round(conf, 3)
 
 
@@ -63,24 +78,28 @@ def write_detections_json(con, path: Path, detector: str, conf_threshold: float,
     """
     from fieldreid.gallery.store import box_key
 
-    def current(decision, identity, score, sha, box) -> tuple[tuple[str, float] | None, str | None]:
+    def current(decision, identity, score, sha, box, prob) -> tuple[tuple[str, float] | None, str | None]:
         if resolver is not None and identity:
             res = resolver.resolve(identity, sha, box_key(box))
             identity = res.identity
-            return _md_individual(decision, identity, score), resolver.species(identity)
-        return _md_individual(decision, identity, score), None
+            return _md_individual(decision, identity, score, prob), resolver.species(identity)
+        return _md_individual(decision, identity, score, prob), None
 
+    prob_sql = decision_probability(con)
     species_of: dict[str, str] = {}
-    for decision, identity, score, sha, searched, x1, y1, x2, y2 in con.execute(
-            "SELECT c.decision, c.identity, c.score, c.sha256, c.species, d.x1, d.y1, d.x2, d.y2 FROM decisions c "
-            "JOIN detections d ON d.sha256 = c.sha256 AND d.idx = c.idx"):
-        ind, sp = current(decision, identity, score, sha, (x1, y1, x2, y2))
+    n_prob = n_ids = 0
+    for decision, identity, score, sha, searched, x1, y1, x2, y2, prob in con.execute(
+            "SELECT c.decision, c.identity, c.score, c.sha256, c.species, d.x1, d.y1, d.x2, d.y2, "
+            f"{prob_sql} FROM decisions c JOIN detections d ON d.sha256 = c.sha256 AND d.idx = c.idx"):
+        ind, sp = current(decision, identity, score, sha, (x1, y1, x2, y2), prob)
         if ind is not None:
             species_of.setdefault(ind[0], sp or searched or "animal")
+            n_ids += 1
+            n_prob += prob is not None
     cat_id = {name: str(i) for i, name in enumerate(sorted(species_of), start=1)}
     rows = con.execute(
         "SELECT f.path, f.status, f.reason, i.width, i.height, d.category, d.conf, d.x1, d.y1, d.x2, d.y2, "
-        "c.decision, c.identity, c.score, i.sha256 "
+        f"c.decision, c.identity, c.score, i.sha256, {prob_sql} "
         "FROM files f LEFT JOIN images i ON i.sha256 = f.sha256 AND f.status IN ('done', 'duplicate') "
         "LEFT JOIN detections d ON d.sha256 = i.sha256 LEFT JOIN decisions c ON c.sha256 = d.sha256 AND c.idx = d.idx "
         "WHERE f.status != 'pending' ORDER BY f.path, d.conf DESC")
@@ -96,7 +115,7 @@ def write_detections_json(con, path: Path, detector: str, conf_threshold: float,
                 if cat is not None and w:
                     det = md_detection(cat, r[6], (r[7], r[8], r[9], r[10]), (h, w))
                     if det is not None:
-                        ind = current(r[11], r[12], r[13], r[14], (r[7], r[8], r[9], r[10]))[0]
+                        ind = current(r[11], r[12], r[13], r[14], (r[7], r[8], r[9], r[10]), r[15])[0]
                         if ind is not None and ind[0] in cat_id:
                             det["classifications"] = [[cat_id[ind[0]], ind[1]]]
                         dets.append(det)
@@ -105,6 +124,9 @@ def write_detections_json(con, path: Path, detector: str, conf_threshold: float,
     info = dict(extra_info or {})
     if cat_id:
         info.setdefault("classifier", "fieldreid re-identification (individuals)")
+        info.setdefault("classification_conf", "calibrated probability" if n_prob == n_ids else
+                        "calibrated probability where the gallery held a calibration "
+                        f"({n_prob} of {n_ids} animals), else the cosine (known, uncertain) or 1.0 (new)")
     return write_batch_output(path, entries(), detector, conf_threshold, info,
                               {v: k for k, v in cat_id.items()} or None,
                               {cat_id[k]: v for k, v in species_of.items()} or None)
@@ -152,7 +174,7 @@ def write_images_csv(con, path: Path, animal_conf: float = 0.0) -> int:
 
 SIGHTING_COLUMNS = ["file", "camera", "captured", "utc_offset", "event_id", "track", "box_index", "conf",
                     "bbox_x", "bbox_y", "bbox_w", "bbox_h", "decision", "identity", "score", "runner_up",
-                    "runner_up_score", "calibrated", "frames_fused", "model_id", "gallery_version"]
+                    "runner_up_score", "calibrated", "frames_fused", "model_id", "gallery_version", "probability"]
 
 
 def sighting_rows(con) -> Iterator[tuple]:
@@ -160,7 +182,8 @@ def sighting_rows(con) -> Iterator[tuple]:
     yield from con.execute(
         "SELECT i.path, i.camera, i.captured, i.utc_offset, i.event_id, c.track, d.idx, d.conf, d.x1, d.y1, d.x2, "
         "d.y2, i.width, i.height, c.decision, c.identity, c.score, c.runner_up, c.runner_up_score, c.calibrated, "
-        "c.n_frames, c.model_id, c.gallery_version FROM detections d JOIN images i ON i.sha256 = d.sha256 "
+        f"c.n_frames, c.model_id, c.gallery_version, {decision_probability(con)} FROM detections d "
+        "JOIN images i ON i.sha256 = d.sha256 "
         "LEFT JOIN decisions c ON c.sha256 = d.sha256 AND c.idx = d.idx WHERE d.embedding IS NOT NULL "
         "ORDER BY i.captured, i.path, d.idx")
 
@@ -176,12 +199,12 @@ def write_sightings_csv(con, path: Path) -> int:
         w.writerow(SIGHTING_COLUMNS)
         for r in sighting_rows(con):
             (file, camera, captured, offset, event, track, idx, conf, x1, y1, x2, y2, iw, ih, decision, identity,
-             score, runner, runner_score, calibrated, n_frames, model_id, gv) = r
+             score, runner, runner_score, calibrated, n_frames, model_id, gv, prob) = r
             w.writerow([file, camera, captured, offset or "", event, "" if track is None else track, idx,
                         _r(conf, 4), _r(x1 / iw), _r(y1 / ih), _r((x2 - x1) / iw), _r((y2 - y1) / ih),
                         decision or "pending", identity or "", _r(score), runner or "", _r(runner_score),
                         "" if calibrated is None else bool(calibrated), n_frames or "", model_id or "",
-                        "" if gv is None else gv])
+                        "" if gv is None else gv, _r(prob)])
             n += 1
     return n
 

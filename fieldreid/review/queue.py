@@ -105,11 +105,13 @@ class ReviewSource:
 
     # ------------------------------------------------------------------ tracks
     def _rows(self, where: str = "", args: tuple = ()) -> list[tuple]:
+        from fieldreid.report.tables import decision_probability
+
         return self.state.con.execute(
             "SELECT c.event_id, c.track, c.sha256, c.idx, c.representative, c.decision, c.identity, c.score, "
             "c.n_frames, c.species, c.upper, c.lower, c.calibrated, c.threshold_method, c.model_id, c.top, i.path, "
-            "i.camera, i.captured, i.utc_offset, i.width, i.height, d.conf, d.x1, d.y1, d.x2, d.y2, d.embedding "
-            "FROM decisions c JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON d.sha256 = c.sha256 AND "
+            "i.camera, i.captured, i.utc_offset, i.width, i.height, d.conf, d.x1, d.y1, d.x2, d.y2, d.embedding, "
+            f"{decision_probability(self.state.con)} FROM decisions c JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON d.sha256 = c.sha256 AND "
             "d.idx = c.idx JOIN events e ON e.id = c.event_id WHERE e.status = 'closed'" + where +
             " ORDER BY c.event_id, c.track, i.captured_ts, i.path, c.idx", args).fetchall()
 
@@ -140,7 +142,7 @@ class ReviewSource:
                 t.update(decision=r[5], machine_identity=r[6], score=r[7], n_frames=r[8], species=r[9], upper=r[10],
                          lower=r[11], calibrated=bool(r[12]), threshold_method=r[13], model_id=r[14],
                          top=json.loads(r[15] or "[]"), camera=r[17], captured=frame["captured"], file=r[16],
-                         conf=r[22], rep=frame)
+                         conf=r[22], rep=frame, probability=r[28])
         found = self._sightings([(f["sha"], f["box"]) for t in tracks.values() for f in t["frames"]])
         all_ids = []
         for t in tracks.values():
@@ -193,7 +195,8 @@ class ReviewSource:
     def _summary(t: dict) -> dict:
         rep = t["rep"]
         return {"key": t["key"], "decision": t["decision"], "identity": t["identity"],
-                "machine_identity": t["machine_identity"], "score": t["score"], "species": t["species"],
+                "machine_identity": t["machine_identity"], "score": t["score"], "probability": t["probability"],
+                "species": t["species"],
                 "camera": t["camera"], "captured": t["captured"], "file": t["file"], "n_frames": t["n_frames"],
                 "qc": t["qc"], "in_gallery": t["in_gallery"], "review": t["review"],
                 "thumb": f"img/thumb/{rep['sha']}/{rep['idx']}"}
@@ -269,9 +272,9 @@ class ReviewSource:
                            "frame": f"img/frame/{f['sha']}", "crop": f"img/crop/{f['sha']}/{f['idx']}",
                            "thumb": f"img/thumb/{f['sha']}/{f['idx']}"})
         frames.sort(key=lambda f: (not f["rep"], f["captured"], f["file"]))
-        info = {k: t[k] for k in ("key", "event", "track", "decision", "machine_identity", "score", "n_frames",
-                                  "species", "upper", "lower", "calibrated", "threshold_method", "model_id", "camera",
-                                  "captured", "file", "conf", "qc", "in_gallery", "review")}
+        info = {k: t[k] for k in ("key", "event", "track", "decision", "machine_identity", "score", "probability",
+                                  "n_frames", "species", "upper", "lower", "calibrated", "threshold_method", "model_id",
+                                  "camera", "captured", "file", "conf", "qc", "in_gallery", "review")}
         info["top_at_decision"] = t["top"]
         info["frames"] = frames
         info["identity"] = self._identity(current) if current else None

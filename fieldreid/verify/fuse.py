@@ -10,6 +10,10 @@ a calibrated probability too.
 
 :class:`Fusion` is plain data (``to_dict``/``from_dict``): it is stored with the gallery's thresholds, per
 species and model, with the decision whether verification pays for that species (:attr:`Fusion.pays`).
+``fieldreid calibrate`` stores a cosine-only fit for every species it calibrates; ``calibrate --verify``
+stores the fit with inliers and, inside it (:attr:`Fusion.cosine_only`), the cosine-only fit, which gives
+the probability of a crop that was not verified (verification off for the species, no local features).
+:meth:`Fusion.for_cosine` picks the fit for a cosine alone.
 """
 
 from __future__ import annotations
@@ -58,6 +62,18 @@ class Fusion:
     n_positive: int = 0
     pays: bool | None = None
     evidence: dict = field(default_factory=dict)
+    #: on a fit with inliers: the cosine-only fit, for crops that are not verified (None: fitted before
+    #: there was one, and on a cosine-only fit, which is its own)
+    cosine_only: Fusion | None = None
+
+    def __post_init__(self) -> None:
+        if self.cosine_only is not None and self.cosine_only.uses_inliers:
+            raise InputError("A fusion's cosine-only fallback must be fitted without inlier counts.")
+
+    def for_cosine(self) -> Fusion | None:
+        """The fit that turns a cosine alone into a probability: this one when it has no inlier weight,
+        else its :attr:`cosine_only` fallback (None when there is none)."""
+        return self if not self.uses_inliers else self.cosine_only
 
     def probability(self, cos, inliers=None) -> np.ndarray:
         """P(same animal) for each (cosine, inlier count) pair; inliers are ignored by a cosine-only fit."""
@@ -69,6 +85,7 @@ class Fusion:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["coef"] = list(self.coef)
+        d["cosine_only"] = self.cosine_only.to_dict() if self.cosine_only is not None else None
         return d
 
     @classmethod
@@ -80,8 +97,12 @@ class Fusion:
             raise InputError(f"Stored fusion weights are malformed ({exc}); run `fieldreid calibrate` again.") from exc
         if len(coef) != 2 + uses:
             raise InputError(f"Stored fusion has {len(coef)} weights, expected {2 + uses}.")
+        inner = d.get("cosine_only")
+        if inner is not None and not isinstance(inner, dict):
+            raise InputError("Stored fusion's cosine-only fit is malformed; run `fieldreid calibrate` again.")
         return cls(coef, uses, str(d.get("feature_kind", "")), int(d.get("k", 0)), int(d.get("n_pairs", 0)),
-                   int(d.get("n_positive", 0)), d.get("pays"), dict(d.get("evidence") or {}))
+                   int(d.get("n_positive", 0)), d.get("pays"), dict(d.get("evidence") or {}),
+                   cls.from_dict(inner) if inner is not None else None)
 
 
 def fit_fusion(cos: Sequence[float], inliers: Sequence[float] | None, same: Sequence[bool], ridge: float = RIDGE,

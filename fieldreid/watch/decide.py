@@ -41,9 +41,11 @@ def event_sightings(state: StateDB, event_id: int) -> list[Sighting]:
 
 def decision_row(d: Decision, s: Sighting, event_id: int, track: int, n_frames: int, representative: bool,
                  now: float) -> dict:
-    """The ``decisions`` row of one track member: the track's decision, recorded against this detection."""
+    """The ``decisions`` row of one track member: the track's decision, recorded against this detection
+    (its probability too: one per track, from the track's fused embedding, not one per frame)."""
     return {"sha256": s.sha256, "idx": s.idx, "event_id": event_id, "track": track, "n_frames": n_frames,
             "decision": d.decision, "identity": d.identity, "score": d.score, "runner_up": d.runner_up,
+            "probability": d.probability, "probability_source": d.probability_source,
             "runner_up_score": d.runner_up_score, "upper": d.upper, "lower": d.lower,
             "calibrated": int(d.calibrated), "threshold_method": d.threshold_method, "model_id": d.model_id,
             "gallery_version": d.gallery_version, "species": d.species,
@@ -67,6 +69,7 @@ def apply_gallery(state: StateDB, gallery: Gallery, event_id: int, root: Path, r
     rows = state.rows(
         "SELECT c.sha256, c.idx, c.track, c.decision, c.identity, c.score, c.runner_up, c.runner_up_score, "
         "c.upper, c.lower, c.threshold_method, c.model_id, c.gallery_version, c.species, c.representative, "
+        "c.probability, c.probability_source, "
         "i.path, i.captured, i.utc_offset, i.camera, d.x1, d.y1, d.x2, d.y2, d.embedding FROM decisions c "
         "JOIN images i ON i.sha256 = c.sha256 JOIN detections d ON d.sha256 = c.sha256 AND d.idx = c.idx "
         "WHERE c.event_id = ? ORDER BY c.track, i.captured_ts, i.path, c.idx", (event_id,))
@@ -96,6 +99,7 @@ def apply_gallery(state: StateDB, gallery: Gallery, event_id: int, root: Path, r
                           "score": r["score"], "runner_up_id": r["runner_up"], "runner_up_score": r["runner_up_score"],
                           "upper": r["upper"], "lower": r["lower"], "threshold_method": r["threshold_method"],
                           "model_id": r["model_id"], "gallery_version": r["gallery_version"],
+                          "probability": r["probability"], "probability_source": r["probability_source"],
                           # unique by (content, box) in the gallery; the crop is read back under the root
                           "source_sha256": r["sha256"], "source_root": source_root,
                           "vector": None if r["embedding"] is None else np.frombuffer(r["embedding"], EMBED_DTYPE)})

@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
-
-from fieldreid.types import DecisionKind
 
 #: Cosine a detection needs to join a track whose last box it continues closely (small boxes, a short
 #: time apart): with position vouching for it, appearance only has to agree. Frames of one burst score
@@ -219,10 +217,7 @@ def exclusive_identities(tracks: Sequence[Track], decisions: Sequence) -> list:
             taken[i] = d.identity
             continue
         alt = next(((ident, score) for ident, score in d.top if ident not in blocked), None)
-        if alt is None or alt[1] < d.lower:
-            out[i] = replace(d, decision=DecisionKind.NEW, identity=None, score=alt[1] if alt else None)
-            continue
-        decision = DecisionKind.KNOWN if alt[1] >= d.upper else DecisionKind.UNCERTAIN
-        out[i] = replace(d, decision=decision, identity=alt[0], score=alt[1])
-        taken[i] = alt[0]
+        out[i] = d.reassigned(alt)  # decided again on alt, with alt's probability (or that of a new animal)
+        if out[i].identity is not None:
+            taken[i] = out[i].identity
     return out

@@ -115,7 +115,13 @@ _V1 = [
     "CREATE INDEX decisions_event ON decisions(event_id)",
     f"PRAGMA application_id = {APPLICATION_ID}",
 ]
-MIGRATIONS: list[list[str]] = [_V1]
+#: v2: each track's calibrated probability that its decision is right and the fit that gave it
+#: (:attr:`fieldreid.gallery.openset.Decision.probability`); NULL in results decided before v2
+_V2 = [
+    "ALTER TABLE decisions ADD COLUMN probability REAL",
+    "ALTER TABLE decisions ADD COLUMN probability_source TEXT",
+]
+MIGRATIONS: list[list[str]] = [_V1, _V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

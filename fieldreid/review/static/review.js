@@ -111,9 +111,12 @@
     sum.className = "summary " + it.decision;
     const ident = it.identity;
     let said;
-    if (it.decision === "new") said = `new animal${ident ? " → " + ident.id + (ident.own ? " (provisional, made for it)" : "") : ""}`;
-    else if (it.decision === "uncertain") said = `uncertain: best candidate ${it.machine_identity} (cosine ${fmt(it.score)})`;
-    else said = `known as ${it.machine_identity} (cosine ${fmt(it.score)})`;
+    // score: what the thresholds compared (cosine, or the fused probability where verification decided);
+    // probability: the calibrated probability that the decision is right (none without a calibration)
+    const prob = it.probability === null || it.probability === undefined ? "" : `, probability ${fmt(it.probability)}`;
+    if (it.decision === "new") said = `new animal${ident ? " → " + ident.id + (ident.own ? " (provisional, made for it)" : "") : ""}${prob ? ` (${prob.slice(2)})` : ""}`;
+    else if (it.decision === "uncertain") said = `uncertain: best candidate ${it.machine_identity} (score ${fmt(it.score)}${prob})`;
+    else said = `known as ${it.machine_identity} (score ${fmt(it.score)}${prob})`;
     const th = it.calibrated ? `thresholds ${fmt(it.lower)} / ${fmt(it.upper)}` : `thresholds ${fmt(it.lower)} / ${fmt(it.upper)} (uncalibrated)`;
     fill(sum, 
       el("span", { class: "badge " + it.decision, text: it.decision }), it.qc ? el("span", { class: "badge qc", text: "QC sample" }) : null,

@@ -54,6 +54,19 @@ def test_enroll_calibrate_identify_eval_and_curate(tmp_path, app):
     qdir = tmp_path / "data/images/query"
     write_image(tmp_path / "new/a.png", (128, 128, 128), jitter=3, seed=1)
     write_image(tmp_path / "new/b.png", (128, 128, 128), jitter=3, seed=2)
+    # --no-record is a dry run: an animal never seen is decided "new" but nothing lands in the gallery
+    with Gallery(g) as gal:
+        before = ({i.id for i in gal.identities()}, gal.count_sightings(), gal.count_embeddings())
+    r = run(app, "identify", tmp_path / "new", "--gallery", g, "--crops", "--embedder", model, "--out",
+            tmp_path / "dry.json", "--no-record")
+    assert r.exit_code == 0, r.output
+    ds = json.loads((tmp_path / "dry.json").read_text())["decisions"]
+    assert [(d["decision"], d["identity"], d["created_identity"]) for d in ds] == [("new", None, False)] * 2
+    with Gallery(g) as gal:
+        assert ({i.id for i in gal.identities()}, gal.count_sightings(), gal.count_embeddings()) == before
+    r = run(app, "identify", tmp_path / "new", "--gallery", g, "--crops", "--embedder", model, "--out",
+            tmp_path / "dry.json", "--no-record", "--new-identities")
+    assert r.exit_code != 0 and "--no-record writes nothing" in r.output
     out = tmp_path / "decisions.json"
     r = run(app, "identify", qdir, tmp_path / "new", "--gallery", g, "--crops", "--embedder", model, "--out", out)
     assert r.exit_code == 0, r.output
@@ -72,6 +85,7 @@ def test_enroll_calibrate_identify_eval_and_curate(tmp_path, app):
     assert r.exit_code == 0, r.output
     lines = csv_out.read_text().splitlines()
     assert lines[0].startswith("file,box,decision,identity,score,runner_up") and len(lines) == 3
+
 
     r = run(app, "eval", csv, "--crops", "--json", "--embedder", model)
     assert r.exit_code == 0, r.output

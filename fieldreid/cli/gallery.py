@@ -134,9 +134,12 @@ def identify_cmd(
     species: Annotated[str | None, typer.Option(help="Species of the animals (restricts the search; names "
                                                      "provisional identities).")] = None,
     k: Annotated[int, typer.Option(help="Candidates listed per crop.")] = 5,
-    record: Annotated[bool, typer.Option(help="Record sightings in the gallery.")] = True,
-    new_identities: Annotated[bool, typer.Option("--new-identities/--no-new-identities",
-                                                 help="Create provisional identities for new animals.")] = True,
+    record: Annotated[bool, typer.Option(help="Record sightings in the gallery; --no-record is a dry run that "
+                                              "writes nothing to it (no sightings, no provisional identities).")
+                      ] = True,
+    new_identities: Annotated[bool | None, typer.Option("--new-identities/--no-new-identities",
+                                                        help="Create provisional identities for new animals "
+                                                             "(default: yes, unless --no-record).")] = None,
     embedder: EmbedderOpt = None,
     detector: DetectorOpt = None,
     conf: ConfOpt = 0.2,
@@ -152,6 +155,10 @@ def identify_cmd(
 
     if out_path.suffix.lower() not in (".csv", ".json"):
         raise InputError(f"--out must end in .csv or .json, got {out_path.name}")
+    if new_identities and not record:
+        raise InputError("--no-record writes nothing to the gallery, but --new-identities would add provisional "
+                         "identities to it: drop one of the two.")
+    new_identities = record if new_identities is None else new_identities
     files = list(iter_files(paths))
     if not files:
         raise InputError(f"No images found under {', '.join(map(str, paths))}.")

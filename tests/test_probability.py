@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from test_gallery_helpers import clusters, tiny_embedder_onnx, unit
 from test_verify import coat, photo
+from test_verify_cli import coats_dataset
 from typer.testing import CliRunner
 
 from fieldreid.errors import InputError
@@ -289,18 +290,6 @@ OLD_CSV_COLUMNS = ["file", "box", "decision", "identity", "score", "runner_up", 
                    "top5", "sighting_id", "error"]
 
 
-def _coats_dataset(root: Path, n_ids: int = 8, per_id: int = 3) -> Path:
-    rows = ["image_id,identity,path,species,split"]
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    for i in range(n_ids):
-        for j in range(per_id):
-            rel = f"img/{i}_{j}.png"
-            cv2.imwrite(str(root / rel), photo(coat(200 + i), 10 * i + j))
-            rows.append(f"{i}-{j},animal{i},{rel},zebra,all")
-    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return root / "metadata.csv"
-
-
 def test_calibrate_stores_a_cosine_fit_verify_keeps_it_inside_and_identify_writes_the_probability(tmp_path):
     from fieldreid.cli.app import app
 
@@ -309,7 +298,7 @@ def test_calibrate_stores_a_cosine_fit_verify_keeps_it_inside_and_identify_write
         assert r.exit_code == 0, r.output
         return r.output
 
-    data = _coats_dataset(tmp_path / "data")
+    data = coats_dataset(tmp_path / "data")
     model = tiny_embedder_onnx(tmp_path / "tiny.onnx")
     g = tmp_path / "g.db"
     run("enroll", data, "--gallery", g, "--crops", "--embedder", model, "--no-features")

@@ -167,18 +167,9 @@ def _is_our_checkpoint(path: Path) -> bool:
 def _load_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"--init {path} does not exist.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelError(f"{path} is not a weights-only torch file ({type(exc).__name__}: {exc}). fieldreid "
-                         "does not unpickle arbitrary objects; save the model's state_dict().") from exc
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{path} does not hold a state dict (name -> tensor).")
-    return obj
+    from fieldreid.teachers.common import read_weights  # weights-only torch or safetensors, never unpickled
+
+    return read_weights(path)
 
 
 def _stages(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:

@@ -6,6 +6,10 @@ For each labelled set (nyala test: 58 animals the embedder never saw; zebra), in
   (RootSIFT, 1,000 keypoints; each query's global top-K re-scored by the fused probability; fusion
   cross-fitted on two identity folds): top-1 and open-set GM before/after, features ms per image and
   verification ms per query at K = 20 and 10;
+* what verification costs `fieldreid watch --once` on the camtrap images (the 120 readable JPEGs, whose animals
+  all match a zebra gallery's identities, so every track is verified): the same lab gallery of zebra database
+  crops, calibrated with ``--verify`` (verification pays for zebra) vs enrolled ``--no-features`` and calibrated
+  without it, runs alternated, whole command timed;
 * faster options measured the same way in-process (same embeddings, same top-K, same fusion fit and
   RANSAC, only the features and their nearest-neighbour matching differ): RootSIFT capped at 300
   keypoints, ORB (1,000, Hamming) and AKAZE (binary MLDB, Hamming). These rows are measurements, not
@@ -142,11 +146,56 @@ def compare_kinds(meta: Path, split: str | None, k: int = 20) -> dict:
     return out
 
 
+def fieldreid_cli(*args, check: bool = True) -> float:
+    t = time.perf_counter()
+    p = subprocess.run([str(Path(sys.executable).with_name("fieldreid")), *map(str, args)], capture_output=True,
+                       text=True, env=env(), cwd=ROOT)
+    if check and p.returncode:
+        raise SystemExit(f"fieldreid {' '.join(map(str, args))} failed:\n{p.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def watch_cost(shared: Path, rounds: int = 2) -> dict:
+    """``watch --once`` on the camtrap JPEGs against a zebra gallery with and without verification."""
+    import shutil
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_watch import camtrap_jpegs, make_folder
+
+    zebra = shared / "data" / "reid" / "zebra" / "metadata.csv"
+    work = Path(tempfile.mkdtemp(prefix="fieldreid-verify-watch-"))
+    try:
+        files = camtrap_jpegs(shared)
+        make_folder(files, 1, work / "cards")
+        labs = {"verified": work / "verified.db", "cosine only": work / "cosine.db"}
+        fieldreid_cli("enroll", zebra, "--split", "database", "--crops", "--gallery", labs["verified"])
+        fieldreid_cli("calibrate", zebra, "--split", "database", "--crops", "--gallery", labs["verified"], "--verify")
+        fieldreid_cli("enroll", zebra, "--split", "database", "--crops", "--gallery", labs["cosine only"],
+                      "--no-features")
+        fieldreid_cli("calibrate", zebra, "--split", "database", "--crops", "--gallery", labs["cosine only"])
+        seconds: dict[str, list[float]] = {k: [] for k in labs}
+        for r in range(rounds):
+            for name, lab in (labs.items() if r % 2 == 0 else reversed(labs.items())):
+                g, out = work / f"g-{r}.db", work / f"out-{r}-{name[0]}"
+                shutil.copyfile(lab, g)
+                seconds[name].append(fieldreid_cli("watch", work / "cards", "--gallery", g, "--out", out, "--once",
+                                                   "--settle", "0", "--threads", "2"))
+                g.unlink()
+        best = {k: min(v) for k, v in seconds.items()}
+        return {"images": len(files), "rounds": rounds, "seconds": seconds,
+                "slowdown_with_verification": round(best["verified"] / best["cosine only"] - 1, 3),
+                "target_max": 0.15}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "verify_results.json")
     ap.add_argument("--sets", default="nyala,zebra")
+    ap.add_argument("--no-watch", action="store_true", help="skip the watch-with-verification timing")
     args = ap.parse_args()
     os.environ.update(env())
     reid = args.shared / "data" / "reid"
@@ -156,7 +205,7 @@ def main() -> None:
         line = next((x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")), "")
         flags = " ".join(f for f in line.split() if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni"))
     results = []
-    for name in args.sets.split(","):
+    for name in [n for n in args.sets.split(",") if n]:
         meta, split = cases[name]
         print(f"== {name}", flush=True)
         product = cli_eval(meta, split)
@@ -172,7 +221,12 @@ def main() -> None:
                                                   "protocol": v.get("protocol"), "per_k": per_k,
                                                   "eval_seconds": product["command_seconds"]},
                         "other_kinds_k20": compare_kinds(meta, split)})
-    doc = {"bench": "verify", "cpu_count": os.cpu_count(), "cpu_flags": flags, "machine": platform.machine(),
+    watch = None
+    if not args.no_watch:
+        print("== watch --once on the camtrap JPEGs, zebra gallery with / without verification", flush=True)
+        watch = watch_cost(args.shared)
+        print(f"  {json.dumps(watch)}", flush=True)
+    doc = {"bench": "verify", "watch_cost": watch, "cpu_count": os.cpu_count(), "cpu_flags": flags, "machine": platform.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "opencv": cv2.__version__,
            "note": "run alone on the machine; see bench_verify.py", "results": results}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

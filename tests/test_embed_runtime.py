@@ -26,6 +26,25 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def megadetector_crops(crops: list[np.ndarray], up_to: int) -> None:
+    """Append crops of MegaDetector v5a's animal boxes (conf >= 0.2) on the animl-southwest frames until
+    ``crops`` holds ``up_to``; nothing where the data is absent."""
+    import cv2
+
+    boxes = CAMTRAP / "animl-southwest" / "megadetector_v5a_boxes.csv"
+    if not boxes.is_file():
+        return
+    for row in csv.DictReader(boxes.open()):
+        if len(crops) >= up_to or not row["conf"] or float(row["conf"]) < 0.2:
+            continue
+        img = cv2.imread(str(CAMTRAP / "animl-southwest" / row["FileName"]))
+        if img is None:
+            continue
+        H, W = img.shape[:2]
+        x, y, bw, bh = (float(row[k]) for k in ("bbox1", "bbox2", "bbox3", "bbox4"))
+        crops.append(cut(img, (x * W, y * H, (x + bw) * W, (y + bh) * H)))
+
+
 @pytest.fixture(scope="session")
 def real_crops() -> list[np.ndarray]:
     """Whole nyala photos (small, upscaled) and MegaDetector boxes from full-size camera-trap frames."""
@@ -36,17 +55,7 @@ def real_crops() -> list[np.ndarray]:
         img = cv2.imread(path)
         h, w = img.shape[:2]
         crops.append(cut(img, (0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)))
-    boxes = CAMTRAP / "animl-southwest" / "megadetector_v5a_boxes.csv"
-    if boxes.is_file():
-        for row in csv.DictReader(boxes.open()):
-            if len(crops) >= 20 or not row["conf"] or float(row["conf"]) < 0.2:
-                continue
-            img = cv2.imread(str(CAMTRAP / "animl-southwest" / row["FileName"]))
-            if img is None:
-                continue
-            H, W = img.shape[:2]
-            x, y, bw, bh = (float(row[k]) for k in ("bbox1", "bbox2", "bbox3", "bbox4"))
-            crops.append(cut(img, (x * W, y * H, (x + bw) * W, (y + bh) * H)))
+    megadetector_crops(crops, up_to=20)
     if len(crops) < 10:
         pytest.skip("real images not found under ../shared/data")
     return crops
@@ -213,17 +222,7 @@ def test_fast_preprocessing_matches_exact_on_real_crops(default_embedder_onnx):
         for row in list(csv.DictReader(meta.open()))[:60]:
             img = cv2.imread(str(meta.parent / row["path"]))
             crops.append(cut(img, (0.0, 0.0, float(img.shape[1]), float(img.shape[0]))))
-    boxes = CAMTRAP / "animl-southwest" / "megadetector_v5a_boxes.csv"
-    if boxes.is_file():
-        for row in csv.DictReader(boxes.open()):
-            if len(crops) >= 140 or not row["conf"] or float(row["conf"]) < 0.2:
-                continue
-            img = cv2.imread(str(CAMTRAP / "animl-southwest" / row["FileName"]))
-            if img is None:
-                continue
-            H, W = img.shape[:2]
-            x, y, bw, bh = (float(row[k]) for k in ("bbox1", "bbox2", "bbox3", "bbox4"))
-            crops.append(cut(img, (x * W, y * H, (x + bw) * W, (y + bh) * H)))
+    megadetector_crops(crops, up_to=140)
     if len(crops) < 60:
         pytest.skip("real zebra / nyala / camera-trap images not found under ../shared/data")
     sizes = [c.shape[0] * c.shape[1] for c in crops]

@@ -35,6 +35,7 @@ WhoOpt = Annotated[str | None, typer.Option(help="Name recorded in the change lo
 SeedOpt = Annotated[int, typer.Option(help="Seed of the known/unknown identity split.")]
 UnknownOpt = Annotated[float, typer.Option(help="Fraction of identities held out as unknown animals.")]
 EnrolOpt = Annotated[float, typer.Option(help="Fraction of each known identity's images enrolled.")]
+EmbedBatchOpt = Annotated[int, typer.Option(help="Images per embedder batch.")]
 
 
 def _print_failures(failures: list[tuple[str, str]], limit: int = 50) -> None:
@@ -80,7 +81,7 @@ def enroll_cmd(
     embedder: EmbedderOpt = None,
     detector: DetectorOpt = None,
     conf: ConfOpt = 0.2,
-    batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
+    batch: EmbedBatchOpt = 16,
     backend: BackendOpt = "auto",
     reembed: Annotated[bool, typer.Option("--reembed", help="First re-embed every gallery image with this "
                                                             "embedder (after a model change).")] = False,
@@ -306,7 +307,7 @@ def eval_cmd(
     embedder: EmbedderOpt = None,
     detector: DetectorOpt = None,
     conf: ConfOpt = 0.2,
-    batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
+    batch: EmbedBatchOpt = 16,
     backend: BackendOpt = "auto",
     verify: Annotated[bool, typer.Option("--verify", help="Also measure local-feature verification: each "
                                                           "query's top-K re-scored by the fused probability "
@@ -444,7 +445,7 @@ def calibrate_cmd(
     embedder: EmbedderOpt = None,
     detector: DetectorOpt = None,
     conf: ConfOpt = 0.2,
-    batch: Annotated[int, typer.Option(help="Images per embedder batch.")] = 16,
+    batch: EmbedBatchOpt = 16,
     backend: BackendOpt = "auto",
     who: WhoOpt = None,
     verify: Annotated[bool, typer.Option("--verify", help="Also fit, per species, the fusion of cosine and "

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,24 +35,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e.update(HF_HUB_OFFLINE="1", YOLO_OFFLINE="1", YOLO_AUTOINSTALL="False",
-             YOLO_CONFIG_DIR=str(ROOT / ".cache" / "ultralytics"), COLUMNS="200")
-    return e
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_e2e import env, fieldreid  # noqa: E402  (the one way the benches run the real CLI)
 
 
 def cli_eval(meta: Path, split: str | None) -> dict:
-    cmd = [str(Path(sys.executable).with_name("fieldreid")), "eval", str(meta), "--crops", "--verify", "--json",
-           *(["--split", split] if split else [])]
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=ROOT)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    p = fieldreid("eval", meta, "--crops", "--verify", "--json", *(["--split", split] if split else []))
     doc = json.loads(p.stdout[p.stdout.index("{"):])
-    doc["command_seconds"] = round(time.perf_counter() - t, 1)
+    doc["command_seconds"] = round(p.seconds, 1)
     return doc
 
 
@@ -146,21 +135,11 @@ def compare_kinds(meta: Path, split: str | None, k: int = 20) -> dict:
     return out
 
 
-def fieldreid_cli(*args, check: bool = True) -> float:
-    t = time.perf_counter()
-    p = subprocess.run([str(Path(sys.executable).with_name("fieldreid")), *map(str, args)], capture_output=True,
-                       text=True, env=env(), cwd=ROOT)
-    if check and p.returncode:
-        raise SystemExit(f"fieldreid {' '.join(map(str, args))} failed:\n{p.stderr[-2000:]}")
-    return time.perf_counter() - t
-
-
 def watch_cost(shared: Path, rounds: int = 2) -> dict:
     """``watch --once`` on the camtrap JPEGs against a zebra gallery with and without verification."""
     import shutil
     import tempfile
 
-    sys.path.insert(0, str(ROOT / "bench"))
     from bench_watch import camtrap_jpegs, make_folder
 
     zebra = shared / "data" / "reid" / "zebra" / "metadata.csv"
@@ -169,18 +148,18 @@ def watch_cost(shared: Path, rounds: int = 2) -> dict:
         files = camtrap_jpegs(shared)
         make_folder(files, 1, work / "cards")
         labs = {"verified": work / "verified.db", "cosine only": work / "cosine.db"}
-        fieldreid_cli("enroll", zebra, "--split", "database", "--crops", "--gallery", labs["verified"])
-        fieldreid_cli("calibrate", zebra, "--split", "database", "--crops", "--gallery", labs["verified"], "--verify")
-        fieldreid_cli("enroll", zebra, "--split", "database", "--crops", "--gallery", labs["cosine only"],
+        fieldreid("enroll", zebra, "--split", "database", "--crops", "--gallery", labs["verified"])
+        fieldreid("calibrate", zebra, "--split", "database", "--crops", "--gallery", labs["verified"], "--verify")
+        fieldreid("enroll", zebra, "--split", "database", "--crops", "--gallery", labs["cosine only"],
                       "--no-features")
-        fieldreid_cli("calibrate", zebra, "--split", "database", "--crops", "--gallery", labs["cosine only"])
+        fieldreid("calibrate", zebra, "--split", "database", "--crops", "--gallery", labs["cosine only"])
         seconds: dict[str, list[float]] = {k: [] for k in labs}
         for r in range(rounds):
             for name, lab in (labs.items() if r % 2 == 0 else reversed(labs.items())):
                 g, out = work / f"g-{r}.db", work / f"out-{r}-{name[0]}"
                 shutil.copyfile(lab, g)
-                seconds[name].append(fieldreid_cli("watch", work / "cards", "--gallery", g, "--out", out, "--once",
-                                                   "--settle", "0", "--threads", "2"))
+                seconds[name].append(fieldreid("watch", work / "cards", "--gallery", g, "--out", out, "--once",
+                                               "--settle", "0", "--threads", "2").seconds)
                 g.unlink()
         best = {k: min(v) for k, v in seconds.items()}
         return {"images": len(files), "rounds": rounds, "seconds": seconds,

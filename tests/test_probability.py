@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import sqlite3
 from pathlib import Path
 
@@ -219,6 +220,42 @@ def test_verified_decisions_take_the_fused_probability_and_unverified_ones_the_f
         assert ds[-1].probability is None
 
 
+def test_a_query_below_the_fusion_floor_is_not_matched_and_its_features_are_never_extracted(coats, tmp_path):
+    from fieldreid.gallery.enroll import embed_items, enroll
+    from fieldreid.verify.features import KIND, features_of
+
+    root, items, queries, emb = coats
+    with Gallery(tmp_path / "g.db") as g:
+        enroll(items, g, emb, None, crops=True, features=True)
+        q = embed_items(queries, emb, None, crops=True)
+        ident = Identifier(g, create_provisional=False, record=False)
+        plain = ident.identify(q.vectors, emb.model_id)  # no fusion stored yet: the cosine decides
+        calls = []
+
+        def lazy(path):
+            def extract():
+                calls.append(path)
+                return features_of(path)
+            return extract
+
+        def decide(floor):
+            fused = Fusion((-4.0, 1.0, 2.0), True, KIND, 8, 100, 20, True, {"threshold": 0.5},
+                           _cosine_fit((-20.0, 20.0), k=8), floor)
+            g.set_fusion("zebra", emb.model_id, fused.to_dict())
+            calls.clear()
+            return ident.identify(q.vectors, emb.model_id, query_features=[lazy(it.path) for it in q.items]), fused
+
+        ds, _ = decide(-1.0)  # every query above the floor: each crop extracted once and matched
+        assert sorted(calls) == sorted(it.path for it in q.items)
+        assert all(d.threshold_method == "fused probability, verification K=8" for d in ds)
+        ds, fused = decide(1.01)  # every query below it: nothing extracted, zero inliers on the same fused scale
+        assert calls == []
+        for d, c in zip(ds, plain, strict=True):
+            assert d.probability_source == "fused" and "below its floor 1.010: not matched" in d.threshold_method
+            assert d.score == pytest.approx(float(fused.probability([c.score], [0])[0]))
+            assert d.decision == ("known" if d.score >= 0.5 else "new")
+
+
 # ------------------------------------------------------------------------------------------ storage
 def _v5_gallery(path: Path) -> None:
     """A gallery as schema 5 wrote it, with one sighting."""
@@ -410,3 +447,39 @@ def test_calibrate_then_watch_gives_each_track_one_probability_that_reaches_the_
         mine = [float(o["classificationProbability"]) for o in media if o["eventID"] == e["eventID"]
                 and o["individualID"] == e["individualID"] and o["classificationProbability"]]
         assert e["classificationProbability"] == (_num(max(mine), 4) if mine else "")
+
+
+def test_watch_matches_locally_only_the_tracks_above_the_fusion_floor(tmp_path_factory, tmp_path, zebra, camtrap,
+                                                                     yolov5n_onnx, default_embedder_onnx):
+    """Real photos and models: with a fusion that pays stored in the gallery, `watch --once` extracts and
+    matches local features for every track above its floor (floor -1: all) and for none below it (floor
+    1.01), which decide on the fused probability with zero inliers; the status line counts them."""
+    from review_support import built, fieldreid, fresh_copy
+
+    from fieldreid.verify.features import KIND
+
+    base = built(tmp_path_factory, zebra, camtrap, yolov5n_onnx, default_embedder_onnx)
+    models = ["--detector", yolov5n_onnx, "--embedder", default_embedder_onnx, "--backend", "onnxruntime"]
+    seen = {}
+    for floor in (-1.0, 1.01):
+        _, g = fresh_copy(base, tmp_path / f"copy{floor}")
+        with Gallery(g) as gal:
+            fused = Fusion((-6.0, 4.0, 1.5), True, KIND, 8, 400, 50, True, {"threshold": 0.5},
+                           _cosine_fit((-20.0, 20.0), k=8), floor)
+            for sp in gal.species():
+                gal.set_fusion(sp, gal.model_id, fused.to_dict())
+        out = tmp_path / f"out{floor}"
+        r = fieldreid("watch", base / "cards", "--gallery", g, "--out", out, "--once", "--settle", "0",
+                      "--threads", "2", "--conf", "0.3", *models)
+        con = sqlite3.connect(out / "results.db")
+        tracks = con.execute("SELECT DISTINCT event_id, track, threshold_method, probability_source FROM decisions "
+                             "WHERE representative = 1").fetchall()
+        con.close()
+        searched = [t for t in tracks if t[3] is not None]  # tracks with gallery candidates in a fused species
+        assert searched and all(t[3] == "fused" for t in searched)
+        seen[floor] = (int(re.findall(r"(\d+) track\(s\) matched locally", r.stdout + r.stderr)[-1]),
+                       len(searched), {t[2] for t in searched})
+    n_all, tracks_all, methods_all = seen[-1.0]
+    n_none, tracks_none, methods_none = seen[1.01]
+    assert n_all == tracks_all and methods_all == {"fused probability, verification K=8"}
+    assert n_none == 0 and all("below its floor 1.010: not matched" in m for m in methods_none)

@@ -137,6 +137,20 @@ def test_fusion_learns_that_inliers_matter_and_round_trips():
     assert not only_cos.uses_inliers and only_cos.probability([0.9])[0] > only_cos.probability([0.7])[0]
 
 
+def test_fusion_floor_is_the_lowest_same_animal_cosine_and_round_trips():
+    cos = np.array([0.95, 0.90, 0.62, 0.70, 0.85, 0.60])
+    same = np.array([True, True, False, True, False, False])
+    f = fit_fusion(cos, [50, 40, 3, 30, 5, 2], same)
+    assert f.floor == pytest.approx(0.70)  # below it no pair of one animal was ever seen
+    assert f.verifies(0.70) and f.verifies(0.9) and not f.verifies(0.69)
+    assert Fusion.from_dict(f.to_dict()).floor == pytest.approx(0.70)
+    old = {k: v for k, v in f.to_dict().items() if k != "floor"}  # stored before floors: verify everything
+    assert Fusion.from_dict(old).floor is None and Fusion.from_dict(old).verifies(-1.0)
+    assert fit_fusion(cos, None, same).floor is None and not fit_fusion(cos, None, same).verifies(0.99)
+    with pytest.raises(InputError, match="floor is malformed"):
+        Fusion.from_dict({**f.to_dict(), "floor": "high"})
+
+
 def test_fusion_refuses_one_class_bad_shapes_and_malformed_dicts():
     with pytest.raises(InputError, match="same and of different"):
         fit_fusion([0.5, 0.6], [1, 2], [True, True])

@@ -79,3 +79,23 @@ def test_calibrate_fusion_decides_it_pays_and_gives_a_threshold(animals):
     perfect = np.eye(len(set(labels)), dtype=np.float32)[np.arange(len(labels)) // 3]
     fusion2, _ = calibrate_fusion(perfect, labels, feats, k=6)
     assert fusion2.pays is False and fusion2.evidence["top1_without"] == 1.0
+
+
+def test_evaluation_scores_queries_below_the_floor_as_the_product_does(animals):
+    from fieldreid.evaluation.rerank import _answers
+    from fieldreid.verify.fuse import Fusion
+
+    emb, labels, feats = animals
+    c = candidates(emb, np.arange(len(labels)), np.arange(len(labels)), 5, PairScorer(feats))
+    assert c.inliers.max() > 0
+    top = c.cos.max(axis=1)
+    floor = float(np.median(top))
+    fused = Fusion((-4.0, 1.0, 2.0), True, "k", 5, 10, 2, True, {}, None, floor)
+    _, score = _answers(c, labels, fused)
+    below = top < floor
+    assert below.any() and (~below).any()
+    # below the floor: zero inliers everywhere, so the best score is the fused probability of the best cosine
+    assert np.allclose(score[below], fused.probability(top[below], np.zeros(below.sum())))
+    # above it: the matched inliers count as before
+    full = fused.probability(c.cos.ravel(), c.inliers.ravel()).reshape(c.cos.shape).max(axis=1)
+    assert np.allclose(score[~below], full[~below])

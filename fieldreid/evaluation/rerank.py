@@ -98,7 +98,11 @@ def _fit(c: Candidates, labels: np.ndarray, k: int, kind: str) -> Fusion:
 
 def _answers(c: Candidates, labels: np.ndarray, fusion: Fusion | None) -> tuple[np.ndarray, np.ndarray]:
     """Best identity and its score per query: cosine (fusion None) or fused probability."""
-    score = c.cos if fusion is None else fusion.probability(c.cos.ravel(), c.inliers.ravel()).reshape(c.cos.shape)
+    if fusion is None:
+        score = c.cos
+    else:  # below the fusion's floor the product matches nothing: zero inliers, as it scores them
+        inl = np.where([fusion.verifies(m) for m in c.cos.max(axis=1, initial=-1.0)], 1.0, 0.0)[:, None] * c.inliers
+        score = fusion.probability(c.cos.ravel(), inl.ravel()).reshape(c.cos.shape)
     j = np.argmax(score, axis=1)
     rows = np.arange(len(j))
     return labels[c.index[rows, j]], score[rows, j]
@@ -265,7 +269,7 @@ def calibrate_fusion(emb: np.ndarray, labels: Sequence, features: Sequence[Local
                 "gm_with": held_out["open_set"]["fused"]["GM_at_calibrated"], "threshold": threshold,
                 "n_identities": int(len(np.unique(lab))), "protocol": "2-fold identity cross-fit"}
     return Fusion(fusion.coef, True, fusion.feature_kind, k, fusion.n_pairs, fusion.n_positive,
-                  held_out["pays"], evidence), threshold
+                  held_out["pays"], evidence, floor=fusion.floor), threshold
 
 
 def _open_set_best(emb: np.ndarray, lab: np.ndarray, ids: np.ndarray, unknown_fraction: float,

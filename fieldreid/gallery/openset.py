@@ -179,7 +179,11 @@ class Identifier:
     def _verified(self, vector: np.ndarray, features, fusion: Fusion | None, restrict: str | None
                   ) -> tuple[Thresholds, list[tuple[str, float]]] | None:
         """Fused-probability ranking of the top-K gallery images and its threshold, or None where the gallery
-        has no fusion for (species, model), calibration found verification does not pay, or no features."""
+        has no fusion for (species, model), calibration found verification does not pay, or no features.
+
+        ``features`` may be a callable that extracts them: it is called only when the query is matched, so a
+        query below the fusion's floor (:meth:`Fusion.verifies`) costs no extraction; it is scored by the
+        fusion with zero inliers, and the decision's threshold method says it was not matched."""
         from fieldreid.verify.features import LocalFeatures
         from fieldreid.verify.rerank import rerank
 
@@ -189,12 +193,22 @@ class Identifier:
         rows, idents, cos = self.searcher.top_images(vector, max(1, fusion.k), restrict)
         if not len(rows):
             return None
+        method = f"fused probability, verification K={fusion.k}"
+        if not fusion.verifies(max(cos)):
+            ranked = rerank(None, idents, cos, [None] * len(rows), fusion)
+            th = Thresholds(threshold, threshold, f"{method}; below its floor {fusion.floor:.3f}: not matched",
+                            True, "gallery")
+            return th, ranked.top()
+        if callable(features):
+            features = features()
+            if features is None:
+                return None  # the crop could not be read again: cosine decides
         blobs = self.gallery.local_features(rows, features.kind)
         if not blobs:
             return None  # a gallery not indexed yet (`fieldreid gallery reindex`): cosine decides
         cand = [LocalFeatures.from_bytes(blobs[int(r)]) if int(r) in blobs else None for r in rows]
         ranked = rerank(features, idents, cos, cand, fusion)
-        th = Thresholds(threshold, threshold, f"fused probability, verification K={fusion.k}", True, "gallery")
+        th = Thresholds(threshold, threshold, method, True, "gallery")
         return th, ranked.top()
 
     def identify(self, vectors: np.ndarray, model_id: str, sources: Sequence[str] | None = None,
@@ -209,8 +223,8 @@ class Identifier:
         identifier's own; with neither, every species in the gallery is searched and each decision carries
         the species of the identity it was matched to.
 
-        ``query_features`` (:class:`fieldreid.verify.features.LocalFeatures` per vector, or None): where the
-        gallery holds a fusion for the species and model that calibration found pays, the top-K gallery
+        ``query_features`` (:class:`fieldreid.verify.features.LocalFeatures` per vector, a callable that
+        extracts them when needed, or None): where the gallery holds a fusion for the species and model that calibration found pays, the top-K gallery
         images are re-scored by local verification and the decision is made on the fused probability
         (:meth:`_verified`)."""
         vec = np.asarray(vectors, dtype=np.float32)

@@ -14,6 +14,14 @@ species and model, with the decision whether verification pays for that species 
 stores the fit with inliers and, inside it (:attr:`Fusion.cosine_only`), the cosine-only fit, which gives
 the probability of a crop that was not verified (verification off for the species, no local features).
 :meth:`Fusion.for_cosine` picks the fit for a cosine alone.
+
+**Where local matching is consulted.** A fit with inliers records :attr:`Fusion.floor`, the lowest global
+cosine at which its pairs ever showed the *same* animal. A query whose best global candidate lies below it
+is outside what the fit saw of matches: its candidates are scored by the fusion with zero inliers (the same
+score a candidate without stored features gets), and no local features are extracted or matched for it.
+On a camera trap this skips the animals that look nothing like any enrolled one (a jaguar against a zebra
+gallery), which is most of verification's cost in ``watch``; evaluation applies the same rule, so the
+measured gain is the gain the product gets.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ class Fusion:
     #: on a fit with inliers: the cosine-only fit, for crops that are not verified (None: fitted before
     #: there was one, and on a cosine-only fit, which is its own)
     cosine_only: Fusion | None = None
+    #: on a fit with inliers: the lowest cosine of a same-animal pair it was fitted on (None: no floor,
+    #: every query is verified - a fit stored before floors existed)
+    floor: float | None = None
 
     def __post_init__(self) -> None:
         if self.cosine_only is not None and self.cosine_only.uses_inliers:
@@ -74,6 +85,11 @@ class Fusion:
         """The fit that turns a cosine alone into a probability: this one when it has no inlier weight,
         else its :attr:`cosine_only` fallback (None when there is none)."""
         return self if not self.uses_inliers else self.cosine_only
+
+    def verifies(self, best_cosine: float) -> bool:
+        """Whether a query whose best global candidate has this cosine is matched locally (see the module
+        docstring); below the floor its candidates are scored with zero inliers."""
+        return self.uses_inliers and (self.floor is None or float(best_cosine) >= self.floor)
 
     def probability(self, cos, inliers=None) -> np.ndarray:
         """P(same animal) for each (cosine, inlier count) pair; inliers are ignored by a cosine-only fit."""
@@ -100,9 +116,14 @@ class Fusion:
         inner = d.get("cosine_only")
         if inner is not None and not isinstance(inner, dict):
             raise InputError("Stored fusion's cosine-only fit is malformed; run `fieldreid calibrate` again.")
+        floor = d.get("floor")
+        try:
+            floor = None if floor is None else float(floor)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"Stored fusion's floor is malformed ({exc}); run `fieldreid calibrate` again.") from exc
         return cls(coef, uses, str(d.get("feature_kind", "")), int(d.get("k", 0)), int(d.get("n_pairs", 0)),
                    int(d.get("n_positive", 0)), d.get("pays"), dict(d.get("evidence") or {}),
-                   cls.from_dict(inner) if inner is not None else None)
+                   cls.from_dict(inner) if inner is not None else None, floor)
 
 
 def fit_fusion(cos: Sequence[float], inliers: Sequence[float] | None, same: Sequence[bool], ridge: float = RIDGE,
@@ -121,7 +142,9 @@ def fit_fusion(cos: Sequence[float], inliers: Sequence[float] | None, same: Sequ
         coef = np.zeros(x.shape[1])
         coef[free] = sub
     y = np.asarray(same, bool).reshape(-1)
-    return Fusion(tuple(float(v) for v in coef), inliers is not None, feature_kind, int(k), int(len(y)), int(y.sum()))
+    floor = float(x[y, 1].min()) if inliers is not None else None  # _logistic made sure some are the same
+    return Fusion(tuple(float(v) for v in coef), inliers is not None, feature_kind, int(k), int(len(y)), int(y.sum()),
+                  floor=floor)
 
 
 def _logistic(x: np.ndarray, same: Sequence[bool], ridge: float, iterations: int) -> np.ndarray:

@@ -33,16 +33,17 @@ class Reranked:
         return [(i, float(p)) for i, p in list(zip(self.identities, self.probabilities, strict=True))[:k]]
 
 
-def rerank(query: LocalFeatures, identities: Sequence[str], cosines: Sequence[float],
+def rerank(query: LocalFeatures | None, identities: Sequence[str], cosines: Sequence[float],
            features: Sequence[LocalFeatures | None], fusion: Fusion) -> Reranked:
     """Fused probability of each candidate image (``identities[i]``, ``cosines[i]``, ``features[i]``),
-    aggregated per identity by max, best first (ties: the global order)."""
+    aggregated per identity by max, best first (ties: the global order). ``query`` None (a query below the
+    fusion's floor, :meth:`Fusion.verifies`) matches nothing: every candidate is scored with zero inliers."""
     n = len(identities)
     if not (len(cosines) == len(features) == n):
         raise InputError("rerank needs one identity, cosine and feature set per candidate.")
     if not fusion.uses_inliers:
         raise InputError("This fusion was fitted without inliers; there is nothing to re-rank with.")
-    have = [i for i, f in enumerate(features) if f is not None and f.kind == query.kind]
+    have = [] if query is None else [i for i, f in enumerate(features) if f is not None and f.kind == query.kind]
     matches: list[Match | None] = [None] * n
     for i, m in zip(have, match_many(query, [features[i] for i in have]), strict=True):
         matches[i] = m

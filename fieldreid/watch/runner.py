@@ -173,6 +173,7 @@ class Watcher:
         self._dirty_lock = threading.Lock()
         self._changed = False
         self._verify: bool | None = None  # does a stored fusion pay (checked once per run)
+        self.verified_tracks = 0  # tracks whose crop was matched locally (fieldreid.verify)
         self._last_flush = 0.0
         self._last_status = time.monotonic()
         self._t0 = time.monotonic()
@@ -300,8 +301,10 @@ class Watcher:
         return link_tracks(sightings, rules)
 
     def _track_features(self, rep: Sighting) -> list | None:
-        """Local features of a track's representative crop (one per track, not per frame) when the gallery
-        holds a fusion that pays for this model (``calibrate --verify``); else None: cosine decides."""
+        """What extracts the local features of a track's representative crop (one per track, not per frame)
+        when the gallery holds a fusion that pays for this model (``calibrate --verify``); else None: cosine
+        decides. Extraction is deferred to the identifier, which skips it for a track below the fusion's
+        floor (:meth:`fieldreid.verify.fuse.Fusion.verifies`); ``verified_tracks`` counts those it ran."""
         import json
 
         from fieldreid.storage.fsutil import text_path
@@ -312,10 +315,14 @@ class Watcher:
                 "SELECT data FROM fusion WHERE model_id = ?", (self.embedder.model_id,)))
         if not self._verify:
             return None
-        try:
-            return [features_of(self.root / text_path(rep.path), rep.box)]
-        except FieldreidError:
-            return [None]  # unreadable now: the cosine decides this track
+        def extract():
+            self.verified_tracks += 1
+            try:
+                return features_of(self.root / text_path(rep.path), rep.box)
+            except FieldreidError:
+                return None  # unreadable now: the cosine decides this track
+
+        return [extract]
 
     def _decide_event(self, event_id: int) -> None:
         """Step 2 of the protocol: decide every track, commit decisions + 'decided' in one transaction."""
@@ -386,7 +393,8 @@ class Watcher:
         dt = max(time.monotonic() - self._t0, 1e-9)
         return (f"{c['done']} done, {c['failed']} failed, {c['duplicate']} duplicate, {c['pending']} pending | "
                 f"{self._n_session / dt:.2f} images/s | queue {self._queue} | animals: {d['known']} known, "
-                f"{d['new']} new, {d['uncertain']} uncertain")
+                f"{d['new']} new, {d['uncertain']} uncertain"
+                + (f" | {self.verified_tracks} track(s) matched locally" if self._verify else ""))
 
     def _maybe_status(self) -> None:
         now = time.monotonic()

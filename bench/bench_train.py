@@ -42,6 +42,11 @@ RECIPES = {
                   freeze_stages=5, cache_views=3, warmup_epochs=1.0, lr_decay=0.8),
     "distill": dict(backbone="tf_efficientnet_lite0", image_size=224, epochs=6, batch_size=32, lr=1e-3,
                     freeze_stages=5, cache_views=3, warmup_epochs=1.0, lr_decay=0.8),
+    # issue 14: the whole backbone but the stem and first stage, identity-balanced batches, 15 % of the train
+    # animals held out to pick the best epoch, progressive resolution 160 -> 192 -> 224, a 55-minute budget
+    "lite0-full": dict(backbone="tf_efficientnet_lite0", epochs=36, pk=(8, 4), lr=1e-3, backbone_lr_mult=0.1,
+                       freeze_stages=1, warmup_epochs=1.0, lr_decay=0.93, val_identities=0.15,
+                       sizes=[(0, 160), (10, 192), (22, 224)], minutes=55.0),
 }
 
 
@@ -66,9 +71,13 @@ def stage_train(args, name: str) -> None:
     print(f"{name}: {cfg.to_json()}", flush=True)
     res = train(cfg, out, resume=resume, on_step=_log)
     print(f"{name}: {res.model_id} {res.steps_done} steps in {res.seconds:.0f} s (this call {time.time() - t:.0f} s)")
+    for v in getattr(res, "validation", []):
+        print(f"  epoch {v['epoch']}: {json.dumps(v)}", flush=True)
     (RUNS / f"{name}.run.json").write_text(json.dumps(
         {"model_id": res.model_id, "seconds": res.seconds, "steps": res.steps_done, "epochs": res.epochs_done,
-         "history": res.history, "recipe": RECIPES[name]}, indent=1))
+         "history": res.history, "recipe": RECIPES[name], "stopped": getattr(res, "stopped", ""),
+         "best_epoch": getattr(res, "best_epoch", None), "validation": getattr(res, "validation", [])},
+        indent=1, default=str))
 
 
 def stage_distill(args) -> None:
@@ -100,7 +109,7 @@ def stage_export(args) -> None:
     if not base.is_file():
         net, spec, model_id = build_default_embedder("lite0")
         export_embedder_onnx(net, base, spec, model_id)
-    for name in ("lite0", "lite2", "distill"):
+    for name in ("lite0", "lite2", "distill", "lite0-full"):
         ckpt = RUNS / f"{name}.pt"
         onnx_path = RUNS / f"{name}.onnx"
         if ckpt.is_file() and onnx_path.is_file() and onnx_path.stat().st_mtime > ckpt.stat().st_mtime:
@@ -212,6 +221,7 @@ def stage_eval(args) -> None:
     embs: dict[str, np.ndarray] = {}
     entries = [("ImageNet Lite0 (as is)", "imagenet-lite0.onnx", None),
                ("Lite0 fine-tuned", "lite0.onnx", "lite0"),
+               ("Lite0 full fine-tune (PxK, held-out val, 160->224)", "lite0-full.onnx", "lite0-full"),
                ("Lite2 fine-tuned (teacher)", "lite2.onnx", "lite2"),
                ("Lite0 distilled, ONNX FP32", "distill.onnx", "distill"),
                ("Lite0 distilled, ONNX INT8 (QDQ)", "distill.int8.onnx", "distill")]
@@ -247,6 +257,9 @@ def stage_eval(args) -> None:
             info = json.loads((RUNS / f"{run}.run.json").read_text())
             row["train_minutes"] = round(info["seconds"] / 60, 1)
             row["epochs"] = info["epochs"]
+            if info.get("validation"):
+                row["best_epoch"] = info.get("best_epoch")
+                row["stopped"] = info.get("stopped")
         rows[label] = row
         print(f"  {label}: {json.dumps(row)}", flush=True)
     if "distill.onnx" in embs and "distill.int8.onnx" in embs:
@@ -316,13 +329,14 @@ def stage_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["all", "lite0", "lite2", "distill", "export", "detector", "eval", "report"])
+    ap.add_argument("stage", choices=["all", "lite0", "lite2", "distill", "lite0-full", "export", "detector", "eval",
+                                      "report"])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     args = ap.parse_args(argv)
     stages = ["lite0", "lite2", "distill", "export", "detector", "eval", "report"] if args.stage == "all" else [args.stage]
     for st in stages:
         print(f"== {st}", flush=True)
-        if st in ("lite0", "lite2"):
+        if st in ("lite0", "lite2", "lite0-full"):
             stage_train(args, st)
         elif st == "distill":
             stage_distill(args)

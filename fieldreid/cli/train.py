@@ -16,6 +16,30 @@ InitOpt = Annotated[Path | None, typer.Option(help="Start from this fieldreid ch
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (plus OUT.resume for --resume).")]
 
 
+AlsoOpt = Annotated[list[str] | None, typer.Option(
+    "--also", help="Another labelled set to train on at once, PATH[:SPLIT] (split default: --split); repeat for "
+                   "more. Classes become <set folder>/<identity>; validation reports each species.")]
+PkOpt = Annotated[str | None, typer.Option(help="Identity-balanced batches PxK: P identities x K images each, "
+                                                "e.g. 8x4 (replaces --batch; an epoch visits every identity once).")]
+ValOpt = Annotated[float, typer.Option(help="Hold out this fraction of each set's identities; after every epoch "
+                                            "report their one-vs-all top-1/mAP and keep the best epoch at OUT "
+                                            "(0 = off).")]
+SizesOpt = Annotated[str | None, typer.Option(help="Progressive resolution FROM_EPOCH:SIZE,... (0-based epochs, "
+                                                   "increasing), e.g. 0:160,3:192,6:224; the last is the model's "
+                                                   "input size.")]
+MinutesOpt = Annotated[float | None, typer.Option(help="Wall-clock budget: stop after the step that passes it "
+                                                       "(checkpoint + OUT.resume written; the rate schedule still "
+                                                       "follows --epochs).")]
+
+
+def _schedule(also: list[str] | None, pk: str | None, val_identities: float, sizes: str | None,
+              minutes: float | None) -> dict:
+    from fieldreid.train.trainer import parse_pk, parse_sizes
+
+    return dict(also=list(also or []), pk=parse_pk(pk) if pk else None, val_identities=val_identities,
+                sizes=parse_sizes(sizes) if sizes else None, minutes=minutes)
+
+
 DetectorOpt = Annotated[Path | None, typer.Option(help="Detector that finds the animal's box in each training "
                                                      "crop, so crops are cut as watch cuts them (default: the "
                                                      "configured or default detector, if any).")]
@@ -75,11 +99,29 @@ class _Bar:
         self.progress.update(self.task, completed=step["step"], info=info)
 
 
+def _epoch_printer(epochs: int):
+    """One line per finished epoch: size, mean loss, validation top-1 / mAP (per species too), minutes."""
+
+    def show(h: dict) -> None:
+        line = f"epoch {h['epoch']}/{epochs}  size {h['size']}  loss {h.get('loss', float('nan')):.3f}"
+        if "val_mAP" in h:
+            line += f"  val top-1 {h['val_top1']:.3f}  mAP {h['val_mAP']:.3f}"
+        err.print(line + f"  {h['seconds'] / 60:.1f} min", highlight=False)
+        per = h.get("val_species", {})
+        for sp, r in per.items() if len(per) > 1 else ():
+            err.print(f"    {sp}: top-1 {r['top1']:.3f}  mAP {r['mAP']:.3f}  ({r['identities']} animals, "
+                      f"{r['images']} images)", highlight=False)
+
+    return show
+
+
 def _report(res) -> None:
-    err.print(f"wrote {res.checkpoint} ({res.model_id}): {res.epochs_done} epochs, {res.steps_done} steps, "
-              f"{res.seconds / 60:.1f} min")
-    for h in res.history[-3:]:
-        err.print("  " + ", ".join(f"{k} {v}" for k, v in h.items()))
+    done = (f"best epoch {res.best_epoch} of {res.epochs_done} (by val mAP)" if res.best_epoch
+            else f"{res.epochs_done} epochs")
+    err.print(f"wrote {res.checkpoint} ({res.model_id}): {done}, {res.steps_done} steps, "
+              f"{res.seconds / 60:.1f} min", highlight=False)
+    if res.stopped:
+        err.print(f"  {res.stop_note()}", highlight=False)
 
 
 def train_cmd(
@@ -107,6 +149,11 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     detector: DetectorOpt = None,
+    also: AlsoOpt = None,
+    pk: PkOpt = None,
+    val_identities: ValOpt = 0.0,
+    sizes: SizesOpt = None,
+    minutes: MinutesOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.resume.")] = False,
 ) -> None:
     """Fine-tune an embedder: GeM + BN neck, sub-center ArcFace (k=3) with class-frequency margins."""
@@ -114,10 +161,11 @@ def train_cmd(
 
     cfg = TrainConfig(**_common(metadata, split, backbone, init, image_size, epochs, batch, lr, warmup, decay,
                                 freeze_stages, cache_views, seed, name, device, threads, detector),
+                      **_schedule(also, pk, val_identities, sizes, minutes),
                       arcface_k=arcface_k, arcface_scale=arcface_scale, margin_min=margin_min,
                       margin_max=margin_max, cache_dir=str(out.parent / ".fieldreid-cache"))
     with _Bar("train") as bar:
-        res = train(cfg, out, resume=resume, on_step=bar)
+        res = train(cfg, out, resume=resume, on_step=bar, on_epoch=_epoch_printer(cfg.epochs))
     _report(res)
 
 
@@ -151,6 +199,11 @@ def distill_cmd(
     device: str = "auto",
     threads: int | None = None,
     detector: DetectorOpt = None,
+    also: AlsoOpt = None,
+    pk: PkOpt = None,
+    val_identities: ValOpt = 0.0,
+    sizes: SizesOpt = None,
+    minutes: MinutesOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT.resume.")] = False,
 ) -> None:
     """Distil a teacher's embedding space into a student (cosine + relational terms + ArcFace)."""
@@ -158,13 +211,14 @@ def distill_cmd(
 
     cfg = DistillConfig(**_common(metadata, split, student, init, image_size, epochs, batch, lr, warmup, decay,
                                   freeze_stages, cache_views, seed, name, device, threads, detector),
+                        **_schedule(also, pk, val_identities, sizes, minutes),
                         teacher=str(teacher), teacher_arch=teacher_arch, teacher_size=teacher_size,
                         teacher_kind=teacher_kind,
                         cos_weight=cos_weight, rel_weight=rel_weight,
                         cache_dir=str(out.parent / ".fieldreid-cache"))
     err.print(f"teacher embeddings (un-augmented images, cached in {out}.teacher.npz) ...")
     with _Bar("distill") as bar:
-        res = distill(cfg, out, resume=resume, on_step=bar)
+        res = distill(cfg, out, resume=resume, on_step=bar, on_epoch=_epoch_printer(cfg.epochs))
     _report(res)
 
 

@@ -19,11 +19,14 @@ No horizontal flip: a flipped left flank is not that animal's right flank (coat 
 symmetric), so flipping would teach the model that two different patterns are one animal.
 
 Randomness comes from ``numpy.random.default_rng((seed, epoch, batch))``: a resumed run redraws exactly the
-batches and augmentations the interrupted run would have drawn.
+batches and augmentations the interrupted run would have drawn. Identity-balanced P x K batches
+(:func:`pk_batches`) and the held-out validation identities (:func:`held_out_identities`) are pure functions of
+the seed (and epoch) too.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,7 +98,8 @@ class LabelledImages:
     """
 
     def __init__(self, images: Sequence[np.ndarray], identities: Sequence[str], paths: Sequence[Path],
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, species: Sequence[str] | None = None,
+                 sets: Sequence[str] | None = None) -> None:
         if not (len(images) == len(identities) == len(paths)):
             raise InputError("images, identities and paths need the same length.")
         if len(images) == 0:
@@ -103,6 +107,11 @@ class LabelledImages:
         self.images = list(images)
         self.identities = [str(i) for i in identities]
         self.paths = [Path(p) for p in paths]
+        #: per image: its species (the metadata's column) and the labelled set it came from (``""``: one set)
+        self.species = [str(s) for s in species] if species is not None else [""] * len(self.images)
+        self.sets = [str(s) for s in sets] if sets is not None else [""] * len(self.images)
+        if not (len(self.species) == len(self.sets) == len(self.images)):
+            raise InputError("species and sets need one entry per image.")
         self.classes = sorted(set(self.identities)) if classes is None else list(classes)
         index = {c: i for i, c in enumerate(self.classes)}
         missing = sorted(set(self.identities) - set(index))
@@ -135,7 +144,28 @@ class LabelledImages:
         if failures:
             raise FieldreidError(f"{len(failures)} training image(s) could not be read, e.g. {failures[0]}. "
                                  "Fix or remove those rows from the metadata.")
-        return cls(images, [it.identity for it in items], [it.path for it in items])
+        return cls(images, [it.identity for it in items], [it.path for it in items],
+                   species=[it.species for it in items])
+
+    @classmethod
+    def combine(cls, parts: Sequence[tuple[str, LabelledImages]]) -> LabelledImages:
+        """Several labelled sets as one: identity ``x`` of set ``name`` becomes class ``name/x``, so two sets'
+        identity "1" stay two animals; species and set name are kept per image."""
+        images, identities, paths, species, sets = [], [], [], [], []
+        for name, part in parts:
+            images += part.images
+            identities += [f"{name}/{i}" for i in part.identities]
+            paths += part.paths
+            species += part.species
+            sets += [name] * len(part)
+        return cls(images, identities, paths, species=species, sets=sets)
+
+    def subset(self, indices: Sequence[int]) -> LabelledImages:
+        """The images at ``indices`` (their classes renumbered over the identities they hold)."""
+        idx = [int(i) for i in indices]
+        return LabelledImages([self.images[i] for i in idx], [self.identities[i] for i in idx],
+                              [self.paths[i] for i in idx], species=[self.species[i] for i in idx],
+                              sets=[self.sets[i] for i in idx])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -178,3 +208,52 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def batch_rng(seed: int, epoch: int, step_in_epoch: int) -> np.random.Generator:
     return np.random.default_rng((int(seed), int(epoch), int(step_in_epoch) + 1))
+
+
+def pk_batches(labels: np.ndarray, num_classes: int, p: int, k: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Identity-balanced batches of one epoch: ``p`` identities x ``k`` images each.
+
+    The identities are visited in a seeded order (a pure function of (seed, epoch), like :func:`epoch_order`),
+    ``p`` per batch, the last incomplete group dropped; each contributes ``k`` of its images drawn without
+    replacement, or with replacement when it has fewer than ``k``. Batch ``s`` holds the ``k`` images of its
+    first identity, then the second's, and so on.
+    """
+    labels = np.asarray(labels, np.int64)
+    if p < 2 or k < 1:
+        raise InputError(f"P x K batches need P >= 2 identities and K >= 1 images, got {p}x{k}.")
+    if num_classes < p:
+        raise InputError(f"--pk {p}x{k} needs at least {p} training identities; there are {num_classes}.")
+    members = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    order = np.random.default_rng((int(seed), int(epoch), 0x9C1D)).permutation(num_classes)
+    rng = np.random.default_rng((int(seed), int(epoch), 0x9C1E))
+    batches = []
+    for s in range(num_classes // p):
+        picks = []
+        for c in order[s * p:(s + 1) * p]:
+            pool = members[c]
+            picks.append(rng.choice(pool, size=k, replace=len(pool) < k))
+        batches.append(np.concatenate(picks))
+    return batches
+
+
+def held_out_identities(identities: Sequence[str], sets: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """Identities kept out of training for validation: in each set, ``round(fraction * n)`` of its ``n``
+    identities (at least 2), drawn with the seed from its sorted identity names among those with 2 or more
+    images (a single image cannot be a one-vs-all query)."""
+    if not 0.0 <= fraction < 1.0:
+        raise InputError(f"--val-identities must be a fraction in [0, 1), got {fraction}.")
+    if fraction == 0.0:
+        return set()
+    counts = Counter(zip(sets, identities, strict=True))
+    held: set[str] = set()
+    for name in sorted(set(sets)):
+        names = sorted({i for (s, i) in counts if s == name})
+        eligible = [i for i in names if counts[(name, i)] >= 2]
+        n = min(len(eligible), max(2, int(round(fraction * len(names)))))
+        if n < 2:
+            raise InputError(f"--val-identities: {'set ' + name if name else 'the training set'} has only "
+                             f"{len(eligible)} identities with 2 or more images; validation needs 2.")
+        key = zlib.crc32(name.encode())
+        perm = np.random.default_rng((int(seed), key, 0x7A1D)).permutation(len(eligible))
+        held.update(eligible[j] for j in perm[:n])
+    return held

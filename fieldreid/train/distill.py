@@ -41,6 +41,7 @@ from fieldreid.train.trainer import (
     _prepare,
     build_model,
     embed_torch,
+    final_size,
 )
 from fieldreid.types import PreprocessSpec
 
@@ -149,14 +150,16 @@ def teacher_embeddings(cfg: DistillConfig, data: LabelledImages, cache: Path | N
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, data: LabelledImages | None = None,
-            on_step: StepCallback | None = None, stop_after_steps: int | None = None) -> TrainResult:
-    """Train ``cfg.backbone`` (the student) on ``cfg.metadata`` with the teacher's embeddings as targets."""
+            on_step: StepCallback | None = None, stop_after_steps: int | None = None,
+            on_epoch: StepCallback | None = None) -> TrainResult:
+    """Train ``cfg.backbone`` (the student) on ``cfg.metadata`` with the teacher's embeddings as targets
+    (budget, P x K batches, validation and sizes as in :func:`fieldreid.train.trainer.train`)."""
     if cfg.cos_weight < 0 or cfg.rel_weight < 0:
         raise InputError("Distillation weights must be >= 0.")
     out = Path(out)
-    data = _prepare(cfg, data)
+    data, val = _prepare(cfg, data)  # the teacher embeds the training images only
     teacher = torch.from_numpy(teacher_embeddings(cfg, data, out.with_name(out.name + ".teacher.npz")))
-    model, spec, source = build_model(cfg.backbone, cfg.init, cfg.embedding_dim, cfg.image_size)
+    model, spec, source = build_model(cfg.backbone, cfg.init, cfg.embedding_dim, final_size(cfg))
     cfg.backbone = model.backbone_name
     extra: dict[str, nn.Module] = {}
     if teacher.shape[1] != model.embedding_dim:
@@ -170,9 +173,9 @@ def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, data: Lab
         return cfg.cos_weight * lc + cfg.rel_weight * lr, {"cos": float(lc.detach()), "rel": float(lr.detach())}
 
     fit = Fit(cfg, data, model, spec, out, extra_modules=extra, extra_loss=loss_fn, kind="distill",
-              init_source=f"{source}; teacher {Path(cfg.teacher).name}")
+              init_source=f"{source}; teacher {Path(cfg.teacher).name}", val=val)
     if resume and fit.resume_path.is_file():
         fit.load_state()
     elif resume:
         raise InputError(f"--resume: no {fit.resume_path} to continue from.")
-    return fit.run(on_step=on_step, stop_after_steps=stop_after_steps)
+    return fit.run(on_step=on_step, stop_after_steps=stop_after_steps, on_epoch=on_epoch)

@@ -26,6 +26,23 @@ draws) and stored as float16 (on disk in ``cache_dir``, keyed by the frozen weig
 images); each step then picks one view per image and runs only the trainable stages. That trades
 augmentation diversity (V views instead of a fresh draw per step) for a several-fold speed-up, which is
 what makes a 2-core CPU run of minutes possible. ``cache_views = 0`` augments every step.
+
+Training that trains (all optional, all resumable bit for bit):
+
+- ``minutes``: a wall-clock budget, counted from the first training step (validation included, resumed
+  parts included). The run stops after the step that passes it, writes ``model.pt`` and the resume state and
+  says where it stopped (:meth:`TrainResult.stop_note`); the rate schedule still follows ``epochs``.
+- ``pk = (P, K)``: identity-balanced batches (:func:`fieldreid.train.data.pk_batches`); an epoch is one pass
+  over the identities in a seeded order, ``P * K`` images per step.
+- ``val_identities``: that fraction of each set's identities (seeded, from the sorted names) is held out of
+  training; after every epoch their un-augmented images are embedded (eval mode, final input size) and scored
+  one-vs-all (:func:`fieldreid.evaluation.metrics.one_vs_all`: top-1 and mAP, overall and per species).
+  ``model.pt`` then holds the **best** epoch (val mAP, top-1 breaking ties) and the per-epoch validation in
+  its metadata (``train.validation``, ``train.best_epoch``); ``model.pt.resume`` holds the last state.
+- ``sizes = [(from_epoch, size), ...]``: progressive resolution; the last size is the model's input size
+  (its preprocessing, and the validation size). Not with ``cache_views``.
+- ``also``: more labelled sets (``"PATH[:SPLIT]"``) trained at once; classes are ``<set folder>/<identity>``
+  and each image keeps its species.
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +59,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fieldreid.errors import FieldreidError, InputError, ModelError
-from fieldreid.train.data import AugmentConfig, LabelledImages, batch_rng, epoch_order
+from fieldreid.train.data import (
+    AugmentConfig,
+    LabelledImages,
+    batch_rng,
+    epoch_order,
+    held_out_identities,
+    pk_batches,
+)
 from fieldreid.train.losses import SubCenterArcFace, dynamic_margins
 from fieldreid.types import PreprocessSpec
 
@@ -83,6 +107,20 @@ class TrainConfig:
     seed: int = 0
     name: str | None = None
     device: str = "auto"
+    #: more labelled sets, each ``"PATH[:SPLIT]"`` (``split`` when left out); with any, classes are named
+    #: ``<set folder>/<identity>`` so two sets' identity "1" stay two animals
+    also: list[str] = field(default_factory=list)
+    pk: tuple[int, int] | None = None  # identity-balanced batches of P identities x K images (batch = P * K)
+    val_identities: float = 0.0  # fraction of each set's identities held out for validation after every epoch
+    sizes: list[tuple[int, int]] | None = None  # progressive resolution: (from_epoch, square size), increasing
+    minutes: float | None = None  # wall-clock budget: stop after the step that passes it (resumed parts count)
+
+    def __post_init__(self) -> None:  # JSON gives lists back; keep one form so configs compare equal
+        if self.pk is not None:
+            self.pk = tuple(int(v) for v in self.pk)
+        if self.sizes is not None:
+            self.sizes = [tuple(int(v) for v in s) for s in self.sizes]
+        self.also = [str(a) for a in (self.also or [])]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -102,6 +140,23 @@ class TrainResult:
     steps_done: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    #: "" = every epoch ran; "budget" = stopped by ``minutes``; "steps" = stopped by ``stop_after_steps``
+    stopped: str = ""
+    steps_per_epoch: int = 0
+    #: the epoch whose weights ``checkpoint`` holds when validating (best val mAP, top-1 breaking ties)
+    best_epoch: int | None = None
+    #: per epoch: epoch, size, val_top1, val_mAP, val_species {species: {top1, mAP, identities, images}}
+    validation: list[dict] = field(default_factory=list)
+
+    def stop_note(self) -> str:
+        """Where an early stop left the run, in words ("" when it ran to the end)."""
+        if not self.stopped:
+            return ""
+        why = "the time budget" if self.stopped == "budget" else "the step limit"
+        epoch, in_epoch = divmod(self.steps_done, max(1, self.steps_per_epoch))
+        at = (f"after epoch {epoch}" if in_epoch == 0 else
+              f"in epoch {epoch + 1}, after step {in_epoch} of {self.steps_per_epoch}")
+        return f"stopped by {why} {at} (global step {self.steps_done}); --resume continues"
 
 
 StepCallback = Callable[[dict], None]
@@ -113,6 +168,97 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise FieldreidError(f"--device {name} asked for, but torch sees no CUDA GPU here; use --device cpu.")
     return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------- config checks
+def parse_pk(text: str) -> tuple[int, int]:
+    """``"8x4"`` -> (8, 4): P identities x K images per batch."""
+    p, sep, k = text.lower().partition("x")
+    try:
+        pk = (int(p), int(k))
+    except ValueError:
+        raise InputError(f"--pk {text!r}: write P identities x K images as PxK, e.g. 8x4.") from None
+    if not sep or pk[0] < 2 or pk[1] < 1:
+        raise InputError(f"--pk {text!r}: write PxK with P >= 2 and K >= 1, e.g. 8x4.")
+    return pk
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"0:160,3:192,6:224"`` -> [(0, 160), (3, 192), (6, 224)]: input size from each epoch on (0-based)."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        epoch, sep, size = part.partition(":")
+        try:
+            out.append((int(epoch), int(size)))
+        except ValueError:
+            raise InputError(f"--sizes {text!r}: write FROM_EPOCH:SIZE pairs, e.g. 0:160,3:192,6:224.") from None
+        if not sep:
+            raise InputError(f"--sizes {text!r}: write FROM_EPOCH:SIZE pairs, e.g. 0:160,3:192,6:224.")
+    return out
+
+
+def final_size(cfg) -> int | None:
+    """The model's input size: the last of ``sizes``, else ``image_size`` (None = the backbone's)."""
+    return cfg.sizes[-1][1] if cfg.sizes else cfg.image_size
+
+
+def check_config(cfg) -> None:
+    """Refuse, in one sentence, settings that cannot make a run (before any image is decoded)."""
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
+        raise InputError("Need epochs >= 1, batch size >= 2 and lr > 0.")
+    if cfg.pk is not None and (len(cfg.pk) != 2 or cfg.pk[0] < 2 or cfg.pk[1] < 1):
+        raise InputError(f"pk must be (P identities >= 2, K images >= 1), got {cfg.pk}.")
+    if not 0.0 <= cfg.val_identities < 1.0:
+        raise InputError(f"--val-identities must be a fraction in [0, 1), got {cfg.val_identities}.")
+    if cfg.minutes is not None and not cfg.minutes >= 0:
+        raise InputError(f"--minutes must be >= 0, got {cfg.minutes}.")
+    if cfg.sizes is not None:
+        sizes = cfg.sizes
+        if not sizes or any(len(s) != 2 for s in sizes):
+            raise InputError("--sizes needs FROM_EPOCH:SIZE pairs, e.g. 0:160,3:192,6:224.")
+        if cfg.cache_views > 0:
+            raise InputError("--sizes cannot be combined with --cache-views: cached features have one input size.")
+        epochs, px = [e for e, _ in sizes], [v for _, v in sizes]
+        if epochs[0] != 0 or any(b <= a for a, b in zip(epochs, epochs[1:], strict=False)) or \
+                any(b <= a for a, b in zip(px, px[1:], strict=False)) or px[0] < 16:
+            raise InputError(f"--sizes {','.join(f'{e}:{v}' for e, v in sizes)} is not a schedule: it must start "
+                             "at epoch 0 and both epochs and sizes must increase (sizes >= 16).")
+        if epochs[-1] >= cfg.epochs:
+            raise InputError(f"--sizes starts size {px[-1]} at epoch {epochs[-1]} (0-based), but the run has "
+                             f"only {cfg.epochs} epochs.")
+        if cfg.image_size and cfg.image_size != px[-1]:
+            raise InputError(f"--image-size {cfg.image_size} differs from the last of --sizes ({px[-1]}), which "
+                             "is the model's input size; drop one of them.")
+
+
+def metadata_sets(cfg) -> list[tuple[Path, str]]:
+    """(metadata.csv, split) of every labelled set of a run: ``metadata`` [``split``], then each of ``also``."""
+    sets = [(Path(cfg.metadata), cfg.split)]
+    for spec in cfg.also:
+        path, sep, split = spec.rpartition(":")
+        if sep and split and len(path) > 1 and not any(c in split for c in "/\\"):
+            sets.append((Path(path), split))
+        else:  # no split given (or a Windows drive letter)
+            sets.append((Path(spec), cfg.split))
+    return sets
+
+
+def set_names(sets: list[tuple[Path, str]]) -> list[str]:
+    """Each set's name, its metadata file's folder (``reid/nyala/metadata.csv`` -> ``nyala``)."""
+    seen: dict[str, Path] = {}
+    pairs: set[tuple[Path, str]] = set()
+    names = []
+    for path, split in sets:
+        folder = path.resolve().parent
+        if (path.resolve(), split) in pairs:
+            raise InputError(f"{path} [{split}] is given twice.")
+        pairs.add((path.resolve(), split))
+        if folder.name in seen and seen[folder.name] != folder:
+            raise InputError(f"Two sets are named {folder.name!r} ({seen[folder.name]} and {folder}); classes are "
+                             "named after the set folder, so give each set its own folder name.")
+        seen[folder.name] = folder
+        names.append(folder.name)
+    return names
 
 
 # ----------------------------------------------------------------------------------------------- model set-up
@@ -294,12 +440,17 @@ class Fit:
 
     ``extra_loss(z, indices) -> (loss, {name: value})`` adds a term per batch (distillation uses it); ``z`` is
     the BN-neck output before L2 normalisation, exactly what the exported model normalises.
+
+    ``spec`` is the model's (final) preprocessing; with ``cfg.sizes`` earlier epochs train at smaller sizes.
+    With ``val`` (held-out identities) every epoch ends with a one-vs-all validation at ``spec`` and ``out``
+    keeps the best epoch's weights; the resume file always holds the last state.
     """
 
     def __init__(self, cfg, data: LabelledImages, model, spec: PreprocessSpec, out: Path,
                  extra_modules: dict[str, nn.Module] | None = None, extra_loss=None, kind: str = "train",
-                 init_source: str = "") -> None:
+                 init_source: str = "", val: LabelledImages | None = None) -> None:
         self.cfg, self.data, self.model, self.spec, self.out = cfg, data, model, spec, Path(out)
+        self.val = val
         self.kind, self.init_source = kind, init_source
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
@@ -319,12 +470,21 @@ class Fit:
                      "head": self.head, **self.extra_modules}
         self.optimizer = torch.optim.AdamW(param_groups(trainable, cfg), lr=cfg.lr)
         n = len(data)
-        self.batch_size = min(cfg.batch_size, n)
+        if cfg.pk is not None:
+            p, k = cfg.pk
+            if data.num_classes < p:
+                raise InputError(f"--pk {p}x{k} needs at least {p} training identities; there are "
+                                 f"{data.num_classes}.")
+            self.batch_size = p * k
+            self.steps_per_epoch = data.num_classes // p  # an epoch visits every identity once
+        else:
+            self.batch_size = min(cfg.batch_size, n)
+            self.steps_per_epoch = max(1, n // max(1, self.batch_size))  # last partial batch dropped (BN)
         if self.batch_size < 2:
             raise InputError("Training needs at least 2 images (BatchNorm cannot learn from batches of 1).")
-        self.steps_per_epoch = max(1, n // self.batch_size)  # last partial batch dropped: no BN on tiny batches
         self.step = 0
         self.history: list[dict] = []
+        self.best: dict | None = None  # with validation: the epoch whose weights are in ``out``
         self.seconds = 0.0
         self.features: torch.Tensor | None = None
         if cfg.cache_views > 0:
@@ -343,6 +503,7 @@ class Fit:
             "format": RESUME_FORMAT, "format_version": RESUME_VERSION, "kind": self.kind,
             "config": self.cfg.to_json(), "classes": json.dumps(self.data.classes),
             "step": self.step, "seconds": float(self.seconds), "history": json.dumps(self.history),
+            "best": json.dumps(self.best),
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
             "extra": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
@@ -371,7 +532,7 @@ class Fit:
         if st.get("kind", self.kind) != self.kind:
             raise InputError(f"{path} is the state of a `{st.get('kind')}` run, not of `{self.kind}`.")
         for key in ("backbone", "batch_size", "seed", "image_size", "embedding_dim", "arcface_k",
-                    "freeze_stages"):
+                    "freeze_stages", "pk", "sizes", "val_identities"):
             if getattr(saved, key) != getattr(self.cfg, key):
                 raise InputError(f"Cannot resume {path}: {key} was {getattr(saved, key)!r}, now "
                                  f"{getattr(self.cfg, key)!r}.")
@@ -383,12 +544,13 @@ class Fit:
         self.step = int(st["step"])
         self.seconds = float(st.get("seconds", 0.0))
         self.history = json.loads(st.get("history", "[]"))
+        self.best = json.loads(st.get("best", "null"))
 
     # -- checkpoint -------------------------------------------------------------------------------------
     def model_id(self) -> str:
         from fieldreid.export.embedder_onnx import state_dict_sha256
 
-        tag = self.cfg.name or Path(self.cfg.metadata).resolve().parent.name or "custom"
+        tag = self.cfg.name or "-".join(set_names(metadata_sets(self.cfg))) or "custom"
         tag = "".join(c if c.isalnum() or c in "-." else "-" for c in tag.lower())
         suffix = "-distilled" if self.kind == "distill" else ""
         return f"fieldreid-{_short(self.model.backbone_name)}-{tag}{suffix}-{state_dict_sha256(self.model)[:8]}"
@@ -407,57 +569,146 @@ class Fit:
             f"{self.kind}.images": str(len(self.data)),
             f"{self.kind}.last_epoch": json.dumps(last),
             f"{self.kind}.init": self.init_source,
+            **self._run_extra(),
         }
         save_checkpoint(self.out, self.model.cpu(), self.spec, model_id, extra=extra)
         self.model.to(self.device)
         return model_id
 
+    def _run_extra(self) -> dict[str, str]:
+        """Checkpoint metadata about the whole run (rewritten every epoch, even when the weights stay)."""
+        if self.val is None:
+            return {}
+        return {f"{self.kind}.validation": json.dumps(self.validation_history()),
+                f"{self.kind}.best_epoch": str(self.best["epoch"] if self.best else ""),
+                f"{self.kind}.val_identities": str(len(set(self.val.identities))),
+                f"{self.kind}.val_images": str(len(self.val))}
+
+    def validation_history(self) -> list[dict]:
+        keys = ("epoch", "size", "val_top1", "val_mAP", "val_species")
+        return [{k: h[k] for k in keys if k in h} for h in self.history if "val_mAP" in h]
+
+    def _keep_best(self) -> str:
+        """After an epoch's validation: write ``out`` if this epoch beats the best so far (val mAP, then
+        top-1; NaN counts as worst), else only bring the stored validation history up to date."""
+        last = self.history[-1]
+
+        def score(h: dict) -> tuple[float, float]:
+            return tuple(-np.inf if not np.isfinite(h[k]) else h[k] for k in ("val_mAP", "val_top1"))
+
+        if self.best is None or score(last) > score(self.best):
+            self.best = {"epoch": last["epoch"], "step": self.step, "val_mAP": last["val_mAP"],
+                         "val_top1": last["val_top1"], "model_id": ""}
+            self.best["model_id"] = self.save_checkpoint()
+        elif self.out.is_file():
+            from fieldreid.storage.fsutil import atomic_output
+
+            payload = torch.load(self.out, map_location="cpu", weights_only=True)
+            payload["extra"].update(self._run_extra())
+            with atomic_output(self.out) as tmp:
+                torch.save(payload, tmp)
+        return self.best["model_id"]
+
+    def validate(self) -> dict:
+        """One-vs-all top-1 and mAP of the held-out identities (un-augmented, eval mode, at ``spec``), overall
+        and per species (each species' images queried among themselves)."""
+        from fieldreid.evaluation.metrics import one_vs_all
+
+        emb = embed_torch(self.model, self.val.images, self.spec, device=str(self.device))
+        labels = np.asarray(self.val.identities, dtype=object)
+        species = np.asarray(self.val.species, dtype=object)
+        overall = one_vs_all(emb, labels, ks=(1,))
+        per = {}
+        for sp in sorted(set(self.val.species)):
+            m = species == sp
+            r = one_vs_all(emb[m], labels[m], ks=(1,))
+            per[sp] = {"top1": r["top1"], "mAP": r["mAP"], "identities": r["n_identities"], "images": r["n_images"]}
+        return {"val_top1": overall["top1"], "val_mAP": overall["mAP"], "val_species": per}
+
+    def spec_at(self, epoch: int) -> PreprocessSpec:
+        """The training input size of an epoch (``cfg.sizes``; else the model's own)."""
+        if not self.cfg.sizes:
+            return self.spec
+        size = [v for e, v in self.cfg.sizes if e <= epoch][-1]
+        return replace(self.spec, size=(size, size))
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """Every batch of an epoch (image indices): P x K identity-balanced, or slices of a shuffled order.
+        A pure function of (seed, epoch), so a resumed run redoes the same batches."""
+        if self.cfg.pk is not None:
+            return pk_batches(self.data.labels, self.data.num_classes, *self.cfg.pk, self.cfg.seed, epoch)
+        order = epoch_order(len(self.data), self.cfg.seed, epoch)
+        return [order[s * self.batch_size:(s + 1) * self.batch_size] for s in range(self.steps_per_epoch)]
+
     # -- loop -------------------------------------------------------------------------------------------
-    def run(self, on_step: StepCallback | None = None, stop_after_steps: int | None = None) -> TrainResult:
+    def run(self, on_step: StepCallback | None = None, stop_after_steps: int | None = None,
+            on_epoch: StepCallback | None = None) -> TrainResult:
+        """Train to ``cfg.epochs`` (or to ``stop_after_steps`` / the ``cfg.minutes`` budget, checked after each
+        step); ``on_epoch`` gets each epoch's history entry (loss, size, validation, seconds)."""
         cfg = self.cfg
         total = cfg.epochs * self.steps_per_epoch
         aug = AugmentConfig() if cfg.augment else None
+        budget = None if cfg.minutes is None else 60.0 * cfg.minutes
         model_id = ""
         start = time.monotonic() - self.seconds
-        interrupted = False
+        stopped = ""
         try:
             while self.step < total:
                 epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-                order = epoch_order(len(self.data), cfg.seed, epoch)
+                batches = self.epoch_batches(epoch)
+                spec = self.spec_at(epoch)
                 set_train_mode(self.model, self.frozen)
                 sums: dict[str, float] = {}
                 for s in range(in_epoch, self.steps_per_epoch):
                     if stop_after_steps is not None and self.step >= stop_after_steps:
-                        interrupted = True
+                        stopped = "steps"
                         break
-                    idx = order[s * self.batch_size:(s + 1) * self.batch_size]
-                    parts = self._train_step(idx, batch_rng(cfg.seed, epoch, s) if aug else None, aug)
+                    parts = self._train_step(batches[s], batch_rng(cfg.seed, epoch, s) if aug else None, aug, spec)
                     self.step += 1
                     for k, v in parts.items():
                         sums[k] = sums.get(k, 0.0) + v
                     if on_step is not None:
                         on_step({"epoch": epoch, "step": self.step, "total_steps": total, **parts})
-                if interrupted:
-                    break
+                    if budget is not None and time.monotonic() - start > budget:
+                        stopped = "budget"
+                        break
+                if self.step < (epoch + 1) * self.steps_per_epoch:
+                    break  # stopped within the epoch: no epoch record, no validation
                 done = self.steps_per_epoch - in_epoch
+                entry = {"epoch": epoch + 1, "size": int(spec.size[0]),
+                         **{k: round(v / max(1, done), 5) for k, v in sums.items()}}
+                if self.val is not None:
+                    entry.update(self.validate())
                 self.seconds = time.monotonic() - start
-                self.history.append({"epoch": epoch + 1, "seconds": round(self.seconds, 1),
-                                     **{k: round(v / max(1, done), 5) for k, v in sums.items()}})
-                model_id = self.save_checkpoint()
+                entry["seconds"] = round(self.seconds, 1)
+                self.history.append(entry)
+                model_id = self._keep_best() if self.val is not None else self.save_checkpoint()
                 self.save_state()
+                if on_epoch is not None:
+                    on_epoch(entry)
+                if stopped:
+                    break
         except KeyboardInterrupt:
             self.seconds = time.monotonic() - start
             self.save_state()
             raise
         self.seconds = time.monotonic() - start
-        if interrupted:
+        if self.step >= total:
+            stopped = ""  # the budget ran out on the very last step: the run is complete
+        if stopped == "steps" or (stopped and self.step % self.steps_per_epoch):
             self.save_state()
-        if not model_id:
-            model_id = self.save_checkpoint() if not interrupted or self.step else ""
+            if stopped == "budget" and self.val is None:
+                model_id = self.save_checkpoint()  # the run is over: its latest weights are its result
+        if not model_id and self.best is not None:
+            model_id = self.best["model_id"]  # validating: ``out`` holds the best epoch, keep it
+        elif not model_id:
+            model_id = self.save_checkpoint() if not stopped or self.step else ""
         return TrainResult(self.out, model_id, self.step // self.steps_per_epoch, self.step, self.seconds,
-                           self.history)
+                           self.history, stopped=stopped, steps_per_epoch=self.steps_per_epoch,
+                           best_epoch=self.best["epoch"] if self.best else None,
+                           validation=self.validation_history())
 
-    def _train_step(self, idx: np.ndarray, rng, aug) -> dict[str, float]:
+    def _train_step(self, idx: np.ndarray, rng, aug, spec: PreprocessSpec | None = None) -> dict[str, float]:
         if self.features is not None:
             views = (rng.integers(0, self.features.shape[0], size=len(idx)) if rng is not None
                      else np.zeros(len(idx), np.int64))
@@ -465,7 +716,7 @@ class Fit:
             x = x.to(self.device).float()
             y = torch.from_numpy(self.data.labels[np.asarray(idx, np.int64)])
         else:
-            xa, y = self.data.batch(idx, self.spec, rng=rng, cfg=aug)
+            xa, y = self.data.batch(idx, spec or self.spec, rng=rng, cfg=aug)
             x = torch.from_numpy(xa).to(self.device, non_blocking=True)
             y = torch.from_numpy(y)
         y = y.to(self.device)
@@ -496,39 +747,62 @@ class Fit:
         return parts
 
 
-def _prepare(cfg, data: LabelledImages | None):
-    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
-        raise InputError("Need epochs >= 1, batch size >= 2 and lr > 0.")
-    if data is None:
-        detector = None
-        if cfg.detector:
-            from fieldreid.detect import Detector
+def _load_sets(cfg) -> LabelledImages:
+    """Decode the run's labelled sets; with more than one, classes are ``<set>/<identity>`` (see TrainConfig)."""
+    from fieldreid.gallery.enroll import read_metadata
 
-            detector = Detector(cfg.detector)
-        data = LabelledImages.from_metadata(cfg.metadata, split=cfg.split, max_side=cfg.max_side, detector=detector)
+    sets = metadata_sets(cfg)
+    names = set_names(sets)
+    for path, split in sets:  # every set's rows and split exist, before any image is decoded
+        if not read_metadata(path, split=split):
+            raise InputError(f"{path} has no labelled rows in split {split!r}.")
+    detector = None
+    if cfg.detector:
+        from fieldreid.detect import Detector
+
+        detector = Detector(cfg.detector)
+    parts = [(name, LabelledImages.from_metadata(path, split=split, max_side=cfg.max_side, detector=detector))
+             for name, (path, split) in zip(names, sets, strict=True)]
+    return parts[0][1] if len(parts) == 1 else LabelledImages.combine(parts)
+
+
+def _prepare(cfg, data: LabelledImages | None) -> tuple[LabelledImages, LabelledImages | None]:
+    """(training images, held-out validation images or None) of a run; ``data`` replaces the metadata."""
+    check_config(cfg)
+    if data is None:
+        data = _load_sets(cfg)
+    val = None
+    if cfg.val_identities > 0:
+        held = held_out_identities(data.identities, data.sets, cfg.val_identities, cfg.seed)
+        val = data.subset([i for i, x in enumerate(data.identities) if x in held])
+        data = data.subset([i for i, x in enumerate(data.identities) if x not in held])
     if data.num_classes < 2:
-        raise InputError(f"{cfg.metadata} [{cfg.split}] has {data.num_classes} identity; training needs >= 2.")
-    return data
+        raise InputError(f"{cfg.metadata} [{cfg.split}] has {data.num_classes} identity to train on; training "
+                         "needs >= 2.")
+    return data, val
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False, data: LabelledImages | None = None,
-          on_step: StepCallback | None = None, stop_after_steps: int | None = None) -> TrainResult:
-    """Fine-tune ``cfg.backbone`` on ``cfg.metadata`` [``cfg.split``] and write ``out`` (+ ``out.resume``).
+          on_step: StepCallback | None = None, stop_after_steps: int | None = None,
+          on_epoch: StepCallback | None = None) -> TrainResult:
+    """Fine-tune ``cfg.backbone`` on ``cfg.metadata`` [``cfg.split``] (+ ``cfg.also``) and write ``out``
+    (+ ``out.resume``).
 
     With ``resume`` and an existing ``out.resume``, continues from its step (the config must match).
-    ``stop_after_steps`` ends the run early at that global step, leaving a resumable state (tests, budgets).
+    ``stop_after_steps`` ends the run early at that global step, leaving a resumable state (tests, budgets);
+    ``cfg.minutes`` does the same by wall clock. ``on_epoch`` gets each finished epoch's record.
     """
     out = Path(out)
-    data = _prepare(cfg, data)
-    model, spec, source = build_model(cfg.backbone, cfg.init, cfg.embedding_dim, cfg.image_size)
+    data, val = _prepare(cfg, data)
+    model, spec, source = build_model(cfg.backbone, cfg.init, cfg.embedding_dim, final_size(cfg))
     if model.backbone_name != cfg.backbone:
         cfg.backbone = model.backbone_name  # a checkpoint given as --init decides the backbone
-    fit = Fit(cfg, data, model, spec, out, init_source=source)
+    fit = Fit(cfg, data, model, spec, out, init_source=source, val=val)
     if resume and fit.resume_path.is_file():
         fit.load_state()
     elif resume:
         raise InputError(f"--resume: no {fit.resume_path} to continue from.")
-    return fit.run(on_step=on_step, stop_after_steps=stop_after_steps)
+    return fit.run(on_step=on_step, stop_after_steps=stop_after_steps, on_epoch=on_epoch)
 
 
 def embed_torch(model, images, spec: PreprocessSpec, batch_size: int = 32, device: str = "auto") -> np.ndarray:
@@ -545,4 +819,5 @@ def embed_torch(model, images, spec: PreprocessSpec, batch_size: int = 32, devic
     return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
 
 
-__all__ = ["TrainConfig", "TrainResult", "Fit", "train", "build_model", "lr_at", "embed_torch"]
+__all__ = ["TrainConfig", "TrainResult", "Fit", "train", "build_model", "lr_at", "embed_torch", "parse_pk",
+           "parse_sizes", "check_config"]

@@ -231,21 +231,26 @@ def identify_answers(csv_path: Path, field: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ routes
+#: ``--embedder PATH`` for every command that embeds (empty: the default embedder); set by ``--embedder``
+EMBEDDER: list[str] = []
+
+
 def lab_gallery(scene: dict, work: Path, verify: bool = True) -> Path:
     g = work / "lab.db"
-    fieldreid("enroll", scene["enrol_csv"], "--crops", "--gallery", g)
-    fieldreid("calibrate", scene["enrol_csv"], "--crops", "--gallery", g, *(["--verify"] if verify else []))
+    fieldreid("enroll", scene["enrol_csv"], "--crops", "--gallery", g, *EMBEDDER)
+    fieldreid("calibrate", scene["enrol_csv"], "--crops", "--gallery", g, *(["--verify"] if verify else []),
+              *EMBEDDER)
     return g
 
 
 def run_watch(gallery: Path, scene: dict, out: Path) -> tuple[dict, float]:
-    p = fieldreid("watch", scene["field"], "--gallery", gallery, "--out", out, "--once", "--settle", "0")
+    p = fieldreid("watch", scene["field"], "--gallery", gallery, "--out", out, "--once", "--settle", "0", *EMBEDDER)
     return watch_answers(out, scene["field"]), p.seconds
 
 
 def run_identify(gallery: Path, scene: dict, work: Path) -> tuple[dict, float]:
     out = work / "identify.csv"
-    p = fieldreid("identify", scene["field"], "--crops", "--gallery", gallery, "--out", out)
+    p = fieldreid("identify", scene["field"], "--crops", "--gallery", gallery, "--out", out, *EMBEDDER)
     return identify_answers(out, scene["field"]), p.seconds
 
 
@@ -314,7 +319,11 @@ def main() -> None:
     ap.add_argument("--sets", default="zebra,nyala")
     ap.add_argument("--no-sync", action="store_true", help="skip the lab-server case")
     ap.add_argument("--no-verify", action="store_true", help="calibrate without local-feature verification")
+    ap.add_argument("--embedder", type=Path, default=None,
+                    help="an embedder ONNX for every command (e.g. bench_train's runs/train-bench/lite0-full.onnx)")
     args = ap.parse_args()
+    if args.embedder:
+        EMBEDDER[:] = ["--embedder", str(args.embedder.resolve())]
     reid = args.shared / "data" / "reid"
     if not reid.is_dir():
         raise SystemExit(f"labelled re-id sets not found at {reid}")
@@ -325,6 +334,7 @@ def main() -> None:
         set_dir, split, with_sync = cases[name]
         results.append(run_case(name, set_dir, split, work / name, with_sync and not args.no_sync, not args.no_verify))
     doc = {"bench": "e2e", "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+           "embedder": str(args.embedder) if args.embedder else "default",
            "note": "real CLI in subprocesses; scores per photo (most confident sighting); see bench_e2e.py",
            "results": results}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -26,6 +26,7 @@ from fieldreid.cli.common import open_embedder as _open_embedder
 from fieldreid.cli.common import progress_bar as _progress
 from fieldreid.errors import FieldreidError, InputError
 from fieldreid.types import DecisionKind
+from fieldreid.verify.fuse import VERIFY_K
 
 GalleryOpt = Annotated[Path, typer.Option("--gallery", "-g", help="Gallery file (SQLite).")]
 ConfOpt = Annotated[float, typer.Option(help="Detector confidence for animal boxes.")]
@@ -314,7 +315,8 @@ def eval_cmd(
                                                           "(cosine + RANSAC inliers); top-1 and open-set GM "
                                                           "before/after, ms per query.")] = False,
     verify_k: Annotated[list[int] | None, typer.Option("--verify-k", help="K candidates re-scored (repeatable; "
-                                                                          "default 20 and 10).")] = None,
+                                                                          f"default {VERIFY_K} and "
+                                                                          f"{VERIFY_K // 2}).")] = None,
     verify_fit_split: Annotated[str | None, typer.Option(help="With --verify: fit the fusion and its threshold "
                                                               "on the rows of this split (other animals); "
                                                               "default: two identity folds cross-fit.")] = None,
@@ -349,7 +351,7 @@ def eval_cmd(
                                            unknown_fraction=unknown_fraction, enrol_fraction=enrol_fraction)}
     if verify:
         result["verify"] = _verify_eval(res, labels, metadata, split, verify_fit_split, crops, embedder, detector,
-                                        backend, conf, batch, verify_k or [20, 10], keypoints, seed,
+                                        backend, conf, batch, verify_k or [VERIFY_K, VERIFY_K // 2], keypoints, seed,
                                         unknown_fraction, enrol_fraction)
     if out_path is not None:
         atomic_write_json(out_path, result)
@@ -452,7 +454,7 @@ def calibrate_cmd(
                                                           "local-feature inliers and decide whether "
                                                           "verification pays (held-out top-1 gain >= 0.01); "
                                                           "identify then re-ranks where it does.")] = False,
-    verify_k: Annotated[int, typer.Option(help="With --verify: gallery images re-scored per query.")] = 20,
+    verify_k: Annotated[int, typer.Option(help="With --verify: gallery images re-scored per query.")] = VERIFY_K,
 ) -> None:
     """Choose open-set thresholds per species from labelled images and store them in the gallery, with the
     calibrated probability that a decision is right (fitted in the same open-set simulations; with --verify,

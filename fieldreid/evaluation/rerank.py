@@ -27,7 +27,7 @@ import numpy as np
 from fieldreid.errors import InputError
 from fieldreid.evaluation.metrics import _best_threshold, _metrics_at, _pool, _queries, open_set_split
 from fieldreid.verify.features import LocalFeatures
-from fieldreid.verify.fuse import Fusion, fit_fusion, pays
+from fieldreid.verify.fuse import VERIFY_K, Fusion, fit_fusion, pays
 from fieldreid.verify.match import METHOD, RATIO, THRESHOLD_PX, match_many
 
 
@@ -181,7 +181,7 @@ def identity_folds(labels: np.ndarray, n_folds: int = 2, seed: int = 0) -> list[
     return [np.flatnonzero([x in g for x in lab]) for g in groups]
 
 
-def verify_eval(emb: np.ndarray, labels: Sequence, features: Sequence[LocalFeatures], ks: Sequence[int] = (20, 10),
+def verify_eval(emb: np.ndarray, labels: Sequence, features: Sequence[LocalFeatures], ks: Sequence[int] = (VERIFY_K, VERIFY_K // 2),
                 fit_mask: np.ndarray | None = None, seed: int = 0, unknown_fraction: float = 0.3,
                 enrol_fraction: float = 0.5, max_fit_queries: int | None = 400, scorer: PairScorer | None = None,
                 timing_queries: int = 30) -> dict:
@@ -246,7 +246,7 @@ def _time_queries(emb, lab, features, scorer: PairScorer, k: int, test_ids, pool
     return 1e3 * (time.perf_counter() - t) / max(1, len(q))
 
 
-def calibrate_fusion(emb: np.ndarray, labels: Sequence, features: Sequence[LocalFeatures], k: int = 20,
+def calibrate_fusion(emb: np.ndarray, labels: Sequence, features: Sequence[LocalFeatures], k: int = VERIFY_K,
                      seed: int = 0, unknown_fraction: float = 0.3, enrol_fraction: float = 0.5,
                      max_fit_queries: int | None = 400) -> tuple[Fusion, float]:
     """The fusion a gallery stores for one species: fitted on all these (labelled, calibration) animals'

@@ -101,7 +101,8 @@ def _answers(c: Candidates, labels: np.ndarray, fusion: Fusion | None) -> tuple[
     if fusion is None:
         score = c.cos
     else:  # below the fusion's floor the product matches nothing: zero inliers, as it scores them
-        inl = np.where([fusion.verifies(m) for m in c.cos.max(axis=1, initial=-1.0)], 1.0, 0.0)[:, None] * c.inliers
+        matched = np.array([fusion.verifies(m) for m in c.cos.max(axis=1, initial=-1.0)], bool)
+        inl = np.where(matched[:, None], c.inliers, 0.0)
         score = fusion.probability(c.cos.ravel(), inl.ravel()).reshape(c.cos.shape)
     j = np.argmax(score, axis=1)
     rows = np.arange(len(j))
@@ -181,9 +182,9 @@ def identity_folds(labels: np.ndarray, n_folds: int = 2, seed: int = 0) -> list[
     return [np.flatnonzero([x in g for x in lab]) for g in groups]
 
 
-def verify_eval(emb: np.ndarray, labels: Sequence, features: Sequence[LocalFeatures], ks: Sequence[int] = (VERIFY_K, VERIFY_K // 2),
-                fit_mask: np.ndarray | None = None, seed: int = 0, unknown_fraction: float = 0.3,
-                enrol_fraction: float = 0.5, max_fit_queries: int | None = 400, scorer: PairScorer | None = None,
+def verify_eval(emb: np.ndarray, labels: Sequence, features: Sequence[LocalFeatures],
+                ks: Sequence[int] = (VERIFY_K, VERIFY_K // 2), fit_mask: np.ndarray | None = None, seed: int = 0,
+                unknown_fraction: float = 0.3, enrol_fraction: float = 0.5, max_fit_queries: int | None = 400, scorer: PairScorer | None = None,
                 timing_queries: int = 30) -> dict:
     """Top-1 and open-set GM before/after re-ranking the top-K by the fused probability, per K.
 

@@ -224,8 +224,8 @@ class Identifier:
         the species of the identity it was matched to.
 
         ``query_features`` (:class:`fieldreid.verify.features.LocalFeatures` per vector, a callable that
-        extracts them when needed, or None): where the gallery holds a fusion for the species and model that calibration found pays, the top-K gallery
-        images are re-scored by local verification and the decision is made on the fused probability
+        extracts them when needed, or None): where the gallery holds a fusion for the species and model that
+        calibration found pays, the top-K gallery images are re-scored by local verification and the decision is made on the fused probability
         (:meth:`_verified`)."""
         vec = np.asarray(vectors, dtype=np.float32)
         if vec.ndim == 1:

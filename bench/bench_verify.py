@@ -3,18 +3,18 @@
 For each labelled set (nyala test: 58 animals the embedder never saw; zebra), in one run:
 
 * the product's verification, through the real CLI: ``fieldreid eval META --crops --verify --json``
-  (RootSIFT, 1,000 keypoints; each query's global top-K re-scored by the fused probability; fusion
-  cross-fitted on two identity folds): top-1 and open-set GM before/after, features ms per image and
-  verification ms per query at K = 20 and 10;
+  (RootSIFT at the default keypoint cap, 2,000; each query's global top-K re-scored by the fused
+  probability; fusion cross-fitted on two identity folds): top-1 and open-set GM before/after, features ms
+  per image and verification ms per query at K = 40 and 20;
 * what verification costs `fieldreid watch --once` (:func:`watch_cost`): on the camtrap images against a zebra
   gallery (the issue's target; their animals lie below the fusion's floor, so few or no tracks are matched,
   and the count is reported) and on bench_e2e's zebra scene, where every track is matched; the same lab
   gallery calibrated with ``--verify`` vs enrolled ``--no-features`` and calibrated without it, runs
   alternated, whole command timed;
 * faster options measured the same way in-process (same embeddings, same top-K, same fusion fit and
-  RANSAC, only the features and their nearest-neighbour matching differ): RootSIFT capped at 300
-  keypoints, ORB (1,000, Hamming) and AKAZE (binary MLDB, Hamming). These rows are measurements, not
-  product paths: fieldreid stores and matches RootSIFT only.
+  RANSAC, only the features and their nearest-neighbour matching differ): RootSIFT capped at 1,000 (the
+  product's cap before 2026-12-01) and 300 keypoints, ORB (1,000, Hamming) and AKAZE (binary MLDB,
+  Hamming). These rows are measurements, not product paths: fieldreid stores and matches RootSIFT only.
 
 Run with nothing else on the machine: the milliseconds are only comparable within one quiet run.
 
@@ -71,7 +71,8 @@ def kinds() -> dict:
     from fieldreid.verify.features import prepare
 
     b_orb = _binary(cv2.ORB_create(nfeatures=1000))
-    out = {"rootsift-300": ("float", _rootsift(300)), "orb-1000": ("binary", lambda crop: b_orb(prepare(crop)))}
+    out = {"rootsift-1000": ("float", _rootsift(1000)), "rootsift-300": ("float", _rootsift(300)),
+           "orb-1000": ("binary", lambda crop: b_orb(prepare(crop)))}
     if hasattr(cv2, "AKAZE_create"):  # OpenCV 5 moved AKAZE out of the main modules (opencv-contrib)
         b_akaze = _binary(cv2.AKAZE_create())
         out["akaze"] = ("binary", lambda crop: b_akaze(prepare(crop)))
@@ -236,11 +237,12 @@ def main() -> None:
                      "GM_calibrated_after": round(r["open_set"]["fused"]["GM_at_calibrated"], 4),
                      "true_identity_in_top_k": round(r["true_identity_in_top_k"], 4),
                      "ms_per_query": round(r["ms_per_query"], 1)} for k, r in v.get("per_k", {}).items()}
-        print(f"  rootsift-1000 (product) {json.dumps(per_k)}", flush=True)
+        print(f"  {v.get('features')} (product, {v.get('keypoints')} keypoints) {json.dumps(per_k)}", flush=True)
         results.append({"set": name, "split": split,
-                        "product_rootsift_1000": {"features_ms_per_image": round(v.get("features_ms_per_image", 0), 1),
-                                                  "protocol": v.get("protocol"), "per_k": per_k,
-                                                  "eval_seconds": product["command_seconds"]},
+                        "product": {"features": v.get("features"), "keypoints": v.get("keypoints"),
+                                    "features_ms_per_image": round(v.get("features_ms_per_image", 0), 1),
+                                    "protocol": v.get("protocol"), "per_k": per_k,
+                                    "eval_seconds": product["command_seconds"]},
                         "other_kinds_k20": compare_kinds(meta, split)})
     watch = None
     if not args.no_watch:

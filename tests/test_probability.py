@@ -233,9 +233,9 @@ def test_a_query_below_the_fusion_floor_is_not_matched_and_its_features_are_neve
         calls = []
 
         def lazy(path):
-            def extract():
+            def extract(max_keypoints):
                 calls.append(path)
-                return features_of(path)
+                return features_of(path, max_keypoints=max_keypoints)
             return extract
 
         def decide(floor):

@@ -6,14 +6,27 @@ coat plus noise, so two photos of one animal share geometry and two animals do n
 
 from __future__ import annotations
 
+import importlib
+from unittest.mock import patch
+
 import cv2
 import numpy as np
 import pytest
 
 from fieldreid.errors import InputError
-from fieldreid.verify.features import LocalFeatures, extract, prepare
+from fieldreid.verify.features import (
+    KIND,
+    MAX_KEYPOINTS,
+    LocalFeatures,
+    extract,
+    keypoints_of,
+    kind_for,
+    prepare,
+)
 from fieldreid.verify.fuse import Fusion, fit_fusion, pays
 from fieldreid.verify.match import draw_matches, match, match_many, ratio_matches
+
+match_module = importlib.import_module("fieldreid.verify.match")  # the package's `match` is the function
 
 
 def coat(seed: int, size: int = 320) -> np.ndarray:
@@ -67,11 +80,29 @@ def test_features_bad_input_and_damaged_bytes_are_clear_errors():
 
 
 def test_flat_crop_has_no_keypoints_and_matches_nothing():
-    flat = extract(np.full((100, 60, 3), 128, np.uint8))
+    flat = extract(np.full((100, 60, 3), 128, np.uint8), max_keypoints=100)
     assert len(flat) == 0 and flat.size == (384, 230)
     other = extract(coat(3), max_keypoints=100)
     assert match(flat, other).n_inliers == 0 and match(other, flat).n_inliers == 0
     assert LocalFeatures.from_bytes(flat.to_bytes()).size == flat.size
+
+
+def test_keypoint_cap_is_part_of_the_kind_and_mixed_caps_are_never_compared():
+    assert kind_for(1000) == "rootsift-clahe/v1"  # the name galleries indexed before the cap was in it carry
+    assert kind_for(2000) == "rootsift-clahe-2000/v1" and KIND == kind_for(MAX_KEYPOINTS)
+    for cap in (1, 300, 1000, 2000, 99999):
+        assert keypoints_of(kind_for(cap)) == cap
+    for bad in ("rootsift-clahe-0/v1", "rootsift-clahe-02000/v1", "orb/v1", "rootsift-clahe/v2", "", "a-b-c"):
+        with pytest.raises(InputError, match="cannot be extracted"):
+            keypoints_of(bad)
+    with pytest.raises(InputError, match="between 1 and"):
+        kind_for(100000)
+    a, b = extract(coat(4), max_keypoints=100), extract(coat(4), max_keypoints=120)
+    assert a.kind == "rootsift-clahe-100/v1" and LocalFeatures.from_bytes(a.to_bytes()).kind == a.kind
+    with pytest.raises(InputError, match="different kinds"):
+        match(a, b)
+    with pytest.raises(InputError, match="different kinds"):
+        match_many(a, [a, b])
 
 
 def test_prepare_is_grey_fixed_size_whatever_the_input():
@@ -93,6 +124,10 @@ def test_same_animal_has_many_inliers_other_animal_few():
     # deterministic, and batched matching gives the same answer
     assert match(a, same).n_inliers == m_same.n_inliers
     assert [m.n_inliers for m in match_many(a, [same, other])] == [m_same.n_inliers, m_other.n_inliers]
+    # a similarity budget smaller than one candidate's matrix: one candidate per product, same answers
+    with patch.object(match_module, "SIM_BUDGET", 10):
+        assert [m.n_inliers for m in match_many(a, [same, other, same])] == [m_same.n_inliers, m_other.n_inliers,
+                                                                             m_same.n_inliers]
     for method in ("fundamental-usac", "homography-ransac", "homography-usac"):
         assert match(a, same, method=method).n_inliers > match(a, other, method=method).n_inliers
 

@@ -16,7 +16,7 @@ from fieldreid.evaluation.rerank import calibrate_fusion
 from fieldreid.gallery.enroll import Item, embed_items, enroll, index_features
 from fieldreid.gallery.openset import Identifier
 from fieldreid.gallery.store import Gallery
-from fieldreid.verify.features import KIND, LocalFeatures, features_of
+from fieldreid.verify.features import KIND, MAX_KEYPOINTS, LocalFeatures, features_of
 
 N_IDS, PER = 10, 3
 
@@ -92,3 +92,48 @@ def test_identifier_reranks_with_the_stored_fusion_only_where_it_pays(world, tmp
         assert [d.identity for d in again] == [d.identity for d in plain]
         with pytest.raises(InputError, match="one feature set"):
             ident.identify(q.vectors, emb.model_id, query_features=qf[:1])
+
+
+def test_a_fusion_fitted_on_another_keypoint_cap_is_used_only_with_features_of_that_cap(world, tmp_path):
+    """A gallery calibrated before the default cap changed keeps verifying: the query is extracted at the
+    fusion's cap, the gallery's features of that kind are used, and features of another cap are never
+    scored by it (cosine decides)."""
+    from fieldreid.gallery.enroll import feature_caps
+    from fieldreid.verify.features import kind_for
+
+    root, items, queries, emb = world
+    with Gallery(tmp_path / "g.db") as g:
+        enroll(items, g, emb, None, crops=True, features=False)
+        assert feature_caps(g) == [MAX_KEYPOINTS]  # nothing calibrated yet: the default cap
+        res = embed_items(items, emb, None, crops=True)
+        feats = [features_of(it.path, max_keypoints=300) for it in res.items]
+        fusion, _ = calibrate_fusion(res.vectors, [it.identity for it in res.items], feats, k=8)
+        assert fusion.pays and fusion.feature_kind == kind_for(300)
+        g.set_fusion("zebra", emb.model_id, fusion.to_dict())
+        assert feature_caps(g) == [300]
+        done, lost = index_features(g)  # the fusion's cap, not the default one
+        assert done == len(items) and not lost
+        assert g.missing_local_features(kind_for(300)) == [] and len(g.missing_local_features(KIND)) == len(items)
+        q = embed_items(queries, emb, None, crops=True)
+        ident = Identifier(g, create_provisional=False, record=False)
+        plain = ident.identify(q.vectors, emb.model_id)
+        other_cap = [features_of(it.path, max_keypoints=200) for it in q.items]
+        cosine = ident.identify(q.vectors, emb.model_id, query_features=other_cap)
+        assert [d.threshold_method for d in cosine] == [d.threshold_method for d in plain]
+        caps = []
+
+        def lazy(path):
+            def extract(max_keypoints):
+                caps.append(max_keypoints)
+                return features_of(path, max_keypoints=max_keypoints)
+            return extract
+
+        fused = ident.identify(q.vectors, emb.model_id, query_features=[lazy(it.path) for it in q.items])
+        assert set(caps) == {300} and all(d.threshold_method.startswith("fused probability") for d in fused)
+        right = np.mean([d.identity == it.identity for d, it in zip(fused, q.items, strict=True)])
+        assert right >= 0.8
+        # a fusion of a recipe this fieldreid cannot extract: verification off, cosine decides, no crash
+        g.set_fusion("zebra", emb.model_id, {**fusion.to_dict(), "feature_kind": "orb/v9"})
+        assert feature_caps(g) == [MAX_KEYPOINTS]
+        again = ident.identify(q.vectors, emb.model_id, query_features=[lazy(it.path) for it in q.items])
+        assert [d.threshold_method for d in again] == [d.threshold_method for d in plain]

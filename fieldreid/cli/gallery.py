@@ -26,6 +26,7 @@ from fieldreid.cli.common import open_embedder as _open_embedder
 from fieldreid.cli.common import progress_bar as _progress
 from fieldreid.errors import FieldreidError, InputError
 from fieldreid.types import DecisionKind
+from fieldreid.verify.features import MAX_KEYPOINTS
 from fieldreid.verify.fuse import VERIFY_K
 
 GalleryOpt = Annotated[Path, typer.Option("--gallery", "-g", help="Gallery file (SQLite).")]
@@ -236,18 +237,22 @@ def _verification_pays(g, model_id: str) -> bool:
 
 
 def _query_features(wanted: bool, crops: list) -> list | None:
-    """Local features of each (image path, box) crop by the one crop rule, None where unreadable."""
+    """Per (image path, box) crop, what extracts its local features by the one crop rule at the keypoint cap
+    the Identifier asks for (the fusion's), or None where the crop is unreadable. The Identifier calls it
+    only for a query it verifies."""
     if not wanted:
         return None
     from fieldreid.verify.features import features_of
 
-    out = []
-    for path, box in crops:
-        try:
-            out.append(features_of(path, box))
-        except FieldreidError:
-            out.append(None)
-    return out
+    def lazy(path, box):
+        def extract(max_keypoints: int):
+            try:
+                return features_of(path, box, max_keypoints)
+            except FieldreidError:
+                return None
+        return extract
+
+    return [lazy(path, box) for path, box in crops]
 
 
 def _content_sha256(path: Path) -> str | None:
@@ -320,7 +325,7 @@ def eval_cmd(
     verify_fit_split: Annotated[str | None, typer.Option(help="With --verify: fit the fusion and its threshold "
                                                               "on the rows of this split (other animals); "
                                                               "default: two identity folds cross-fit.")] = None,
-    keypoints: Annotated[int, typer.Option(help="With --verify: keypoint cap per crop.")] = 1000,
+    keypoints: Annotated[int, typer.Option(help="With --verify: keypoint cap per crop.")] = MAX_KEYPOINTS,
 ) -> None:
     """Evaluate an embedder: one-vs-all top-1/5/10 + mAP (MiewID) and open-set BAKS/BAUS (AnimalCLEF)."""
     from fieldreid.evaluation.metrics import evaluate
@@ -395,7 +400,7 @@ def _verify_eval(res, labels, metadata, split, fit_split, crops, embedder, detec
     import time
 
     from fieldreid.evaluation.rerank import verify_eval
-    from fieldreid.verify.features import KIND, features_of
+    from fieldreid.verify.features import features_of, kind_for
 
     items, vectors, boxes, fit_mask = list(res.items), res.vectors, list(res.boxes), None
     if fit_split is not None:
@@ -423,7 +428,7 @@ def _verify_eval(res, labels, metadata, split, fit_split, crops, embedder, detec
     out_v = verify_eval(vectors[keep_arr], np.asarray(labels, dtype=object)[keep_arr], feats, ks=ks,
                         fit_mask=None if fit_mask is None else fit_mask[keep_arr], seed=seed,
                         unknown_fraction=unknown_fraction, enrol_fraction=enrol_fraction)
-    return {"features": KIND, "keypoints": keypoints, "fit_split": fit_split,
+    return {"features": kind_for(keypoints), "keypoints": keypoints, "fit_split": fit_split,
             "features_ms_per_image": ms_feat, "n_feature_failures": len(failures), **out_v}
 
 
@@ -626,12 +631,14 @@ def info_cmd(gallery: GalleryOpt) -> None:
                                               f"{(cos.get('evidence') or {}).get('unknown_fraction', '?')} ({model})"
                                               if cos else
                                               "none for unverified crops (run `fieldreid calibrate` again)"))
-        from fieldreid.verify.features import KIND
+        from fieldreid.gallery.enroll import feature_caps
+        from fieldreid.verify.features import kind_for
 
         n_emb = g.count_embeddings()
-        if n_emb:
-            t.add_row("local features", f"{n_emb - len(g.missing_local_features(KIND))} of {n_emb} images "
-                                        "(`fieldreid gallery reindex` fills the rest)")
+        for cap in feature_caps(g) if n_emb else []:
+            t.add_row(f"local features ({cap} keypoints)",
+                      f"{n_emb - len(g.missing_local_features(kind_for(cap)))} of {n_emb} images "
+                      "(`fieldreid gallery reindex` fills the rest)")
         out.print(t)
 
 
@@ -776,16 +783,19 @@ def delete_cmd(identity: Annotated[str, typer.Argument(help="Identity to delete.
 @gallery_app.command("reindex")
 @_friendly
 def reindex_cmd(gallery: GalleryOpt,
-                keypoints: Annotated[int, typer.Option(help="Keypoint cap per crop.")] = 1000) -> None:
+                keypoints: Annotated[int | None, typer.Option(
+                    help="Keypoint cap per crop; default: the cap the gallery's verification was calibrated "
+                         "on, else the default cap.")] = None) -> None:
     """Compute the local features (verification) of every gallery image that has none."""
-    from fieldreid.gallery.enroll import index_features
+    from fieldreid.gallery.enroll import feature_caps, index_features
     from fieldreid.gallery.store import Gallery
-    from fieldreid.verify.features import KIND
+    from fieldreid.verify.features import kind_for
 
-    if keypoints < 1:
-        raise InputError(f"--keypoints must be at least 1, got {keypoints}.")
+    if keypoints is not None:
+        kind_for(keypoints)  # a clear error for a cap out of range
     with Gallery(gallery, create=False) as g:
-        todo = len(g.missing_local_features(KIND))
+        todo = sum(len(g.missing_local_features(kind_for(c))) for c in ([keypoints] if keypoints
+                                                                        else feature_caps(g)))
         with _progress(todo, "reindex") as progress:
             task = progress.add_task("reindex", total=todo)
             done, lost = index_features(g, keypoints, lambda n: progress.update(task, completed=n))

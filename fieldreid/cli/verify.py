@@ -13,6 +13,7 @@ import typer
 from fieldreid.cli.common import BackendOpt, DetectorOpt, EmbedderOpt, err, out
 from fieldreid.cli.common import friendly as _friendly
 from fieldreid.errors import FieldreidError, InputError
+from fieldreid.verify.features import MAX_KEYPOINTS
 
 
 def _animal_crop(path: Path, det, crops: bool, side: int):
@@ -37,7 +38,7 @@ def verify(
                                                                  "the box covering a quarter, else the whole "
                                                                  "photo) or camera frames (the most confident "
                                                                  "animal box).")] = True,
-    keypoints: Annotated[int, typer.Option(help="Keypoint cap per crop.")] = 1000,
+    keypoints: Annotated[int, typer.Option(help="Keypoint cap per crop.")] = MAX_KEYPOINTS,
     ratio: Annotated[float, typer.Option(help="Lowe's ratio test.")] = 0.8,
     method: Annotated[str, typer.Option(help="Geometric model and estimator: fundamental-ransac, "
                                              "fundamental-usac, homography-ransac, homography-usac.")] =

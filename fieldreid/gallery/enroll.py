@@ -220,21 +220,41 @@ def enroll(source: str | Path | Sequence[Item], gallery, embedder, detector=None
     return report
 
 
+def feature_caps(gallery) -> list[int]:
+    """The keypoint caps the gallery's verification needs: those its fusions were fitted on
+    (``calibrate --verify``), else the default cap (features for a calibration yet to come)."""
+    import json
+
+    from fieldreid.verify.features import MAX_KEYPOINTS, keypoints_of
+
+    caps = set()
+    for (data,) in gallery.read("SELECT data FROM fusion"):
+        f = json.loads(data)
+        if f.get("uses_inliers"):
+            try:
+                caps.add(keypoints_of(f.get("feature_kind", "")))
+            except FieldreidError:
+                pass  # another recipe's fusion: verification is off for it until calibrated again
+    return sorted(caps) or [MAX_KEYPOINTS]
+
+
 def index_features(gallery, max_keypoints: int | None = None, on_progress: ProgressFn | None = None,
                    chunk: int = 64) -> tuple[int, list[tuple[str, str]]]:
     """Compute and store the local features (:mod:`fieldreid.verify.features`) of every embedding that has
-    none, reading each source image and box again (``enroll`` with features and ``gallery reindex``).
-    Returns (rows indexed, failures); an unreadable source is listed and its embedding keeps no features
-    (verification then treats it as zero inliers)."""
-    from fieldreid.verify.features import KIND, MAX_KEYPOINTS, features_of
+    none of the kind ``max_keypoints`` makes (default: each cap of :func:`feature_caps`), reading each
+    source image and box again (``enroll`` with features and ``gallery reindex``). Returns (rows indexed,
+    failures); an unreadable source is listed and its embedding keeps no features (verification then
+    treats it as zero inliers)."""
+    from fieldreid.verify.features import features_of, kind_for
 
-    rows = gallery.missing_local_features(KIND)
     done, failures = 0, []
+    caps = [max_keypoints] if max_keypoints else feature_caps(gallery)
+    rows = [(cap, r) for cap in caps for r in gallery.missing_local_features(kind_for(cap))]
     for a in range(0, len(rows), chunk):
         batch = []
-        for r in rows[a:a + chunk]:
+        for cap, r in rows[a:a + chunk]:
             try:
-                f = features_of(text_path(r.source), parse_box(r.box), max_keypoints or MAX_KEYPOINTS)
+                f = features_of(text_path(r.source), parse_box(r.box), cap)
             except FieldreidError as exc:
                 failures.append((r.source, str(exc)))
                 continue

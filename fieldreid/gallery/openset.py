@@ -181,14 +181,21 @@ class Identifier:
         """Fused-probability ranking of the top-K gallery images and its threshold, or None where the gallery
         has no fusion for (species, model), calibration found verification does not pay, or no features.
 
-        ``features`` may be a callable that extracts them: it is called only when the query is matched, so a
-        query below the fusion's floor (:meth:`Fusion.verifies`) costs no extraction; it is scored by the
-        fusion with zero inliers, and the decision's threshold method says it was not matched."""
-        from fieldreid.verify.features import LocalFeatures
+        ``features`` may be a callable that extracts them with a given keypoint cap (the one the fusion was
+        fitted on, :func:`fieldreid.verify.features.keypoints_of`): it is called only when the query is
+        matched, so a query below the fusion's floor (:meth:`Fusion.verifies`) costs no extraction; it is
+        scored by the fusion with zero inliers, and the decision's threshold method says it was not matched.
+        Features of another kind than the fusion's (another keypoint cap or recipe) are never scored by it:
+        cosine decides."""
+        from fieldreid.verify.features import LocalFeatures, keypoints_of
         from fieldreid.verify.rerank import rerank
 
         if fusion is None or not fusion.pays or not fusion.uses_inliers:
             return None
+        try:
+            cap = keypoints_of(fusion.feature_kind)
+        except InputError:
+            return None  # a fusion from another fieldreid's recipe: cosine decides until `calibrate --verify`
         threshold = float(fusion.evidence.get("threshold", 0.5))
         rows, idents, cos = self.searcher.top_images(vector, max(1, fusion.k), restrict)
         if not len(rows):
@@ -200,9 +207,11 @@ class Identifier:
                             True, "gallery")
             return th, ranked.top()
         if callable(features):
-            features = features()
+            features = features(cap)
             if features is None:
                 return None  # the crop could not be read again: cosine decides
+        if features.kind != fusion.feature_kind:
+            return None  # fitted on other features: its probabilities would not hold for these
         blobs = self.gallery.local_features(rows, features.kind)
         if not blobs:
             return None  # a gallery not indexed yet (`fieldreid gallery reindex`): cosine decides

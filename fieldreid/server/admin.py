@@ -109,7 +109,7 @@ def import_gallery(lab: LabDB, project_id: str, path: str | Path, species: list[
                                                                                   strict=True)) if iid in wanted]
             th = g.thresholds(sp, proj.model_id)
             fusion = g.fusion(sp, proj.model_id)
-            feats = _local_features(g, [r for r, _, _ in rows])
+            feats = _local_features(g, [r for r, _, _ in rows], (fusion or {}).get("feature_kind"))
             with lab.write() as con:
                 gal = lab.gallery(con, project_id, sp, create=True)
                 details = {"source": str(path), "species": sp}
@@ -153,10 +153,12 @@ def import_gallery(lab: LabDB, project_id: str, path: str | Path, species: list[
     return report
 
 
-def _local_features(g, row_ids: list[int]) -> dict[int, tuple[str, bytes]]:
-    """(kind, bytes) of each gallery embedding's local features, by embedding id (none: absent)."""
+def _local_features(g, row_ids: list[int], prefer: str | None = None) -> dict[int, tuple[str, bytes]]:
+    """(kind, bytes) of each gallery embedding's local features, by embedding id (none: absent); where an
+    embedding has several kinds (keypoint caps), the ``prefer`` kind (the species' fusion's) is the one kept."""
     out: dict[int, tuple[str, bytes]] = {}
-    for (kind,) in g.read("SELECT DISTINCT kind FROM local_features ORDER BY kind").fetchall():
+    kinds = [k for (k,) in g.read("SELECT DISTINCT kind FROM local_features ORDER BY kind").fetchall()]
+    for kind in sorted(kinds, key=lambda k: k == prefer):  # the preferred kind last: it overwrites
         out.update({i: (kind, b) for i, b in g.local_features(row_ids, kind).items()})
     return out
 

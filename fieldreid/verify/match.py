@@ -106,9 +106,15 @@ def match(a: LocalFeatures, b: LocalFeatures, ratio: float = RATIO, method: str 
     return verify(a, b, ratio_matches(a, b, ratio), method, threshold)
 
 
+#: largest similarity matrix :func:`match_many` holds at once (float32 elements; 8 M = 32 MB): a query of
+#: 2,000 keypoints against 40 candidates of 2,000 would otherwise need 640 MB
+SIM_BUDGET = 8_000_000
+
+
 def match_many(a: LocalFeatures, others: list[LocalFeatures], ratio: float = RATIO, method: str = METHOD,
-                threshold: float = THRESHOLD_PX) -> list[Match]:
-    """:func:`match` of ``a`` against each of ``others`` (a query's candidates): one matrix product for all."""
+               threshold: float = THRESHOLD_PX) -> list[Match]:
+    """:func:`match` of ``a`` against each of ``others`` (a query's candidates): one matrix product per group
+    of candidates, each group's matrix within :data:`SIM_BUDGET`."""
     _check_ratio(ratio)
     for b in others:
         if a.kind != b.kind:
@@ -116,16 +122,24 @@ def match_many(a: LocalFeatures, others: list[LocalFeatures], ratio: float = RAT
     if not others:
         return []
     da = a.unit_descriptors()
-    sizes = [len(b) for b in others]
-    sim_all = da @ np.concatenate([b.unit_descriptors() for b in others]).T if len(da) and sum(sizes) else None
-    out, start = [], 0
-    for b, n in zip(others, sizes, strict=True):
-        if sim_all is None or n < 2:
-            tentative = np.zeros((0, 2), np.int32)
-        else:
-            tentative = _ratio_from_sim(sim_all[:, start:start + n], ratio)
-        out.append(verify(a, b, tentative, method, threshold))
-        start += n
+    out: list[Match] = []
+    i = 0
+    while i < len(others):
+        group, cells = [], 0
+        while i < len(others) and (not group or cells + len(da) * len(others[i]) <= SIM_BUDGET):
+            group.append(others[i])
+            cells += len(da) * len(others[i])
+            i += 1
+        sizes = [len(b) for b in group]
+        sim = da @ np.concatenate([b.unit_descriptors() for b in group]).T if len(da) and sum(sizes) else None
+        start = 0
+        for b, n in zip(group, sizes, strict=True):
+            if sim is None or n < 2:
+                tentative = np.zeros((0, 2), np.int32)
+            else:
+                tentative = _ratio_from_sim(sim[:, start:start + n], ratio)
+            out.append(verify(a, b, tentative, method, threshold))
+            start += n
     return out
 
 

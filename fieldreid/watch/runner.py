@@ -315,10 +315,10 @@ class Watcher:
                 "SELECT data FROM fusion WHERE model_id = ?", (self.embedder.model_id,)))
         if not self._verify:
             return None
-        def extract():
+        def extract(max_keypoints: int):
             self.verified_tracks += 1
             try:
-                return features_of(self.root / text_path(rep.path), rep.box)
+                return features_of(self.root / text_path(rep.path), rep.box, max_keypoints)
             except FieldreidError:
                 return None  # unreadable now: the cosine decides this track
 

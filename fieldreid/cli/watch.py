@@ -40,6 +40,9 @@ def watch(
                                                      "~/.config/fieldreid/config.toml; `fieldreid init` writes it).")
                       ] = None,
     conf: Annotated[float, typer.Option(help="Detector confidence threshold (boxes kept and animals embedded).")] = 0.2,
+    rescue_conf: Annotated[float, typer.Option(help="A frame with no animal at --conf keeps its most confident "
+                                                    "animal box at this confidence or above (camera traps fire "
+                                                    "on motion); 0 turns it off.")] = 0.1,
     batch: Annotated[int | None, typer.Option(help="Images per batch (= per committed transaction); default 8, "
                                                    "2 with --low-memory.")] = None,
     gap: Annotated[float, typer.Option(help="Seconds between two images of one camera that still make one event.")
@@ -87,6 +90,9 @@ def watch(
         raise FieldreidError("--batch must be at least 1.")
     if max_file_mb <= 0 or max_pixels < 1:
         raise FieldreidError("--max-file-mb and --max-pixels must be positive.")
+    if not 0.0 <= rescue_conf <= 1.0:
+        raise FieldreidError(f"--rescue-conf must be between 0 (off) and 1, got {rescue_conf}.")
+    det_conf = min(conf, rescue_conf) if rescue_conf > 0 else conf  # the rescue needs the weaker boxes
     opts: dict = {"threads": threads} if threads else {}
     if low_memory:
         opts["low_memory"] = True
@@ -97,15 +103,16 @@ def watch(
         from fieldreid.embed.runtime import Embedder
 
         det = Detector(detector or configured_model("detector") or default_model("detector"), backend=backend,
-                       conf=conf, batch_size=min(batch, 8), **opts)
+                       conf=det_conf, batch_size=min(batch, 8), **opts)
         emb = Embedder(embedder or configured_model("embedder") or default_model("embedder"), backend=backend,
                        batch_size=8 if low_memory else 32, **opts)
     else:
-        det = open_detector(detector, backend, conf)
+        det = open_detector(detector, backend, det_conf)
         emb = open_embedder(embedder, backend)
     if not folder.is_dir() and once:
         raise FieldreidError(f"{folder} is not a folder (card not mounted?).")
-    cfg = WatchConfig(root=folder, out=out, gallery=gallery, batch=batch, conf=conf, gap=gap, idle_close=idle_close,
+    cfg = WatchConfig(root=folder, out=out, gallery=gallery, batch=batch, conf=conf, rescue_conf=rescue_conf or None,
+                      gap=gap, idle_close=idle_close,
                       settle=settle, grace=grace, rescan=rescan, link_threshold=link, species=species,
                       max_file_bytes=int(max_file_mb * 2**20), max_pixels=int(max_pixels))
     with Watcher(cfg, det, emb, log=_log) as w:

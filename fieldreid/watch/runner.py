@@ -42,7 +42,7 @@ import numpy as np
 
 from fieldreid.crop import CROP_RULE
 from fieldreid.embed.pipeline import Pipeline, prefetch_batches
-from fieldreid.errors import FieldreidError
+from fieldreid.errors import FieldreidError, InputError
 from fieldreid.frames.decode import DEFAULT_MAX_PIXELS
 from fieldreid.gallery.openset import Identifier
 from fieldreid.gallery.store import Gallery
@@ -77,6 +77,9 @@ class WatchConfig:
     gallery: Path
     batch: int = 8
     conf: float = 0.2
+    #: a frame with no animal at ``conf`` keeps its best animal box at this confidence (None: off); see
+    #: :class:`fieldreid.embed.pipeline.Pipeline`
+    rescue_conf: float | None = 0.1
     gap: float = DEFAULT_GAP_S
     idle_close: float = 120.0
     settle: float = 2.0
@@ -147,6 +150,10 @@ class Watcher:
         self.cfg = cfg
         self.root = Path(cfg.root)
         self.out = Path(cfg.out)
+        if cfg.rescue_conf is not None and not 0.0 <= cfg.rescue_conf <= 1.0:
+            raise InputError(f"The rescue confidence must be between 0 (off) and 1, got {cfg.rescue_conf}.")
+        #: the rescue confidence in force (None: off, or not below ``conf``: nothing to rescue)
+        self.rescue_conf = cfg.rescue_conf if cfg.rescue_conf and cfg.rescue_conf < cfg.conf else None
         self.log = log or _default_log
         self.detector, self.embedder = detector, embedder
         self.state = StateDB(self.out / RESULTS_DB)  # holds OUT/.lock until close()
@@ -164,7 +171,7 @@ class Watcher:
         self.identifier = Identifier(self.gallery, species=cfg.species, create_provisional=False, record=False,
                                      model_thresholds=getattr(embedder, "thresholds", None))
         self.pipe = Pipeline(detector, embedder, batch_size=cfg.batch, keep_crops=True, min_crop_conf=cfg.conf,
-                             prefetch=False)
+                             prefetch=False, rescue_conf=self.rescue_conf)
         self._limits = LoadLimits(cfg.max_file_bytes, cfg.max_pixels, cfg.grace, self.pipe.detector_min_side)
         self.stop_event = threading.Event()
         self.wake = threading.Event()
@@ -187,6 +194,7 @@ class Watcher:
             self.state.set_meta(con, "detector", str(getattr(detector, "model_id", "detector")))
             self.state.set_meta(con, "embedder", embedder.model_id)
             self.state.set_meta(con, "conf", str(cfg.conf))
+            self.state.set_meta(con, "rescue_conf", str(self.rescue_conf or ""))
             self.state.set_meta(con, "gap", str(cfg.gap))
             self.state.set_meta(con, "crop_rule", CROP_RULE)
         self._species_warned: set[tuple[str, str]] = set()
@@ -380,7 +388,8 @@ class Watcher:
         # read transaction, so it describes one committed state.
         snap = StateDB(self.out / RESULTS_DB, readonly=True)
         try:
-            write_all(snap.con, self.out, str(getattr(self.detector, "model_id", "detector")), self.cfg.conf,
+            write_all(snap.con, self.out, str(getattr(self.detector, "model_id", "detector")),
+                      self.rescue_conf or self.cfg.conf,  # the lowest confidence a kept box can have
                       {"fieldreid_version": __version__, "embedder": self.embedder.model_id})
         finally:
             snap.close()

@@ -81,6 +81,24 @@ def test_calibrate_fusion_decides_it_pays_and_gives_a_threshold(animals):
     assert fusion2.pays is False and fusion2.evidence["top1_without"] == 1.0
 
 
+def test_the_fused_threshold_pools_the_open_set_simulations(animals):
+    """One simulation of a few animals is noise: the threshold is chosen on ``repeats`` of them pooled (the
+    sweep of the pooled queries), as the cosine thresholds are."""
+    from fieldreid.evaluation.metrics import _best_threshold, _pool
+    from fieldreid.evaluation.rerank import _open_set_scores, calibrate_fusion
+
+    emb, labels, feats = animals
+    lab = np.asarray(labels).astype(str)
+    fusion, pooled = calibrate_fusion(emb, labels, feats, k=6, seed=2, repeats=3)
+    assert fusion.evidence["threshold_simulations"] == 3 and fusion.evidence["threshold"] == pooled
+    scorer, everyone = PairScorer(feats), np.arange(len(lab))
+    sims = [_open_set_scores(np.asarray(emb, np.float32), lab, everyone, 6, scorer, fusion, s, 0.3, 0.5, 400)["fused"]
+            for s in (2, 3, 4)]
+    assert pooled == _best_threshold(_pool(sims))
+    _, single = calibrate_fusion(emb, labels, feats, k=6, seed=2, repeats=1)
+    assert single == _best_threshold(sims[0])
+
+
 def test_evaluation_scores_queries_below_the_floor_as_the_product_does(animals):
     from fieldreid.evaluation.rerank import _answers
     from fieldreid.verify.fuse import Fusion

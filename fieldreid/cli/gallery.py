@@ -500,7 +500,9 @@ def calibrate_cmd(
                                             seed, repeats)
             if feats is not None:
                 _calibrate_verification(g, emb.model_id, sp, res.vectors[mask], labels[mask],
-                                        [f for f, m in zip(feats, mask, strict=True) if m], verify_k, cosine)
+                                        [f for f, m in zip(feats, mask, strict=True) if m], verify_k, cosine,
+                                        seed=seed, repeats=repeats, unknown_fraction=unknown_fraction,
+                                        enrol_fraction=enrol_fraction)
             elif cosine is not None:
                 _store_cosine(g, emb.model_id, sp, cosine)
     if not stored:
@@ -555,14 +557,16 @@ def _store_cosine(g, model_id: str, species: str, cosine) -> None:
         g.set_fusion(species, model_id, cosine.to_dict())
 
 
-def _calibrate_verification(g, model_id: str, species: str, vectors, labels, feats, k: int, cosine=None) -> None:
+def _calibrate_verification(g, model_id: str, species: str, vectors, labels, feats, k: int, cosine=None,
+                            **simulation) -> None:
     """Fit and store the fusion of cosine and inliers (with ``cosine``, the cosine-only fit, inside it: the
-    probability of crops that are not verified)."""
+    probability of crops that are not verified); ``simulation``: the open-set simulations' seed, repeats and
+    fractions, as the cosine thresholds use them."""
     from fieldreid.evaluation.rerank import calibrate_fusion
 
     if k < 1:
         raise InputError(f"--verify-k must be at least 1, got {k}.")
-    fusion, threshold = calibrate_fusion(vectors, labels, feats, k=k)
+    fusion, threshold = calibrate_fusion(vectors, labels, feats, k=k, **simulation)
     g.set_fusion(species, model_id, replace(fusion, cosine_only=cosine).to_dict())
     e = fusion.evidence
     err.print(f"{species}: verification {'pays' if fusion.pays else 'does not pay: off'} (held-out top-1 "

@@ -13,6 +13,8 @@ from fieldreid.errors import ModelError
 
 DETECTOR_NAME = "detector.onnx"
 EMBEDDER_NAME = "embedder.onnx"
+#: watch: a frame with no animal at the detector threshold keeps its best animal box at this confidence
+DEFAULT_RESCUE_CONF = 0.1
 
 
 def source_root() -> Path | None:

@@ -88,3 +88,50 @@ def test_rescue_settings_are_checked(tmp_path):
     r = CliRunner().invoke(app, ["watch", str(tmp_path / "cards"), "--gallery", str(tmp_path / "g.db"), "--out",
                                  str(tmp_path / "out"), "--once", "--rescue-conf", "1.5"])
     assert r.exit_code != 0 and "--rescue-conf must be between 0 (off) and 1" in r.output
+
+
+@pytest.mark.parametrize("args, det_conf, rescue", [([], 0.1, 0.1), (["--low-memory"], 0.2, None),
+                                                     (["--low-memory", "--rescue-conf", "0.05"], 0.05, 0.05),
+                                                     (["--rescue-conf", "0"], 0.2, None)])
+def test_watch_cli_rescues_by_default_but_not_with_low_memory(tmp_path, monkeypatch, args, det_conf, rescue):
+    """--low-memory turns the rescue off unless asked for (it costs peak memory there); the detector runs at
+    the rescue confidence when it is on."""
+    from typer.testing import CliRunner
+
+    import fieldreid.detect
+    import fieldreid.embed.runtime
+    import fieldreid.watch
+    from fieldreid.cli import watch as watch_cli
+    from fieldreid.cli.app import app
+
+    seen = {}
+
+    class Fake:
+        def __init__(self, path=None, *a, conf=None, **kw):
+            if conf is not None:
+                seen["det_conf"] = conf
+
+    class FakeWatcher:
+        def __init__(self, cfg, det, emb, log=None):
+            seen["rescue"] = cfg.rescue_conf
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run(self, once):
+            pass
+
+    monkeypatch.setattr(fieldreid.detect, "Detector", Fake)
+    monkeypatch.setattr(fieldreid.embed.runtime, "Embedder", Fake)
+    monkeypatch.setattr(watch_cli, "open_detector", lambda path, backend, conf: Fake(conf=conf))
+    monkeypatch.setattr(watch_cli, "open_embedder", lambda path, backend: Fake())
+    monkeypatch.setattr("fieldreid.defaults.default_model", lambda kind: tmp_path / f"{kind}.onnx")
+    monkeypatch.setattr(fieldreid.watch, "Watcher", FakeWatcher)
+    (tmp_path / "cards").mkdir()
+    r = CliRunner().invoke(app, ["watch", str(tmp_path / "cards"), "--gallery", str(tmp_path / "g.db"), "--out",
+                                 str(tmp_path / "out"), "--once", *args])
+    assert r.exit_code == 0, r.output
+    assert seen == {"det_conf": pytest.approx(det_conf), "rescue": rescue}

@@ -16,6 +16,7 @@ from fieldreid.cli.common import (
     open_detector,
     open_embedder,
 )
+from fieldreid.defaults import DEFAULT_RESCUE_CONF
 from fieldreid.errors import FieldreidError
 
 
@@ -40,9 +41,11 @@ def watch(
                                                      "~/.config/fieldreid/config.toml; `fieldreid init` writes it).")
                       ] = None,
     conf: Annotated[float, typer.Option(help="Detector confidence threshold (boxes kept and animals embedded).")] = 0.2,
-    rescue_conf: Annotated[float, typer.Option(help="A frame with no animal at --conf keeps its most confident "
-                                                    "animal box at this confidence or above (camera traps fire "
-                                                    "on motion); 0 turns it off.")] = 0.1,
+    rescue_conf: Annotated[float | None, typer.Option(help="A frame with no animal at --conf keeps its most "
+                                                           "confident animal box at this confidence or above "
+                                                           "(camera traps fire on motion); 0 turns it off. "
+                                                           "Default 0.1, off with --low-memory (it costs "
+                                                           "~50-90 MiB of peak memory there).")] = None,
     batch: Annotated[int | None, typer.Option(help="Images per batch (= per committed transaction); default 8, "
                                                    "2 with --low-memory.")] = None,
     gap: Annotated[float, typer.Option(help="Seconds between two images of one camera that still make one event.")
@@ -90,6 +93,8 @@ def watch(
         raise FieldreidError("--batch must be at least 1.")
     if max_file_mb <= 0 or max_pixels < 1:
         raise FieldreidError("--max-file-mb and --max-pixels must be positive.")
+    if rescue_conf is None:
+        rescue_conf = 0.0 if low_memory else DEFAULT_RESCUE_CONF
     if not 0.0 <= rescue_conf <= 1.0:
         raise FieldreidError(f"--rescue-conf must be between 0 (off) and 1, got {rescue_conf}.")
     det_conf = min(conf, rescue_conf) if rescue_conf > 0 else conf  # the rescue needs the weaker boxes

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fieldreid.crop import CROP_RULE
+from fieldreid.defaults import DEFAULT_RESCUE_CONF
 from fieldreid.embed.pipeline import Pipeline, prefetch_batches
 from fieldreid.errors import FieldreidError, InputError
 from fieldreid.frames.decode import DEFAULT_MAX_PIXELS
@@ -79,7 +80,7 @@ class WatchConfig:
     conf: float = 0.2
     #: a frame with no animal at ``conf`` keeps its best animal box at this confidence (None: off); see
     #: :class:`fieldreid.embed.pipeline.Pipeline`
-    rescue_conf: float | None = 0.1
+    rescue_conf: float | None = DEFAULT_RESCUE_CONF
     gap: float = DEFAULT_GAP_S
     idle_close: float = 120.0
     settle: float = 2.0

@@ -791,15 +791,14 @@ def reindex_cmd(gallery: GalleryOpt,
                     help="Keypoint cap per crop; default: the cap the gallery's verification was calibrated "
                          "on, else the default cap.")] = None) -> None:
     """Compute the local features (verification) of every gallery image that has none."""
-    from fieldreid.gallery.enroll import feature_caps, index_features
+    from fieldreid.gallery.enroll import index_features, missing_features
     from fieldreid.gallery.store import Gallery
     from fieldreid.verify.features import kind_for
 
     if keypoints is not None:
         kind_for(keypoints)  # a clear error for a cap out of range
     with Gallery(gallery, create=False) as g:
-        todo = sum(len(g.missing_local_features(kind_for(c))) for c in ([keypoints] if keypoints
-                                                                        else feature_caps(g)))
+        todo = len(missing_features(g, keypoints))
         with _progress(todo, "reindex") as progress:
             task = progress.add_task("reindex", total=todo)
             done, lost = index_features(g, keypoints, lambda n: progress.update(task, completed=n))

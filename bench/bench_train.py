@@ -64,12 +64,18 @@ RECIPES = {
                         backbone_lr_mult=0.2, freeze_stages=1, warmup_epochs=1.0, lr_decay=0.9,
                         val_identities=0.15, image_size=224, minutes=20.0,
                         also=["{reid}/zebra/metadata.csv:database", "{reid}/cattle/metadata.csv:train"]),
+    # the same student at 288 px (1.65x the 224 student's pixels, 0.8x the teacher's): does the size gap explain
+    # the 224 student's distance to its teacher?
+    "distill-288": dict(backbone="tf_efficientnet_lite0", teacher="lite0-320.pt", epochs=12, pk=(8, 4), lr=1e-3,
+                        backbone_lr_mult=0.2, freeze_stages=1, warmup_epochs=1.0, lr_decay=0.9,
+                        val_identities=0.15, image_size=288, minutes=20.0,
+                        also=["{reid}/zebra/metadata.csv:database", "{reid}/cattle/metadata.csv:train"]),
     "convnext": dict(backbone="convnext_atto", init="scratch", teacher="lite0-320.pt", epochs=30, pk=(8, 4),
                      lr=2e-3, backbone_lr_mult=1.0, freeze_stages=0, warmup_epochs=1.0, lr_decay=0.95,
                      val_identities=0.15, image_size=224, minutes=15.0,
                      also=["{reid}/zebra/metadata.csv:database", "{reid}/cattle/metadata.csv:train"]),
 }
-STUDENTS = ("distill-320", "convnext")
+STUDENTS = ("distill-320", "convnext", "distill-288")
 
 
 def _log(step: dict, every: int = 5) -> None:
@@ -270,9 +276,11 @@ def stage_eval(args) -> None:
                ("Lite0 fine-tuned", "lite0.onnx", "lite0"),
                ("Lite0 full fine-tune (PxK, held-out val, 160->224)", "lite0-full.onnx", "lite0-full"),
                ("Lite0 full fine-tune, ONNX INT8 (QDQ)", "lite0-full.int8.onnx", "lite0-full"),
-               ("Lite0 fine-tune at 320 px (teacher of the two below)", "lite0-320.onnx", "lite0-320"),
+               ("Lite0 fine-tune at 320 px (teacher of the students below)", "lite0-320.onnx", "lite0-320"),
                ("Lite0 student at 224 px, distilled from it", "distill-320.onnx", "distill-320"),
                ("Lite0 student at 224 px, ONNX INT8 (QDQ)", "distill-320.int8.onnx", "distill-320"),
+               ("Lite0 student at 288 px, distilled from it", "distill-288.onnx", "distill-288"),
+               ("Lite0 student at 288 px, ONNX INT8 (QDQ)", "distill-288.int8.onnx", "distill-288"),
                ("ConvNeXt-Atto student (random init), distilled", "convnext.onnx", "convnext"),
                ("ConvNeXt-Atto student, ONNX INT8 (QDQ)", "convnext.int8.onnx", "convnext"),
                ("Lite2 fine-tuned (teacher)", "lite2.onnx", "lite2"),
@@ -319,7 +327,8 @@ def stage_eval(args) -> None:
     for fp32, int8_label in (("distill", "Lite0 distilled, ONNX INT8 (QDQ)"),
                              ("lite0-full", "Lite0 full fine-tune, ONNX INT8 (QDQ)"),
                              ("distill-320", "Lite0 student at 224 px, ONNX INT8 (QDQ)"),
-                             ("convnext", "ConvNeXt-Atto student, ONNX INT8 (QDQ)")):
+                             ("convnext", "ConvNeXt-Atto student, ONNX INT8 (QDQ)"),
+                             ("distill-288", "Lite0 student at 288 px, ONNX INT8 (QDQ)")):
         if f"{fp32}.onnx" in embs and f"{fp32}.int8.onnx" in embs:
             a, b = embs[f"{fp32}.onnx"], embs[f"{fp32}.int8.onnx"]
             cos = (a * b).sum(1)

@@ -271,7 +271,7 @@ def test_convnext_student_from_scratch(trained, one_batch, tmp_path):
     with pytest.raises(InputError, match="scratch"):
         build_model("convnext_atto")
     teacher_ckpt, _ = trained
-    cfg = _overfit_cfg(backbone="convnext_atto", init="scratch", freeze_stages=0, lr=2e-3)
+    cfg = _overfit_cfg(backbone="convnext_atto", init="scratch", freeze_stages=0)
     res = distill(DistillConfig(**(cfg.__dict__ | {"teacher": str(teacher_ckpt)})), tmp_path / "convnext.pt",
                   data=one_batch)
     assert res.history[-1]["loss"] < 0.75 * res.history[0]["loss"], res.history

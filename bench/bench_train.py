@@ -2,7 +2,7 @@
 
     python bench/bench_train.py all        # lite0-320, distill-320, convnext, export, detector, eval, sizes (~1.5 h)
     python bench/bench_train.py lite0-320|distill-320|convnext|lite0-full|lite0|lite2|distill   # one run (resumes)
-    python bench/bench_train.py export|detector|eval|report   # ONNX FP32 + INT8, detector INT8 gate, table
+    python bench/bench_train.py export|detector|eval|sizes|report   # ONNX FP32 + INT8, detector gate, tables
 
 Protocol (the README's): train on the ``train`` split (179 animals, 1,213 images), evaluate on the ``test``
 split (58 animals never seen, 729 images) with one-vs-all top-1 / mAP and the open-set BAKS / BAUS /
@@ -64,18 +64,23 @@ RECIPES = {
                         backbone_lr_mult=0.2, freeze_stages=1, warmup_epochs=1.0, lr_decay=0.9,
                         val_identities=0.15, image_size=224, minutes=20.0,
                         also=["{reid}/zebra/metadata.csv:database", "{reid}/cattle/metadata.csv:train"]),
-    # the same student at 288 px (1.65x the 224 student's pixels, 0.8x the teacher's): does the size gap explain
-    # the 224 student's distance to its teacher?
-    "distill-288": dict(backbone="tf_efficientnet_lite0", teacher="lite0-320.pt", epochs=12, pk=(8, 4), lr=1e-3,
-                        backbone_lr_mult=0.2, freeze_stages=1, warmup_epochs=1.0, lr_decay=0.9,
-                        val_identities=0.15, image_size=288, minutes=20.0,
-                        also=["{reid}/zebra/metadata.csv:database", "{reid}/cattle/metadata.csv:train"]),
     "convnext": dict(backbone="convnext_atto", init="scratch", teacher="lite0-320.pt", epochs=30, pk=(8, 4),
                      lr=2e-3, backbone_lr_mult=1.0, freeze_stages=0, warmup_epochs=1.0, lr_decay=0.95,
                      val_identities=0.15, image_size=224, minutes=15.0,
                      also=["{reid}/zebra/metadata.csv:database", "{reid}/cattle/metadata.csv:train"]),
 }
+# the same student at 288 px (1.65x the 224 student's pixels, 0.8x the teacher's): does the size gap explain
+# the 224 student's distance to its teacher?
+RECIPES["distill-288"] = {**RECIPES["distill-320"], "image_size": 288}
 STUDENTS = ("distill-320", "convnext", "distill-288")
+
+
+def _recipe(args, name: str) -> dict:
+    """A copy of ``RECIPES[name]`` with its ``also`` sets under this machine's ``../shared/data/reid``."""
+    recipe = dict(RECIPES[name])
+    reid = _shared(args) / "data" / "reid"
+    recipe["also"] = [a.format(reid=reid) for a in recipe.get("also", [])]
+    return recipe
 
 
 def _log(step: dict, every: int = 5) -> None:
@@ -92,9 +97,7 @@ def stage_train(args, name: str) -> None:
     torch.set_num_threads(THREADS)
     RUNS.mkdir(parents=True, exist_ok=True)
     out = RUNS / f"{name}.pt"
-    recipe = dict(RECIPES[name])
-    reid = _shared(args) / "data" / "reid"
-    recipe["also"] = [a.format(reid=reid) for a in recipe.get("also", [])]
+    recipe = _recipe(args, name)
     cfg = TrainConfig(metadata=str(_meta(args)), split="train", name="nyala", seed=0, cache_dir=str(RUNS / "cache"),
                       **recipe)
     resume = (out.with_name(out.name + ".resume")).is_file()
@@ -118,10 +121,8 @@ def stage_distill(args, name: str = "distill") -> None:
 
     torch.set_num_threads(THREADS)
     out = RUNS / f"{name}.pt"
-    recipe = dict(RECIPES[name])
+    recipe = _recipe(args, name)
     teacher = RUNS / recipe.pop("teacher", "lite2.pt")
-    reid = _shared(args) / "data" / "reid"
-    recipe["also"] = [a.format(reid=reid) for a in recipe.get("also", [])]
     cfg = DistillConfig(metadata=str(_meta(args)), split="train", name="nyala", seed=0, teacher=str(teacher),
                         cache_dir=str(RUNS / "cache"), **recipe)
     resume = (out.with_name(out.name + ".resume")).is_file()
@@ -324,13 +325,10 @@ def stage_eval(args) -> None:
                 row["validation"] = info["validation"]
         rows[label] = row
         print(f"  {label}: {json.dumps(row)}", flush=True)
-    for fp32, int8_label in (("distill", "Lite0 distilled, ONNX INT8 (QDQ)"),
-                             ("lite0-full", "Lite0 full fine-tune, ONNX INT8 (QDQ)"),
-                             ("distill-320", "Lite0 student at 224 px, ONNX INT8 (QDQ)"),
-                             ("convnext", "ConvNeXt-Atto student, ONNX INT8 (QDQ)"),
-                             ("distill-288", "Lite0 student at 288 px, ONNX INT8 (QDQ)")):
-        if f"{fp32}.onnx" in embs and f"{fp32}.int8.onnx" in embs:
-            a, b = embs[f"{fp32}.onnx"], embs[f"{fp32}.int8.onnx"]
+    for int8_label, file, _ in entries:  # each INT8 row against the FP32 ONNX it was quantised from
+        fp32 = file.replace(".int8.onnx", ".onnx")
+        if fp32 != file and fp32 in embs and file in embs:
+            a, b = embs[fp32], embs[file]
             cos = (a * b).sum(1)
             rows[int8_label]["cosine_to_fp32"] = {"mean": float(cos.mean()), "min": float(cos.min())}
     ckpt = RUNS / "distill.pt"
@@ -389,12 +387,12 @@ def stage_sizes(args) -> None:
     work = RUNS / "sizes"
     work.mkdir(parents=True, exist_ok=True)
     rows = []
+    net, spec0, model_id = build_default_embedder("lite0")  # ImageNet Lite0 (GeM: any input size)
     for label, name, sizes in SIZES:
         for size in sizes:
             path = work / f"{name}-{size}.onnx"
             if name == "imagenet":
-                net, spec, model_id = build_default_embedder("lite0")
-                spec = PreprocessSpec(size=(size, size), mean=spec.mean, std=spec.std, color=spec.color)
+                spec = PreprocessSpec(size=(size, size), mean=spec0.mean, std=spec0.std, color=spec0.color)
                 export_embedder_onnx(net, path, spec, model_id)
             elif (RUNS / f"{name}.pt").is_file():
                 export_fp32_onnx(RUNS / f"{name}.pt", path, kind="embedder", input_size=(size, size))
@@ -414,6 +412,17 @@ def stage_sizes(args) -> None:
     data["sizes"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "set": "nyala test (58 animals, 729 images)",
                      "rows": rows}
     out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _attempt_lines(prefix: str, report: dict) -> list[str]:
+    """One report line per attempt of an INT8 export's gate (``report``: what the export stage wrote)."""
+    out = []
+    for a in (report.get("gate") or {}).get("attempts", []):
+        g = a.get("gate") or {}
+        out.append(f"- {prefix}INT8 attempt `{a['step']}`: cosine to FP32 {g.get('cosine_mean', float('nan')):.4f} "
+                   f"(min {g.get('cosine_min', float('nan')):.4f}), top-1 {g.get('top1_fp32')} -> "
+                   f"{g.get('top1_int8')}, {'pass' if g.get('passed') else 'fail'}")
+    return out
 
 
 def stage_report(args) -> None:
@@ -439,19 +448,9 @@ def stage_report(args) -> None:
             for sp, m in (best.get("val_species") or {}).items():
                 lines.append(f"  - {sp}: val top-1 {m['top1']:.3f}, mAP {m['mAP']:.3f} "
                              f"({m.get('identities')} animals, {m.get('images')} images)")
-    q = data.get("int8") or {}
-    if q.get("gate"):
-        for a in q["gate"].get("attempts", []):
-            g = a.get("gate") or {}
-            lines.append(f"- INT8 attempt `{a['step']}`: cosine to FP32 {g.get('cosine_mean', float('nan')):.4f} "
-                         f"(min {g.get('cosine_min', float('nan')):.4f}), top-1 {g.get('top1_fp32')} -> "
-                         f"{g.get('top1_int8')}, {'pass' if g.get('passed') else 'fail'}")
+    lines += _attempt_lines("", data.get("int8") or {})
     for name, rep in (data.get("int8_students") or {}).items():
-        for a in (rep.get("gate") or {}).get("attempts", []):
-            g = a.get("gate") or {}
-            lines.append(f"- {name} INT8 attempt `{a['step']}`: cosine to FP32 {g.get('cosine_mean', float('nan')):.4f}"
-                         f" (min {g.get('cosine_min', float('nan')):.4f}), top-1 {g.get('top1_fp32')} -> "
-                         f"{g.get('top1_int8')}, {'pass' if g.get('passed') else 'fail'}")
+        lines += _attempt_lines(f"{name} ", rep)
         lines.append(f"- {name} INT8: {'kept' if rep.get('passed') else 'refused by the gate: ' + rep.get('message', '')}")
     det = data.get("detector_int8")
     if det:

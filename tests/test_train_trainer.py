@@ -278,4 +278,3 @@ def test_convnext_student_from_scratch(trained, one_batch, tmp_path):
     model, meta = load_checkpoint(tmp_path / "convnext.pt")
     assert meta["fieldreid.backbone"] == "convnext_atto" and model.embedding_dim == 320
     assert "random initialisation" in meta["fieldreid.extra.distill.init"]
-

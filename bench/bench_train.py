@@ -1,8 +1,8 @@
 """Train / distil / export benchmark on the nyala re-id set (CPU, 2 threads). Not part of the test suite.
 
-    python bench/bench_train.py all        # lite0-320, distill-320, convnext, export, detector, eval, sizes (~1.5 h)
-    python bench/bench_train.py lite0-320|distill-320|convnext|lite0-full|lite0|lite2|distill   # one run (resumes)
-    python bench/bench_train.py export|detector|eval|sizes|report   # ONNX FP32 + INT8, detector gate, tables
+    python bench/bench_train.py all        # lite0-320, the students, export, detector, eval, sizes, verify (~3 h)
+    python bench/bench_train.py lite0-320|distill-320|distill-288|distill-224t|distill-288t|convnext   # one run
+    python bench/bench_train.py export|detector|eval|sizes|verify|report   # ONNX FP32 + INT8, gates, tables
 
 Protocol (the README's): train on the ``train`` split (179 animals, 1,213 images), evaluate on the ``test``
 split (58 animals never seen, 729 images) with one-vs-all top-1 / mAP and the open-set BAKS / BAUS /
@@ -72,7 +72,11 @@ RECIPES = {
 # the same student at 288 px (1.65x the 224 student's pixels, 0.8x the teacher's): does the size gap explain
 # the 224 student's distance to its teacher?
 RECIPES["distill-288"] = {**RECIPES["distill-320"], "image_size": 288}
-STUDENTS = ("distill-320", "convnext", "distill-288")
+# the same students started from the teacher's own weights instead of ImageNet's: the student only has to
+# carry the teacher's space down to its smaller input (a resolution distillation), not learn it afresh
+RECIPES["distill-224t"] = {**RECIPES["distill-320"], "init": "lite0-320.pt"}
+RECIPES["distill-288t"] = {**RECIPES["distill-288"], "init": "lite0-320.pt"}
+STUDENTS = ("distill-320", "convnext", "distill-288", "distill-224t", "distill-288t")
 
 
 def _recipe(args, name: str) -> dict:
@@ -80,6 +84,8 @@ def _recipe(args, name: str) -> dict:
     recipe = dict(RECIPES[name])
     reid = _shared(args) / "data" / "reid"
     recipe["also"] = [a.format(reid=reid) for a in recipe.get("also", [])]
+    if recipe.get("init", "scratch") != "scratch":  # a checkpoint trained by an earlier recipe
+        recipe["init"] = str(RUNS / recipe["init"])
     return recipe
 
 
@@ -282,6 +288,12 @@ def stage_eval(args) -> None:
                ("Lite0 student at 224 px, ONNX INT8 (QDQ)", "distill-320.int8.onnx", "distill-320"),
                ("Lite0 student at 288 px, distilled from it", "distill-288.onnx", "distill-288"),
                ("Lite0 student at 288 px, ONNX INT8 (QDQ)", "distill-288.int8.onnx", "distill-288"),
+               ("Lite0 student at 224 px, started from the teacher's weights", "distill-224t.onnx", "distill-224t"),
+               ("Lite0 student at 224 px (teacher's weights), ONNX INT8 (QDQ)", "distill-224t.int8.onnx",
+                "distill-224t"),
+               ("Lite0 student at 288 px, started from the teacher's weights", "distill-288t.onnx", "distill-288t"),
+               ("Lite0 student at 288 px (teacher's weights), ONNX INT8 (QDQ)", "distill-288t.int8.onnx",
+                "distill-288t"),
                ("ConvNeXt-Atto student (random init), distilled", "convnext.onnx", "convnext"),
                ("ConvNeXt-Atto student, ONNX INT8 (QDQ)", "convnext.int8.onnx", "convnext"),
                ("Lite2 fine-tuned (teacher)", "lite2.onnx", "lite2"),
@@ -358,8 +370,10 @@ def stage_eval(args) -> None:
                "detector_int8": (json.loads((RUNS / "detector_int8.json").read_text())
                                  if (RUNS / "detector_int8.json").is_file() else None)}
     out = ROOT / "bench" / "train_results.json"
-    if out.is_file() and "sizes" in (old := json.loads(out.read_text())):
-        results["sizes"] = old["sizes"]  # the sizes stage's, kept until it runs again
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    for later in ("sizes", "verify"):  # the later stages' results, kept until they run again
+        if later in old:
+            results[later] = old[later]
     out.write_text(json.dumps(results, indent=1, default=str) + "\n")
     stage_report(args)
 
@@ -414,6 +428,43 @@ def stage_sizes(args) -> None:
     out.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
+#: (label, ONNX in RUNS) re-scored with local-feature verification by the ``verify`` stage
+VERIFIED = (("ImageNet Lite0 (as is)", "imagenet-lite0.onnx"), ("Lite0 fine-tune at 320 px", "lite0-320.onnx"),
+            ("Lite0 student at 224 px (teacher's weights)", "distill-224t.onnx"))
+
+
+def stage_verify(args) -> None:
+    """Issue 14's last target: each embedder with the verification stage on top, through the real CLI
+    (``fieldreid eval META --split test --crops --verify --verify-k 40 --embedder X``: RootSIFT-2000, the
+    fusion fitted as a ranker and cross-fitted on two identity folds of the test animals), one after another
+    in one run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_e2e import fieldreid
+
+    rows = []
+    for label, file in VERIFIED:
+        if not (RUNS / file).is_file():
+            print(f"  skip {label}: {RUNS / file} missing", flush=True)
+            continue
+        out = RUNS / f"verify-{Path(file).stem}.json"
+        p = fieldreid("eval", _meta(args), "--split", "test", "--crops", "--verify", "--verify-k", "40",
+                      "--embedder", RUNS / file, "--out", out)
+        v = json.loads(out.read_text())["verify"]["per_k"]["40"]
+        rows.append({"model": label, "file": file, "top1_before": round(v["top1_before"], 4),
+                     "top1_after": round(v["top1_after"], 4),
+                     "true_in_top_k": round(v["true_identity_in_top_k"], 4),
+                     "gm_global": round(v["open_set"]["global"]["GM_at_calibrated"], 4),
+                     "gm_fused": round(v["open_set"]["fused"]["GM_at_calibrated"], 4),
+                     "ms_per_query": round(v["ms_per_query"], 1), "fit": v["fusion"][0].get("fit", "pairs"),
+                     "coef": [f["coef"] for f in v["fusion"]], "command_seconds": round(p.seconds, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    out = ROOT / "bench" / "train_results.json"
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    data["verify"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "set": "nyala test (58 animals, 729 images), K = 40",
+                      "rows": rows}
+    out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
 def _attempt_lines(prefix: str, report: dict) -> list[str]:
     """One report line per attempt of an INT8 export's gate (``report``: what the export stage wrote)."""
     out = []
@@ -464,6 +515,14 @@ def stage_report(args) -> None:
                   "size):", "", "| model | size | top-1 | top-5 | mAP | ms/crop |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['size']} | {r['top1']:.3f} | {r['top5']:.3f} | {r['mAP']:.3f} | "
                   f"{r['ms_per_crop']:.1f} |" for r in data["sizes"]["rows"]]
+    if data.get("verify"):
+        lines += ["", f"With verification on top ({data['verify']['date']}, {data['verify']['set']}; `fieldreid eval "
+                  "--verify`, fusion fitted as a ranker, 2-fold identity cross-fit):", "",
+                  "| model | top-1 before | top-1 after | true animal in top K | open-set GM global | GM fused "
+                  "| ms/query |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['top1_before']:.3f} | {r['top1_after']:.3f} | {r['true_in_top_k']:.3f} | "
+                  f"{r['gm_global']:.3f} | {r['gm_fused']:.3f} | {r['ms_per_query']:.0f} |"
+                  for r in data["verify"]["rows"]]
     lines += ["", "Anchors: MegaDescriptor-L-384 1-NN top-1 0.364; MiewID 21.8 (species-only), 43.4 (multi-species).",
               "", "Recipes: `" + json.dumps(data["recipes"]) + "`", ""]
     (ROOT / "bench" / "train_results.md").write_text("\n".join(lines))
@@ -473,10 +532,10 @@ def stage_report(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=["all", "lite0", "lite2", "distill", "lite0-full", "lite0-320", *STUDENTS,
-                                      "export", "detector", "eval", "sizes", "report"])
+                                      "export", "detector", "eval", "sizes", "verify", "report"])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     args = ap.parse_args(argv)
-    stages = (["lite0-320", *STUDENTS, "export", "detector", "eval", "sizes", "report"] if args.stage == "all"
+    stages = (["lite0-320", *STUDENTS, "export", "detector", "eval", "sizes", "verify", "report"] if args.stage == "all"
               else [args.stage])
     for st in stages:
         print(f"== {st}", flush=True)

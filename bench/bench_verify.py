@@ -101,7 +101,7 @@ def compare_kinds(meta: Path, split: str | None, k: int = 20) -> dict:
     from fieldreid.cli.gallery import _embed_labelled
     from fieldreid.evaluation.rerank import identity_folds
     from fieldreid.verify.features import crop_for_features
-    from fieldreid.verify.fuse import fit_fusion
+    from fieldreid.verify.fuse import fit_ranked_fusion
 
     emb, res = _embed_labelled(meta, split, True, None, None, "auto", 0.2, 16)
     emb.close()
@@ -128,7 +128,7 @@ def compare_kinds(meta: Path, split: str | None, k: int = 20) -> dict:
         query_ms = 1e3 * (time.perf_counter() - t) / len(lab)
         correct = np.zeros(len(lab), bool)
         for fit, test in ((folds[0], folds[1]), (folds[1], folds[0])):
-            f = fit_fusion(cos[fit].ravel(), inl[fit].ravel(), same[fit].ravel(), k=k)
+            f = fit_ranked_fusion(cos[fit], inl[fit], same[fit], k=k)
             p = f.probability(cos[test].ravel(), inl[test].ravel()).reshape(len(test), k)
             correct[test] = same[test, np.argmax(p, axis=1)]
         out["kinds"][name] = {"features_ms_per_image": round(feat_ms, 1), "verify_ms_per_query": round(query_ms, 1),

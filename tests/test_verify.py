@@ -23,7 +23,7 @@ from fieldreid.verify.features import (
     kind_for,
     prepare,
 )
-from fieldreid.verify.fuse import Fusion, fit_fusion, pays
+from fieldreid.verify.fuse import Fusion, fit_fusion, fit_ranked_fusion, pays
 from fieldreid.verify.match import draw_matches, match, match_many, ratio_matches
 
 match_module = importlib.import_module("fieldreid.verify.match")  # the package's `match` is the function
@@ -198,6 +198,59 @@ def test_fusion_refuses_one_class_bad_shapes_and_malformed_dicts():
     f = fit_fusion([0.5, 0.6, 0.7, 0.8], [1, 2, 30, 40], [False, False, True, True])
     with pytest.raises(InputError, match="inlier"):
         f.probability([0.5])
+
+
+def _queries(rng, n=300, k=20):
+    """Fit queries with K candidates, one of them the query's animal. Cosine ranks it first only now and
+    then; inliers always do within a query, but their scale follows the photo's quality, so across queries
+    the inlier count of a true pair says little (a sharp photo's wrong candidate beats a dim photo's right one)."""
+    same = np.zeros((n, k), bool)
+    same[np.arange(n), rng.integers(0, k, n)] = True
+    cos = np.where(same, rng.normal(0.60, 0.05, (n, k)), rng.normal(0.50, 0.05, (n, k)))
+    quality = np.exp(rng.normal(0, 1.5, (n, 1)))
+    inl = np.round(np.where(same, 10 * quality, 4.5 * quality * rng.random((n, k))))
+    return cos, inl, same
+
+
+def _top1(f: Fusion, cos, inl, same) -> float:
+    p = f.probability(cos.ravel(), inl.ravel()).reshape(cos.shape)
+    return float(same[np.arange(len(p)), np.argmax(p, axis=1)].mean())
+
+
+def test_ranked_fusion_orders_each_querys_candidates_where_a_pair_fit_does_not():
+    rng = np.random.default_rng(0)
+    fit, held_out = _queries(rng), _queries(rng)
+    ranked = fit_ranked_fusion(*fit, feature_kind="rootsift", k=20)
+    pairs = fit_fusion(*(a.ravel() for a in fit))
+    # the pair fit leans on cosine (it separates pairs across queries); the ranker on inliers
+    assert pairs.coef[1] / max(pairs.coef[2], 1e-9) > 10 > ranked.coef[1] / ranked.coef[2]
+    assert _top1(ranked, *held_out) > 0.9 and _top1(pairs, *held_out) < 0.8
+    assert ranked.fit == "ranking" and ranked.uses_inliers and min(ranked.coef[1:]) >= 0
+    assert (ranked.k, ranked.n_pairs, ranked.n_positive) == (20, 6000, 300)
+    assert ranked.floor == pytest.approx(float(fit[0][fit[2]].min()))
+    # still a probability: on its pairs the mean equals the rate of same pairs
+    assert abs(float(np.mean(ranked.probability(fit[0].ravel(), fit[1].ravel()))) - fit[2].mean()) < 0.01
+    back = Fusion.from_dict(ranked.to_dict())
+    assert back.fit == "ranking" and back.coef == ranked.coef
+    old = {k: v for k, v in pairs.to_dict().items() if k != "fit"}  # stored before ranking fits
+    assert pairs.fit == "pairs" and Fusion.from_dict(old).fit == "pairs"
+
+
+def test_ranked_fusion_ties_keep_cosine_and_bad_input_is_refused():
+    # both signals put the true candidate first everywhere: every direction ties, cosine alone is kept
+    cos = np.array([[0.9, 0.5, 0.4], [0.8, 0.3, 0.2]])
+    inl = np.array([[40, 2, 1], [30, 3, 0]])
+    same = np.array([[True, False, False], [True, False, False]])
+    f = fit_ranked_fusion(cos, inl, same)
+    assert f.coef[1] > 0 and f.coef[2] == 0.0
+    with pytest.raises(InputError, match="one shape"):
+        fit_ranked_fusion(cos.ravel(), inl.ravel(), same.ravel())
+    with pytest.raises(InputError, match="one shape"):
+        fit_ranked_fusion(cos, inl[:, :2], same)
+    with pytest.raises(InputError, match="same and of different"):
+        fit_ranked_fusion(cos, inl, np.zeros_like(same))
+    with pytest.raises(InputError, match="negative"):
+        fit_ranked_fusion(cos, -inl, same)
 
 
 def test_pays_needs_a_real_gain():

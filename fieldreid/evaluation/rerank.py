@@ -27,7 +27,7 @@ import numpy as np
 from fieldreid.errors import InputError
 from fieldreid.evaluation.metrics import _best_threshold, _metrics_at, _pool, _queries, open_set_split
 from fieldreid.verify.features import LocalFeatures
-from fieldreid.verify.fuse import VERIFY_K, Fusion, fit_fusion, pays
+from fieldreid.verify.fuse import VERIFY_K, Fusion, fit_fusion, fit_ranked_fusion, pays
 from fieldreid.verify.match import METHOD, RATIO, THRESHOLD_PX, match_many
 
 
@@ -93,7 +93,7 @@ def candidates(emb: np.ndarray, queries: np.ndarray, pool: np.ndarray, k: int, s
 
 def _fit(c: Candidates, labels: np.ndarray, k: int, kind: str) -> Fusion:
     same = labels[c.index] == labels[c.queries][:, None]
-    return fit_fusion(c.cos.ravel(), c.inliers.ravel(), same.ravel(), feature_kind=kind, k=k)
+    return fit_ranked_fusion(c.cos, c.inliers, same, feature_kind=kind, k=k)
 
 
 def _answers(c: Candidates, labels: np.ndarray, fusion: Fusion | None) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +274,7 @@ def calibrate_fusion(emb: np.ndarray, labels: Sequence, features: Sequence[Local
                 "n_identities": int(len(np.unique(lab))), "protocol": "2-fold identity cross-fit",
                 "threshold_simulations": max(1, repeats)}
     return Fusion(fusion.coef, True, fusion.feature_kind, k, fusion.n_pairs, fusion.n_positive,
-                  held_out["pays"], evidence, floor=fusion.floor), threshold
+                  held_out["pays"], evidence, floor=fusion.floor, fit=fusion.fit), threshold
 
 
 def _open_set_best(emb: np.ndarray, lab: np.ndarray, ids: np.ndarray, unknown_fraction: float,

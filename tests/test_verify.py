@@ -236,13 +236,20 @@ def test_ranked_fusion_orders_each_querys_candidates_where_a_pair_fit_does_not()
     assert pairs.fit == "pairs" and Fusion.from_dict(old).fit == "pairs"
 
 
-def test_ranked_fusion_ties_keep_cosine_and_bad_input_is_refused():
-    # both signals put the true candidate first everywhere: every direction ties, cosine alone is kept
-    cos = np.array([[0.9, 0.5, 0.4], [0.8, 0.3, 0.2]])
+def test_ranked_fusion_among_equal_rankers_keeps_the_one_that_separates_pairs_and_refuses_bad_input():
+    # both signals put the true candidate first in every query, but only inliers separate same from
+    # different across queries (the second query's true cosine, 0.45, is below the first's wrong 0.5):
+    # the open-set threshold needs that, so the inlier-heavy direction is kept
+    cos = np.array([[0.9, 0.5, 0.4], [0.45, 0.3, 0.2]])
     inl = np.array([[40, 2, 1], [30, 3, 0]])
     same = np.array([[True, False, False], [True, False, False]])
     f = fit_ranked_fusion(cos, inl, same)
-    assert f.coef[1] > 0 and f.coef[2] == 0.0
+    assert f.coef[2] > 0
+    p = f.probability(cos.ravel(), inl.ravel()).reshape(cos.shape)
+    assert p[same].min() > p[~same].max()
+    # where inliers say nothing and cosine separates everything, cosine is kept
+    g = fit_ranked_fusion(np.array([[0.9, 0.5, 0.4], [0.8, 0.3, 0.2]]), np.full((2, 3), 5.0), same)
+    assert g.coef[1] > 0 and g.coef[2] == 0.0
     with pytest.raises(InputError, match="one shape"):
         fit_ranked_fusion(cos.ravel(), inl.ravel(), same.ravel())
     with pytest.raises(InputError, match="one shape"):

@@ -523,6 +523,8 @@ def stage_report(args) -> None:
         lines += [f"| {r['model']} | {r['top1_before']:.3f} | {r['top1_after']:.3f} | {r['true_in_top_k']:.3f} | "
                   f"{r['gm_global']:.3f} | {r['gm_fused']:.3f} | {r['ms_per_query']:.0f} |"
                   for r in data["verify"]["rows"]]
+        if data["verify"].get("note"):
+            lines += ["", f"Note: {data['verify']['note']}."]
     lines += ["", "Anchors: MegaDescriptor-L-384 1-NN top-1 0.364; MiewID 21.8 (species-only), 43.4 (multi-species).",
               "", "Recipes: `" + json.dumps(data["recipes"]) + "`", ""]
     (ROOT / "bench" / "train_results.md").write_text("\n".join(lines))

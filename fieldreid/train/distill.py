@@ -157,13 +157,14 @@ def teacher_embeddings(cfg: DistillConfig, data: LabelledImages, cache: Path | N
 
 
 def _backbone_of(teacher: str) -> str | None:
-    """The timm backbone of a fieldreid checkpoint teacher (None for any other teacher)."""
-    from fieldreid.embed.model import load_checkpoint
+    """The timm backbone of a fieldreid checkpoint teacher, from its metadata (None for any other teacher)."""
+    from fieldreid.embed.model import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_tagged
     from fieldreid.export.run import is_embedder_checkpoint
 
     if not is_embedder_checkpoint(teacher):
         return None
-    return load_checkpoint(teacher)[0].backbone_name
+    meta = load_tagged(teacher, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "embedder checkpoint").get("metadata") or {}
+    return meta.get("fieldreid.backbone")
 
 
 def distill(cfg: DistillConfig, out: str | Path, resume: bool = False, data: LabelledImages | None = None,

@@ -204,16 +204,15 @@ def fit_ranked_fusion(cos, inliers, same, ridge: float = RIDGE, feature_kind: st
     rows = np.arange(len(c))
     dirs = [np.array([np.cos(t), np.sin(t)]) / sd for t in np.linspace(0.0, np.pi / 2, RANK_ANGLES)]
     top1 = np.array([y[rows, np.argmax(x @ w, axis=1)].mean() for w in dirs])
-    best_w, best_ll = None, -np.inf
+    best_w, best_ab, best_ll = None, None, -np.inf
     for i in np.flatnonzero(top1 >= top1.max() - RANK_TOLERANCE - 1e-12):
         z = (x @ dirs[i]).ravel()
         ab = _logistic(np.c_[np.ones_like(z), z], y.ravel(), ridge, iterations)
         p = np.clip(_sigmoid(ab[0] + ab[1] * z), 1e-12, 1 - 1e-12)
         ll = float(np.mean(np.where(y.ravel(), np.log(p), np.log1p(-p))))
         if ll > best_ll + 1e-12:  # strictly better: ties keep the direction nearer cosine
-            best_w, best_ll = dirs[i], ll
-    score = (x @ best_w).ravel()
-    a, b = _logistic(np.c_[np.ones_like(score), score], y.ravel(), ridge, iterations)
+            best_w, best_ab, best_ll = dirs[i], ab, ll
+    a, b = best_ab
     if b <= 0:  # the combined score does not rise with same-animal pairs: nothing to rank by, fit pairs
         return fit_fusion(c.ravel(), inl.ravel(), y.ravel(), ridge, feature_kind, k, iterations)
     floor = float(c[y].min())

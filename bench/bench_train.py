@@ -450,6 +450,7 @@ def stage_sizes(args) -> None:
 
 #: (label, ONNX in RUNS) re-scored with local-feature verification by the ``verify`` stage
 VERIFIED = (("ImageNet Lite0 (as is)", "imagenet-lite0.onnx"), ("Lite0 fine-tune at 320 px", "lite0-320.onnx"),
+            ("Lite0 fine-tune at 320 px + learned whitening", "lite0-320w.onnx"),
             ("Lite0 student at 224 px (teacher's weights)", "distill-224t.onnx"))
 
 

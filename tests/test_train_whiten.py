@@ -148,3 +148,19 @@ def test_a_run_without_held_out_animals_is_refused(tmp_path):
     r = CliRunner().invoke(app, ["whiten", str(ckpt), "--out", str(tmp_path / "w.pt"), "--device", "cpu"])
     assert r.exit_code == 2 and "without --val-identities" in r.output
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_whitening_that_does_not_beat_the_plain_model_is_not_written(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fieldreid.cli import app
+    from fieldreid.train import whiten as whiten_mod
+
+    def useless(x, labels, shrink, dim=None):  # keeps one direction only: it cannot separate the animals
+        return whiten_mod.Whitening(mean=np.zeros(x.shape[1]), projection=np.eye(1, x.shape[1]), shrink=shrink)
+
+    monkeypatch.setattr(whiten_mod, "fit_whitening", useless)
+    ckpt = _trained(tmp_path, val=0.34)
+    r = CliRunner().invoke(app, ["whiten", str(ckpt), "--out", str(tmp_path / "w.pt"), "--device", "cpu"])
+    assert r.exit_code == 1 and "no whitening beat the plain embedder" in r.output, r.output
+    assert not (tmp_path / "w.pt").exists()

@@ -820,8 +820,10 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False, data: Labelle
     return fit.run(on_step=on_step, stop_after_steps=stop_after_steps, on_epoch=on_epoch)
 
 
-def embed_torch(model, images, spec: PreprocessSpec, batch_size: int = 32, device: str = "auto") -> np.ndarray:
-    """L2-normalised embeddings of BGR uint8 images with a torch model, through the field preprocessing."""
+def embed_torch(model, images, spec: PreprocessSpec, batch_size: int = 32, device: str = "auto",
+                normalise: bool = True) -> np.ndarray:
+    """L2-normalised embeddings of BGR uint8 images with a torch model, through the field preprocessing;
+    ``normalise=False``: an EmbeddingModel's BN-neck output before the normalisation (float64)."""
     from fieldreid.embed.runtime import preprocess_images
 
     dev = pick_device(device)
@@ -830,7 +832,10 @@ def embed_torch(model, images, spec: PreprocessSpec, batch_size: int = 32, devic
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
             x = torch.from_numpy(preprocess_images(images[i:i + batch_size], spec)).to(dev)
-            out.append(F.normalize(model(x).float(), dim=1).cpu().numpy())
+            if normalise:
+                out.append(F.normalize(model(x).float(), dim=1).cpu().numpy())
+            else:
+                out.append(model.neck(model.features(x)).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.embedding_dim), np.float32)
 
 

@@ -116,20 +116,14 @@ def fold_whitening(model, whitening: Whitening):
     return out.eval()
 
 
-def neck_outputs(model, images, spec, batch_size: int = 32, device: str = "cpu") -> np.ndarray:
-    """The BN neck's output before L2 normalisation (what the whitening is fitted on)."""
-    from fieldreid.embed.runtime import preprocess_images
-    from fieldreid.train.trainer import pick_device
+def neck_outputs(model, images, spec, device: str = "cpu") -> np.ndarray:
+    """The BN neck's output before L2 normalisation (what the whitening is fitted on); leaves the model on CPU."""
+    from fieldreid.train.trainer import embed_torch
 
-    dev = pick_device(device)
-    model = model.eval().to(dev)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(preprocess_images(images[i:i + batch_size], spec)).to(dev)
-            out.append(model.neck(model.features(x)).double().cpu().numpy())
-    model.cpu()
-    return np.concatenate(out) if out else np.zeros((0, model.embedding_dim))
+    try:
+        return embed_torch(model, images, spec, device=device, normalise=False)
+    finally:
+        model.cpu()
 
 
 @dataclass
@@ -200,8 +194,8 @@ def whiten_checkpoint(checkpoint: str | Path, out: str | Path, shrinks=SHRINKS, 
     val_idx = [i for i, s in enumerate(val.sets) if s == main]
     fit, held = data.subset(fit_idx), val.subset(val_idx)
     if len(set(held.identities)) < 2:
-        raise InputError(f"{checkpoint}'s run held out {len(set(held.identities))} animal of its main set; "
-                         "choosing a whitening needs at least 2.")
+        raise InputError(f"{checkpoint}'s run held out fewer than 2 animals of its main set "
+                         f"({len(set(held.identities))}); choosing a whitening needs at least 2.")
     x = neck_outputs(model, fit.images, spec, device=device)
     v = neck_outputs(model, held.images, spec, device=device)
     before = _score(v / np.linalg.norm(v, axis=1, keepdims=True), held.identities)

@@ -313,7 +313,7 @@ def stage_eval(args) -> None:
                ("Lite0 fine-tune at 320 px + learned whitening (chosen on held-out train animals)",
                 "lite0-320w.onnx", "lite0-320"),
                ("Lite0 fine-tune at 320 px, all 20 epochs (45-min budget)", "lite0-320-long.onnx", "lite0-320-long"),
-               ("the same + learned whitening", "lite0-320-longw.onnx", "lite0-320-long"),
+               ("Lite0 fine-tune at 320 px, all 20 epochs + learned whitening", "lite0-320-longw.onnx", "lite0-320-long"),
                ("Lite0 student at 224 px, distilled from it", "distill-320.onnx", "distill-320"),
                ("Lite0 student at 224 px, ONNX INT8 (QDQ)", "distill-320.int8.onnx", "distill-320"),
                ("Lite0 student at 288 px, distilled from it", "distill-288.onnx", "distill-288"),

@@ -25,7 +25,7 @@ embedder there is refused rather than written. The map is fitted on the run's *m
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -201,10 +201,11 @@ def whiten_checkpoint(checkpoint: str | Path, out: str | Path, shrinks=SHRINKS, 
     before = _score(v / np.linalg.norm(v, axis=1, keepdims=True), held.identities)
     grid, best, best_w = [], None, None
     for shrink in shrinks:
+        full = fit_whitening(x, fit.identities, shrink)  # rows ranked: fewer dimensions = its first rows
         for dim in dims:
             if dim is not None and dim > model.embedding_dim:
                 continue
-            w = fit_whitening(x, fit.identities, shrink, dim)
+            w = replace(full, projection=full.projection[:dim])
             row = {"shrink": shrink, "dim": dim or model.embedding_dim, **_score(w.apply(v), held.identities)}
             grid.append(row)
             if on_setting is not None:
